@@ -1,0 +1,11 @@
+"""Sparse Mixture-of-Experts research in JAX/Flax NNX.
+
+The layer: `moe.MoEConfig`, `moe.MoEFeedForward`; routing pieces and losses in `moe.routing`, dispatch
+implementations in `moe.dispatch`, expert FFNs in `moe.ffn`.
+"""
+
+from moe.config import Activation, Dispatch, MoEConfig, Priority, Router, capacity
+from moe.layer import MoEAux, MoEFeedForward
+
+__all__ = ["Activation", "Dispatch", "MoEConfig", "Priority", "Router", "capacity", "MoEAux",
+           "MoEFeedForward"]

@@ -1,0 +1,213 @@
+"""Configuration of the MoE feed-forward layer: every knob, validated in one place.
+
+`MoEConfig` is a frozen dataclass. Bad values raise `ValueError` naming the field and the allowed values
+in `__post_init__`, so a typo fails before anything is traced or compiled. Enum fields accept the enum
+or its lower-case string value (what an ml_collections config or a command-line override gives).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+
+class Router(enum.Enum):
+  """Who chooses: tokens choose their top-k experts, or experts choose their top-C tokens."""
+
+  TOKENS_CHOOSE = "tokens_choose"  # Switch (k=1), GShard (k=2).
+  EXPERTS_CHOOSE = "experts_choose"  # Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing".
+
+
+class Dispatch(enum.Enum):
+  """How tokens reach their experts. All three compute the same function (tests prove it)."""
+
+  EINSUM = "einsum"  # One-hot [G, S, E, C] dispatch/combine tensors and einsums (GShard, flaxformer).
+  GATHER = "gather"  # Sort claims by expert, gather into [G, E, C, d] buffers, gather back.
+  DROPLESS = "dropless"  # Every assignment; tokens grouped by expert and a grouped matmul (megablocks).
+
+
+class Activation(enum.Enum):
+  GELU = "gelu"  # y = W_out gelu(W_in x)
+  SWIGLU = "swiglu"  # y = W_out (silu(W_gate x) * W_up x)   (Shazeer 2020, "GLU Variants")
+
+
+class Priority(enum.Enum):
+  """Which claims win buffer slots within one choice rank (first choices always beat second choices)."""
+
+  INDEX = "index"  # Tokens in sequence order (GShard, flaxformer default).
+  BATCH_PRIORITIZED = "batch_prioritized"  # Highest top-1 probability first (Switch, Tutel, flaxformer BPR).
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def as_enum(enum_cls: type[enum.Enum], value: Any, field: str) -> enum.Enum:
+  """Converts an enum or its string value, raising one clear error that names `field`."""
+  if isinstance(value, enum_cls):
+    return value
+  try:
+    return enum_cls(str(value).lower())
+  except ValueError:
+    allowed = ", ".join(repr(m.value) for m in enum_cls)
+    raise ValueError(f"{field}={value!r} is not one of {allowed}") from None
+
+
+def as_dtype_name(value: Any, field: str) -> str:
+  name = value if isinstance(value, str) else jnp.dtype(value).name
+  if name not in DTYPES:
+    raise ValueError(f"{field}={value!r} is not one of {', '.join(map(repr, DTYPES))}")
+  return name
+
+
+def is_dropless(capacity_factor: float | None) -> bool:
+  """A capacity factor of None or <= 0 means no token is ever dropped."""
+  return capacity_factor is None or capacity_factor <= 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+  """Every knob of the MoE feed-forward layer.
+
+  Attributes:
+    num_experts: E, the number of routed experts.
+    top_k: k, experts per token (tokens choose); for experts choose, the average number of experts per
+      token at capacity factor 1 (capacity C = cf * k * S / E, see `capacity`).
+    expert_hidden: f, the hidden width of each expert.
+    router: who chooses (`Router`).
+    dispatch: how tokens reach experts (`Dispatch`).
+    train_capacity_factor / eval_capacity_factor: cf in C = ceil(cf * k * S / E); None (or <= 0) means
+      dropless: C = S for EINSUM/GATHER (no token can drop), and required for DROPLESS.
+    min_capacity: lower bound on C (before clamping C to S).
+    group_size: S, tokens per routing group. None: each sequence is a group. Groups are cut from the
+      data (the flattened [batch * length] token axis), never from device shards, so which tokens drop
+      does not depend on the mesh.
+    priority: which claims win within a choice rank (`Priority`).
+    renormalize_gates: divide the k gate values of a token by their sum (before capacity, as Tutel and
+      praxis do). Default False, as flaxformer and the Switch Transformer: with k=1 renormalising sets
+      every gate to 1.0 and cuts the router off from the task loss, and with k>1 keeping the raw
+      probabilities lets the router learn how much to trust its choices.
+    jitter_eps: multiplicative router-input noise U[1 - eps, 1 + eps] in training (Switch Transformer,
+      Sec. 2.4); 0 disables it. Never applied at evaluation.
+    balance_loss_weight / z_loss_weight: weights of the auxiliary losses (ST-MoE uses 1e-2 and 1e-3).
+    activation: expert nonlinearity (`Activation`).
+    shared_expert_hidden: hidden width of an always-on dense FFN beside the routed experts (DeepSeekMoE,
+      MaxText); 0 for none.
+    dtype: activation/compute dtype ('float32' or 'bfloat16'). Parameters are float32 and router logits
+      are always computed in float32.
+    allow_noncausal_routing: experts-choose routing lets a token's routing depend on later tokens of
+      its group; a decoder refuses it unless this is set to True as an explicit acknowledgement.
+  """
+
+  num_experts: int
+  top_k: int = 1
+  expert_hidden: int = 0
+  router: Router | str = Router.TOKENS_CHOOSE
+  dispatch: Dispatch | str = Dispatch.GATHER
+  train_capacity_factor: float | None = 1.25
+  eval_capacity_factor: float | None = 2.0
+  min_capacity: int = 4
+  group_size: int | None = None
+  priority: Priority | str = Priority.INDEX
+  renormalize_gates: bool = False
+  jitter_eps: float = 0.0
+  balance_loss_weight: float = 1e-2
+  z_loss_weight: float = 1e-3
+  activation: Activation | str = Activation.GELU
+  shared_expert_hidden: int = 0
+  dtype: str = "float32"
+  allow_noncausal_routing: bool = False
+
+  def __post_init__(self):
+    set_ = lambda name, value: object.__setattr__(self, name, value)  # frozen: normalise once, here.
+    set_("router", as_enum(Router, self.router, "moe.router"))
+    set_("dispatch", as_enum(Dispatch, self.dispatch, "moe.dispatch"))
+    set_("priority", as_enum(Priority, self.priority, "moe.priority"))
+    set_("activation", as_enum(Activation, self.activation, "moe.activation"))
+    set_("dtype", as_dtype_name(self.dtype, "moe.dtype"))
+    if not (isinstance(self.num_experts, int) and self.num_experts >= 1):
+      raise ValueError(f"moe.num_experts={self.num_experts!r} must be an integer >= 1")
+    if not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):
+      raise ValueError(
+          f"moe.top_k={self.top_k!r} must be an integer in [1, moe.num_experts={self.num_experts}]")
+    if not (isinstance(self.expert_hidden, int) and self.expert_hidden >= 1):
+      raise ValueError(f"moe.expert_hidden={self.expert_hidden!r} must be an integer >= 1")
+    if not (isinstance(self.min_capacity, int) and self.min_capacity >= 0):
+      raise ValueError(f"moe.min_capacity={self.min_capacity!r} must be an integer >= 0")
+    if self.group_size is not None and not (isinstance(self.group_size, int) and self.group_size >= 1):
+      raise ValueError(f"moe.group_size={self.group_size!r} must be None (per sequence) or an integer >= 1")
+    if self.shared_expert_hidden < 0:
+      raise ValueError(f"moe.shared_expert_hidden={self.shared_expert_hidden!r} must be >= 0 (0: none)")
+    if not 0.0 <= self.jitter_eps < 1.0:
+      raise ValueError(f"moe.jitter_eps={self.jitter_eps!r} must be in [0, 1)")
+    for name in ("balance_loss_weight", "z_loss_weight"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"moe.{name}={getattr(self, name)!r} must be >= 0")
+    if self.dispatch is Dispatch.DROPLESS:
+      if self.router is Router.EXPERTS_CHOOSE:
+        raise ValueError(
+            "moe.dispatch='dropless' is not allowed with moe.router='experts_choose': experts choose a "
+            "fixed number of tokens each; use moe.dispatch in ('einsum', 'gather')")
+      for name in ("train_capacity_factor", "eval_capacity_factor"):
+        if not is_dropless(getattr(self, name)):
+          raise ValueError(
+              f"moe.{name}={getattr(self, name)!r} must be None with moe.dispatch='dropless' (it computes "
+              "every assignment); use 'einsum' or 'gather' for a capacity")
+    if self.router is Router.EXPERTS_CHOOSE:
+      for name in ("train_capacity_factor", "eval_capacity_factor"):
+        if is_dropless(getattr(self, name)):
+          raise ValueError(
+              f"moe.{name}={getattr(self, name)!r}: experts choose needs a capacity factor > 0 (each "
+              "expert takes C = ceil(cf * k * S / E) tokens)")
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  def capacity_factor(self, train: bool) -> float | None:
+    return self.train_capacity_factor if train else self.eval_capacity_factor
+
+  def check_tokens(self, batch: int, length: int) -> None:
+    """Raises if the routing groups do not tile a [batch, length] block of tokens."""
+    if self.group_size is not None and (batch * length) % self.group_size:
+      raise ValueError(
+          f"moe.group_size={self.group_size} must divide the tokens per batch "
+          f"(batch {batch} x length {length} = {batch * length}); use a divisor or None (per sequence)")
+
+  def group_shape(self, batch: int, length: int) -> tuple[int, int]:
+    """(G, S): number of routing groups and tokens per group for a [batch, length] block."""
+    self.check_tokens(batch, length)
+    s = length if self.group_size is None else self.group_size
+    return batch * length // s, s
+
+  def capacity(self, group_size: int, train: bool) -> int:
+    """Buffer slots per expert per group. See `capacity` (module function) for the formula."""
+    return capacity(group_size, self.num_experts, self.top_k, self.capacity_factor(train),
+                    self.min_capacity)
+
+
+def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float | None,
+             min_capacity: int = 4) -> int:
+  """Expert capacity C: how many tokens one expert processes per routing group.
+
+    C = min(S, max(ceil(cf * k * S / E), min_capacity)),      C = S when cf is None or <= 0 (dropless)
+
+  with S tokens per group, E experts and k choices per token. At cf = 1 the buffers hold exactly the
+  k * S assignments when routing is balanced. C never exceeds S: a token claims an expert at most once.
+
+  Porting notes (see ../shared/MOE_REFERENCE.md):
+    * flaxformer: C = max(round(cf * S / E), 4), with no factor k (its top-2 configs raise cf instead,
+      e.g. 1.25 -> 2.5 here is the same C at k=2) and Python's round-half-to-even. Its number of groups
+      follows the device count; ours follows the data.
+    * MaxText (dropping path): C = int(max(ceil(S * k / E) * cf, cf)) with S one sequence: the ceil comes
+      before the cf, so C can differ from ours by up to cf - 1 slots.
+    * DeepSpeed: C = max(ceil(S / E * cf), min_capacity), no k (top-2 doubles cf).
+  """
+  if is_dropless(capacity_factor):
+    return group_size
+  # Round first: 1.2 * 5 is 6.000000000000001 in floating point, which must not become 7 slots.
+  c = max(math.ceil(round(capacity_factor * top_k * group_size / num_experts, 9)), min_capacity)
+  return int(min(c, group_size))

@@ -1,0 +1,105 @@
+"""The MoE feed-forward layer: route, dispatch, run the experts, combine; return losses and statistics.
+
+    y, aux = MoEFeedForward(cfg, d_model, rngs=nnx.Rngs(0))(x_BLD, train=True, rng=key)
+    loss = task_loss + cfg.balance_loss_weight * aux.losses.balance + cfg.z_loss_weight * aux.losses.z
+
+Tokens [B, L, d] are cut into routing groups [G, S, d] along the flattened token axis (per sequence by
+default, or `group_size` tokens), so which tokens drop depends on the data only, never on the mesh.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe import axes, dispatch, routing
+from moe.config import Dispatch, MoEConfig, Router
+from moe.ffn import MLP, Experts
+
+
+class MoEAux(NamedTuple):
+  """What a MoE layer returns beside its output: unweighted losses and routing statistics."""
+
+  losses: routing.Losses
+  stats: routing.Stats
+
+
+class MoEFeedForward(nnx.Module):
+  """E expert FFNs behind a router, with an optional always-on shared expert.
+
+  Args:
+    cfg: the layer's configuration (validated on construction).
+    d_model: model width d.
+    rngs: parameter initialisation.
+  """
+
+  def __init__(self, cfg: MoEConfig, d_model: int, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.router = routing.Router(d_model, cfg.num_experts, jitter_eps=cfg.jitter_eps, rngs=rngs)
+    self.experts = Experts(cfg.num_experts, d_model, cfg.expert_hidden, cfg.activation,
+                           dtype=cfg.compute_dtype, rngs=rngs)
+    self.shared_expert = (MLP(d_model, cfg.shared_expert_hidden, cfg.activation,
+                              dtype=cfg.compute_dtype, rngs=rngs)
+                          if cfg.shared_expert_hidden else None)
+
+  def _experts_on_buffers(self, x_GECD: jax.Array) -> jax.Array:
+    # Buffers are split over the expert mesh axis here: the resharding from token-side groups to
+    # expert-side buffers is the all-to-all of expert parallelism (GShard Sec. 3.2).
+    spec = (axes.EXPERT_GROUP, axes.ACT_EXPERT, None, axes.ACT_EMBED)
+    y_GECD = self.experts(axes.constrain(x_GECD, spec))
+    return axes.constrain(y_GECD, spec)
+
+  def __call__(self, x_BLD: jax.Array, *, train: bool = False,
+               rng: jax.Array | None = None) -> tuple[jax.Array, MoEAux]:
+    """Applies the layer.
+
+    Args:
+      x_BLD: tokens [batch, length, d].
+      train: training mode: train capacity factor and router jitter.
+      rng: key for the router jitter (needed only when training with jitter_eps > 0).
+
+    Returns:
+      y [batch, length, d] in the compute dtype, and `MoEAux` (losses, stats).
+    """
+    cfg = self.cfg
+    b, l, d = x_BLD.shape
+    g, s = cfg.group_shape(b, l)
+    x_GSD = axes.constrain(x_BLD.astype(cfg.compute_dtype).reshape(g, s, d),
+                           (axes.GROUP, None, axes.ACT_EMBED))
+    logits_GSE = self.router(x_GSD, train=train, rng=rng)
+    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+
+    if cfg.router is Router.EXPERTS_CHOOSE:
+      capacity = cfg.capacity(s, train)
+      choice = routing.experts_choose(probs_GSE, capacity)
+      run = (dispatch.einsum_expert_choice if cfg.dispatch is Dispatch.EINSUM
+             else dispatch.gather_expert_choice)
+      y_GSD, kept_GSK = run(x_GSD, choice.token_index, choice.gates, self._experts_on_buffers)
+      # Every expert takes exactly C tokens: the load is uniform by construction and every slot is used.
+      load_GE = jnp.full((g, cfg.num_experts), 1.0 / cfg.num_experts, jnp.float32)
+      stats_capacity = None
+    else:
+      top = routing.tokens_choose(probs_GSE, cfg.top_k, cfg.renormalize_gates)
+      load_GE = routing.expert_load(top.expert_index, cfg.num_experts)
+      if cfg.dispatch is Dispatch.DROPLESS:
+        y_GSD, kept_GSK = dispatch.dropless_moe(x_GSD, top.expert_index, top.gates,
+                                                self.experts.grouped, cfg.num_experts)
+        stats_capacity = None
+      else:
+        capacity = cfg.capacity(s, train)
+        order_GS = routing.priority_order(probs_GSE, cfg.priority)
+        run = dispatch.einsum_moe if cfg.dispatch is Dispatch.EINSUM else dispatch.gather_moe
+        y_GSD, kept_GSK = run(x_GSD, top.expert_index, top.gates, order_GS, capacity,
+                              cfg.num_experts, self._experts_on_buffers)
+        stats_capacity = capacity
+
+    y_GSD = axes.constrain(y_GSD, (axes.GROUP, None, axes.ACT_EMBED))
+    if self.shared_expert is not None:
+      y_GSD = y_GSD + self.shared_expert(x_GSD)
+    losses = routing.Losses(balance=routing.load_balancing_loss(probs_GSE, load_GE),
+                            z=routing.router_z_loss(logits_GSE))
+    stats = routing.router_stats(probs_GSE, load_GE, kept_GSK, stats_capacity)
+    return y_GSD.reshape(b, l, d), MoEAux(losses, stats)

