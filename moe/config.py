@@ -211,3 +211,245 @@ def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: flo
   # Round first: 1.2 * 5 is 6.000000000000001 in floating point, which must not become 7 slots.
   c = max(math.ceil(round(capacity_factor * top_k * group_size / num_experts, 9)), min_capacity)
   return int(min(c, group_size))
+
+
+def sparse_layer_mask(num_layers: int, *, sparse_every: int = 1, first_dense: int = 0,
+                      sparse_layers: tuple[int, ...] | None = None) -> tuple[bool, ...]:
+  """Which layers hold a MoE feed-forward block (True) instead of a dense one.
+
+  An explicit `sparse_layers` list wins. Otherwise the first `first_dense` layers are dense and, after
+  them, every `sparse_every`-th layer is sparse, counting so that the last of each run of
+  `sparse_every` layers is the sparse one (Switch Transformer: `sparse_every=2` makes layers 1, 3, 5, ...
+  sparse; DeepSeekMoE: `first_dense=1, sparse_every=1`).
+  """
+  if sparse_layers is not None:
+    bad = [i for i in sparse_layers if not 0 <= i < num_layers]
+    if bad:
+      raise ValueError(f"model.sparse_layers={tuple(sparse_layers)} has layers outside "
+                       f"[0, model.num_layers={num_layers}): {bad}")
+    chosen = set(sparse_layers)
+    return tuple(i in chosen for i in range(num_layers))
+  if sparse_every < 1:
+    raise ValueError(f"model.sparse_every={sparse_every} must be >= 1")
+  if not 0 <= first_dense <= num_layers:
+    raise ValueError(f"model.first_dense={first_dense} must be in [0, model.num_layers={num_layers}]")
+  return tuple(i >= first_dense and (i - first_dense) % sparse_every == sparse_every - 1
+               for i in range(num_layers))
+
+
+class Remat(enum.Enum):
+  """What a layer keeps for the backward pass (`jax.checkpoint` policies)."""
+
+  NONE = "none"  # Keep every activation: fastest, most memory.
+  FULL = "full"  # Recompute the whole layer in the backward pass.
+  DOTS = "dots"  # Keep matmul outputs without batch dimensions, recompute the rest.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """A decoder-only transformer. Dense and sparse are one architecture: `moe=None` (or no layer selected
+  by the layout) is the dense model; otherwise the selected layers use `moe` for their feed-forward.
+
+  Attributes:
+    vocab_size, d_model, num_layers, num_heads: the usual.
+    num_kv_heads: key/value heads (grouped-query attention when < num_heads; must divide num_heads).
+      None means num_heads (multi-head attention).
+    head_dim: per-head width; None means d_model // num_heads.
+    mlp_hidden: hidden width of the dense feed-forward blocks.
+    activation: feed-forward nonlinearity of the dense blocks (experts use `moe.activation`).
+    max_len: the longest sequence the model is trained on (rotary tables are built to it).
+    rope_theta: rotary base (Su et al. 2021).
+    tie_embeddings: the output projection is the transposed token embedding.
+    moe: the sparse feed-forward configuration, or None for a dense model.
+    sparse_every / first_dense / sparse_layers: the layout, see `sparse_layer_mask`.
+    scan_layers: stack the repeating block of layers and apply it with `jax.lax.scan`, so compile time
+      stays flat with depth.
+    remat: rematerialisation policy of each layer (`Remat`).
+    dtype: activation dtype ('bfloat16' or 'float32'); parameters stay float32.
+    norm_eps: RMSNorm epsilon.
+  """
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  mlp_hidden: int
+  activation: Activation | str = Activation.GELU
+  max_len: int = 1024
+  rope_theta: float = 10_000.0
+  tie_embeddings: bool = True
+  moe: MoEConfig | None = None
+  sparse_every: int = 1
+  first_dense: int = 0
+  sparse_layers: tuple[int, ...] | None = None
+  scan_layers: bool = True
+  remat: Remat | str = Remat.NONE
+  dtype: str = "float32"
+  norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    set_ = lambda name, value: object.__setattr__(self, name, value)
+    set_("activation", as_enum(Activation, self.activation, "model.activation"))
+    set_("remat", as_enum(Remat, self.remat, "model.remat"))
+    set_("dtype", as_dtype_name(self.dtype, "model.dtype"))
+    if self.sparse_layers is not None:
+      set_("sparse_layers", tuple(int(i) for i in self.sparse_layers))
+    if self.num_kv_heads is None:
+      set_("num_kv_heads", self.num_heads)
+    if self.head_dim is None:
+      if self.num_heads < 1 or self.d_model % self.num_heads:
+        raise ValueError(f"model.num_heads={self.num_heads} must divide model.d_model={self.d_model} "
+                         "(or set model.head_dim)")
+      set_("head_dim", self.d_model // self.num_heads)
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_hidden", "max_len",
+                 "head_dim", "num_kv_heads"):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"model.{name}={value!r} must be an integer >= 1")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide "
+                       f"model.num_heads={self.num_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim={self.head_dim} must be even (rotary embeddings rotate pairs)")
+    sparse_layer_mask(self.num_layers, sparse_every=self.sparse_every, first_dense=self.first_dense,
+                      sparse_layers=self.sparse_layers)  # Raises on a bad layout.
+    if self.moe is not None:
+      if self.moe.router is Router.EXPERTS_CHOOSE and not self.moe.allow_noncausal_routing:
+        raise ValueError(
+            "model.moe.router='experts_choose' lets a token's expert depend on later tokens of its "
+            "group, which leaks the future in a decoder (Zhou et al. 2022 evaluate encoders). Set "
+            "model.moe.allow_noncausal_routing=True to acknowledge it, or use 'tokens_choose'")
+      if self.moe.dtype != self.dtype:
+        set_("moe", dataclasses.replace(self.moe, dtype=self.dtype))
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def sparse_mask(self) -> tuple[bool, ...]:
+    """Per layer: True where the feed-forward block is a MoE layer (all False for a dense model)."""
+    if self.moe is None:
+      return (False,) * self.num_layers
+    return sparse_layer_mask(self.num_layers, sparse_every=self.sparse_every,
+                             first_dense=self.first_dense, sparse_layers=self.sparse_layers)
+
+  @property
+  def num_sparse_layers(self) -> int:
+    return sum(self.sparse_mask)
+
+
+class Schedule(enum.Enum):
+  COSINE = "cosine"  # Linear warmup, then cosine decay to `end_lr_fraction` of the peak.
+  RSQRT = "rsqrt"  # Linear warmup, then 1/sqrt(step) (T5, Switch Transformer).
+  CONSTANT = "constant"  # Linear warmup, then constant.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """The optimisation and the loop. Loss = cross-entropy + moe.balance_loss_weight x balance loss
+  (mean over sparse layers) + moe.z_loss_weight x z-loss (mean over sparse layers).
+
+  Attributes:
+    seed: parameters, data order and router jitter all derive from it (the jitter key of step t is
+      fold_in(seed, t), so a resumed run draws the same noise).
+    steps: optimiser steps.
+    global_batch_size / seq_len: sequences per step over all processes, tokens per sequence.
+    learning_rate, warmup_steps, schedule, end_lr_fraction: the learning-rate schedule.
+    weight_decay: AdamW decay, masked off norms, biases and embeddings.
+    b1, b2, eps: Adam moments.
+    grad_clip_norm: global-norm clipping threshold (0 disables it).
+    log_every, eval_every, eval_batches: progress/metrics period, evaluation period and size.
+    checkpoint_every, keep_checkpoints: orbax checkpoint period and how many to keep (plus the last).
+    peak_flops_per_device: for MFU; None looks the accelerator up in a table of known peaks.
+    overwrite: allow a workdir that holds a run with a different config to be reused (its checkpoints
+      are deleted first).
+  """
+
+  seed: int = 0
+  steps: int = 1000
+  global_batch_size: int = 32
+  seq_len: int = 256
+  learning_rate: float = 3e-3
+  warmup_steps: int = 100
+  schedule: Schedule | str = Schedule.COSINE
+  end_lr_fraction: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip_norm: float = 1.0
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 8
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 2
+  peak_flops_per_device: float | None = None
+  overwrite: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "schedule", as_enum(Schedule, self.schedule, "train.schedule"))
+    for name in ("steps", "global_batch_size", "seq_len", "log_every", "eval_every",
+                 "checkpoint_every", "keep_checkpoints"):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"train.{name}={value!r} must be an integer >= 1")
+    for name in ("warmup_steps", "eval_batches"):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and value >= 0):
+        raise ValueError(f"train.{name}={value!r} must be an integer >= 0")
+    if not self.learning_rate > 0:
+      raise ValueError(f"train.learning_rate={self.learning_rate!r} must be > 0")
+    if not 0 <= self.end_lr_fraction <= 1:
+      raise ValueError(f"train.end_lr_fraction={self.end_lr_fraction!r} must be in [0, 1]")
+    if self.weight_decay < 0 or self.grad_clip_norm < 0:
+      raise ValueError("train.weight_decay and train.grad_clip_norm must be >= 0")
+
+
+def from_dict(cls, values: Any, prefix: str):
+  """Builds dataclass `cls` from a mapping (a ConfigDict section), naming unknown fields."""
+  if isinstance(values, cls):
+    return values
+  values = dict(values.items() if hasattr(values, "items") else values)
+  names = [f.name for f in dataclasses.fields(cls)]
+  unknown = sorted(set(values) - set(names))
+  if unknown:
+    raise ValueError(f"{prefix}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
+  return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+  """One run: a name, the model, the training, the data and (optionally) the mesh."""
+
+  name: str
+  model: ModelConfig
+  train: TrainConfig
+  data: Any  # moe.data.DataConfig
+  mesh: Any = None  # moe.sharding.MeshConfig (None: every device on the data axis)
+
+
+def experiment_from_config_dict(cd) -> ExperimentConfig:
+  """The one place where an ml_collections ConfigDict becomes frozen, validated dataclasses.
+
+  Layout: `name`, `model` (ModelConfig fields, with `model.moe` a MoEConfig section or None),
+  `train` (TrainConfig), `data` (moe.data.DataConfig) and optionally `mesh` (moe.sharding.MeshConfig).
+  """
+  from moe import data as data_lib  # Lazy: the data stack imports tensorflow-datasets.
+
+  model = dict(cd.model.items())
+  if model.get("moe") is not None:
+    model["moe"] = from_dict(MoEConfig, model["moe"], "config.model.moe")
+  mesh = None
+  if cd.get("mesh") is not None:
+    from moe import sharding
+    mesh = from_dict(sharding.MeshConfig, cd.mesh, "config.mesh")
+  return ExperimentConfig(
+      name=str(cd.get("name", "run")),
+      model=from_dict(ModelConfig, model, "config.model"),
+      train=from_dict(TrainConfig, cd.train, "config.train"),
+      data=from_dict(data_lib.DataConfig, cd.data, "config.data"),
+      mesh=mesh,
+  )
