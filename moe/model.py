@@ -1,0 +1,246 @@
+"""A decoder-only transformer in which dense and sparse are one architecture.
+
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    logits_BLV, aux = model(tokens_BL, train=True, rng=key)
+
+Pre-norm blocks (RMSNorm, causal attention with rotary positions and optional grouped-query heads,
+RMSNorm, feed-forward). The feed-forward of layer i is the MoE layer where `cfg.sparse_mask[i]` is True
+and a dense MLP elsewhere; `cfg.moe=None` is the dense model. `aux` is None for a dense model, else a
+`MoEAux` whose leaves are stacked over the sparse layers in layer order.
+
+Depth is handled with a scan: the layer pattern is cut into an unrolled prefix and one repeating period
+of layers (`scan_plan`), whose parameters are stacked over a 'layers' axis and applied with `nnx.scan`,
+so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe import axes
+from moe.config import ModelConfig, Remat
+from moe.ffn import MLP
+from moe.layer import MoEAux, MoEFeedForward
+
+_REMAT_POLICIES = {
+    Remat.FULL: None,  # jax.checkpoint's default: save nothing.
+    Remat.DOTS: jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def scan_plan(mask: tuple[bool, ...], scan_layers: bool = True) -> tuple[int, int]:
+  """Cuts a layer pattern into an unrolled prefix and a repeating period: (prefix, period).
+
+  Layers [0, prefix) are built one by one; layers [prefix, n) are (n - prefix) // period repetitions of
+  mask[prefix:prefix + period]. Chooses the cut with the fewest distinct layers (prefix + period), then
+  the shortest prefix. `scan_layers=False` unrolls everything: (n, 0).
+  """
+  n = len(mask)
+  if not scan_layers or n == 0:
+    return n, 0
+  candidates = []
+  for prefix in range(n):
+    rest = mask[prefix:]
+    # The shortest period of this rest; longer ones of the same rest are never better.
+    period = next(p for p in range(1, len(rest) + 1)
+                  if len(rest) % p == 0 and rest == rest[:p] * (len(rest) // p))
+    candidates.append((prefix + period, prefix, period))
+  _, prefix, period = min(candidates)
+  return prefix, period
+
+
+class RMSNorm(nnx.Module):
+  """y = x / rms(x) * scale, computed in float32 (Zhang & Sennrich 2019)."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(axes.NORM,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+def rotary(x_BLNH: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021), rotating pairs (i, i + H/2) of each head."""
+  length, head_dim = x_BLNH.shape[1], x_BLNH.shape[-1]
+  freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angle_LH = jnp.arange(length, dtype=jnp.float32)[:, None] * freq[None, :]
+  sin, cos = jnp.sin(angle_LH)[None, :, None, :], jnp.cos(angle_LH)[None, :, None, :]
+  x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLNH.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head attention with rotary positions; grouped-query when num_kv_heads < num_heads."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
+                                                out_axis=(1, 2))
+    out_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                    in_axis=(0, 1), out_axis=2)
+    p = lambda i, shape, names: nnx.Param(i(rngs.params(), shape, jnp.float32), out_sharding=names)
+    self.q = p(init, (d, h, hd), (axes.EMBED, axes.HEADS, axes.HEAD_DIM))
+    self.k = p(init, (d, kv, hd), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))
+    self.v = p(init, (d, kv, hd), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))
+    self.o = p(out_init, (h, hd, d), (axes.HEADS, axes.HEAD_DIM, axes.EMBED))
+    self.theta = cfg.rope_theta
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    w = lambda p: p[...].astype(self.dtype)
+    q_BLNH = rotary(jnp.einsum("bld,dnh->blnh", x_BLD, w(self.q)), self.theta)
+    k_BLKH = rotary(jnp.einsum("bld,dkh->blkh", x_BLD, w(self.k)), self.theta)
+    v_BLKH = jnp.einsum("bld,dkh->blkh", x_BLD, w(self.v))
+    q_BLNH = axes.constrain(q_BLNH, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
+    out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, is_causal=True)
+    return jnp.einsum("blnh,nhd->bld", out_BLNH, w(self.o))
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder layer; its feed-forward is a MoE layer when `sparse`."""
+
+  def __init__(self, cfg: ModelConfig, sparse: bool, *, rngs: nnx.Rngs):
+    self.sparse = sparse
+    self.attention_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.attention = Attention(cfg, rngs=rngs)
+    self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    if sparse:
+      self.ffn = MoEFeedForward(cfg.moe, cfg.d_model, rngs=rngs)
+    else:
+      self.ffn = MLP(cfg.d_model, cfg.mlp_hidden, cfg.activation, dtype=cfg.compute_dtype, rngs=rngs)
+
+  def __call__(self, x_BLD, *, train: bool, rng) -> tuple[jax.Array, MoEAux | None]:
+    x_BLD = x_BLD + self.attention(self.attention_norm(x_BLD))
+    x_BLD = axes.constrain(x_BLD, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    aux = None
+    if self.sparse:
+      y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), train=train, rng=rng)
+    else:
+      y_BLD = self.ffn(self.ffn_norm(x_BLD))
+    x_BLD = axes.constrain(x_BLD + y_BLD.astype(x_BLD.dtype), (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    return x_BLD, aux
+
+
+class Period(nnx.Module):
+  """The repeating unit of layers under the scan (e.g. [dense, sparse] for every-other-layer MoE)."""
+
+  def __init__(self, cfg: ModelConfig, pattern: tuple[bool, ...], *, rngs: nnx.Rngs):
+    self.layers = nnx.List([Block(cfg, sparse, rngs=rngs) for sparse in pattern])
+
+  def __call__(self, x_BLD, first_layer, *, train: bool, rng):
+    auxes = []
+    for j, layer in enumerate(self.layers):
+      key = None if rng is None else jax.random.fold_in(rng, first_layer + j)
+      x_BLD, aux = layer(x_BLD, train=train, rng=key)
+      if aux is not None:
+        auxes.append(aux)
+    return x_BLD, _stack(auxes)
+
+
+def _stack(auxes: list[MoEAux]) -> MoEAux | None:
+  if not auxes:
+    return None
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *auxes)
+
+
+class Transformer(nnx.Module):
+  """The decoder LM. See the module docstring.
+
+  Args:
+    cfg: the model configuration.
+    rngs: parameter initialisation.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d = cfg.d_model
+    # Embeddings start at std 1/sqrt(d) and are scaled by sqrt(d) on input, so that a tied output
+    # projection starts with unit-variance logits (as T5 and Gemma do).
+    self.embed = nnx.Param(
+        jax.random.normal(rngs.params(), (cfg.vocab_size, d), jnp.float32) / math.sqrt(d),
+        out_sharding=(axes.VOCAB, axes.EMBED))
+    if not cfg.tie_embeddings:
+      self.unembed = nnx.Param(
+          jax.random.normal(rngs.params(), (d, cfg.vocab_size), jnp.float32) / math.sqrt(d),
+          out_sharding=(axes.EMBED, axes.VOCAB))
+    mask = cfg.sparse_mask
+    self.prefix_len, self.period_len = scan_plan(mask, cfg.scan_layers)
+    self.prefix = nnx.List([Block(cfg, mask[i], rngs=rngs) for i in range(self.prefix_len)])
+    self.repeats = (cfg.num_layers - self.prefix_len) // self.period_len if self.period_len else 0
+    if self.repeats:
+      pattern = mask[self.prefix_len:self.prefix_len + self.period_len]
+
+      @nnx.split_rngs(splits=self.repeats)
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: axes.LAYERS})
+      def make_periods(rngs):
+        return Period(cfg, pattern, rngs=rngs)
+
+      self.periods = make_periods(rngs)
+    self.final_norm = RMSNorm(d, eps=cfg.norm_eps)
+
+  def _maybe_remat(self, fn):
+    if self.cfg.remat is Remat.NONE:
+      return fn
+    return nnx.remat(fn, policy=_REMAT_POLICIES[self.cfg.remat], static_argnums=(3,))
+
+  def __call__(self, tokens_BL: jax.Array, *, train: bool = False,
+               rng: jax.Array | None = None) -> tuple[jax.Array, MoEAux | None]:
+    """tokens [batch, length] int32 -> (float32 logits [batch, length, vocab], aux or None)."""
+    cfg = self.cfg
+    x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0) * math.sqrt(cfg.d_model)
+    x_BLD = axes.constrain(x_BLD.astype(cfg.compute_dtype), (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+
+    def run_block(block, x, key, train):
+      return block(x, train=train, rng=key)
+
+    run_block = self._maybe_remat(run_block)
+    auxes = []
+    for i, block in enumerate(self.prefix):
+      x_BLD, aux = run_block(block, x_BLD, None if rng is None else jax.random.fold_in(rng, i), train)
+      if aux is not None:
+        auxes.append(aux)
+    prefix_aux = _stack(auxes)
+
+    scan_aux = None
+    if self.repeats:
+      first_layers = self.prefix_len + self.period_len * jnp.arange(self.repeats)
+
+      def run_period(period, x, first_layer, train):
+        return period(x, first_layer, train=train, rng=rng)
+
+      run_period = self._maybe_remat(run_period)
+
+      @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: axes.LAYERS})
+      def scan_periods(period, x, first_layer):
+        return run_period(period, x, first_layer, train)
+
+      x_BLD, scan_aux = scan_periods(self.periods, x_BLD, first_layers)
+      if scan_aux is not None:  # [repeats, sparse per period, ...] -> [sparse layers, ...]
+        scan_aux = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), scan_aux)
+
+    parts = [a for a in (prefix_aux, scan_aux) if a is not None]
+    aux = jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if parts else None
+
+    x_BLD = self.final_norm(x_BLD)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("bld,vd->blv", x_BLD, self.embed[...].astype(x_BLD.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("bld,dv->blv", x_BLD, self.unembed[...].astype(x_BLD.dtype),
+                          preferred_element_type=jnp.float32)
+    logits = axes.constrain(logits, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+    return logits, aux
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  """Builds the model on the default device without a mesh (parameters keep their logical names)."""
+  with nnx.use_eager_sharding(False):
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
