@@ -1,0 +1,52 @@
+"""Data for the MoE language models: corpora, tokenizers, grain pipelines.
+
+Typical use::
+
+  from moe import data
+  cfg = data.DataConfig(source='shakespeare', tokenizer='byte', seed=0)
+  vocab = data.vocab_size(cfg)
+  it = data.train_iterator(cfg, seq_len=256, global_batch_size=64,
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count())
+  batch = next(it)  # {'inputs','targets': int32, 'weights': float32} [64/P, 256]
+  evals = data.eval_batches(cfg, seq_len=256, global_batch_size=64)
+
+Checkpoint the iterator with orbax: `grain.checkpoint.CheckpointSave(it)` /
+`grain.checkpoint.CheckpointRestore(it)`, or `it.get_state()`/`it.set_state()`.
+"""
+
+from moe.data.config import DataConfig
+from moe.data.config import Source
+from moe.data.config import TokenizerKind
+from moe.data.corpora import SHAKESPEARE_VALIDATION_WORKS
+from moe.data.pipeline import describe
+from moe.data.pipeline import eval_batches
+from moe.data.pipeline import EvalBatches
+from moe.data.pipeline import token_stream
+from moe.data.pipeline import tokenizer_for
+from moe.data.pipeline import train_iterator
+from moe.data.pipeline import vocab_size
+from moe.data.tfds_source import build_text_files_dataset
+from moe.data.tfds_source import DatasetNotPreparedError
+from moe.data.tokenizers import ByteTokenizer
+from moe.data.tokenizers import SentencePieceTokenizer
+from moe.data.tokenizers import Tokenizer
+
+__all__ = [
+    'build_text_files_dataset',
+    'ByteTokenizer',
+    'DataConfig',
+    'DatasetNotPreparedError',
+    'describe',
+    'eval_batches',
+    'EvalBatches',
+    'SentencePieceTokenizer',
+    'SHAKESPEARE_VALIDATION_WORKS',
+    'Source',
+    'token_stream',
+    'Tokenizer',
+    'tokenizer_for',
+    'train_iterator',
+    'TokenizerKind',
+    'vocab_size',
+]
