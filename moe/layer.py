@@ -52,6 +52,28 @@ class MoEFeedForward(nnx.Module):
     y_GECD = self.experts(axes.constrain(x_GECD, spec))
     return axes.constrain(y_GECD, spec)
 
+  def routing_decisions(self, x_BLD: jax.Array, *, train: bool = False,
+                        rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Which expert each claim goes to and whether it keeps its slot, for inspection and tests.
+
+    Tokens choose: (expert_index [G, S, k], kept [G, S, k] bool). Experts choose: (token_index
+    [G, E, C], all-True [G, E, C]). Computes what `__call__` decides, without running the experts.
+    """
+    cfg = self.cfg
+    b, l, d = x_BLD.shape
+    g, s = cfg.group_shape(b, l)
+    probs_GSE = jax.nn.softmax(self.router(x_BLD.astype(cfg.compute_dtype).reshape(g, s, d),
+                                           train=train, rng=rng), axis=-1)
+    if cfg.router is Router.EXPERTS_CHOOSE:
+      choice = routing.experts_choose(probs_GSE, cfg.capacity(s, train))
+      return choice.token_index, jnp.ones(choice.token_index.shape, bool)
+    top = routing.tokens_choose(probs_GSE, cfg.top_k, cfg.renormalize_gates)
+    if cfg.dispatch is Dispatch.DROPLESS:
+      return top.expert_index, jnp.ones(top.expert_index.shape, bool)
+    order_GS = routing.priority_order(probs_GSE, cfg.priority)
+    slots = dispatch.slots_by_sort(top.expert_index, order_GS, cfg.num_experts)
+    return top.expert_index, slots < cfg.capacity(s, train)
+
   def __call__(self, x_BLD: jax.Array, *, train: bool = False,
                rng: jax.Array | None = None) -> tuple[jax.Array, MoEAux]:
     """Applies the layer.

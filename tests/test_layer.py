@@ -312,3 +312,14 @@ def test_group_size_must_divide_tokens_before_tracing():
     layer(tokens())  # 2 x 16 tokens.
   enum_values = {m.value for m in Dispatch} | {m.value for m in Router}
   assert {"einsum", "gather", "dropless", "tokens_choose", "experts_choose"} == enum_values
+
+
+@pytest.mark.parametrize("dispatch_kind", ["einsum", "gather"])
+def test_routing_decisions_match_the_reference(dispatch_kind):
+  layer = make_layer(dispatch=dispatch_kind, top_k=2, train_capacity_factor=0.75,
+                     eval_capacity_factor=0.75, priority="batch_prioritized")
+  x = tokens()
+  expert_index, kept = layer.routing_decisions(x)
+  _, kept_ref = reference_moe(x, layer_params(layer), layer.cfg)
+  np.testing.assert_array_equal(kept, kept_ref)
+  assert not kept_ref.all()
