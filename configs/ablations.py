@@ -1,0 +1,111 @@
+"""Ablation families around the Switch model: one knob per family, everything else at its default.
+
+  python -m experiments.train --config=configs/ablations.py:family=experts,member=16 \
+      --workdir=runs/abl/experts-16
+
+Arguments (comma-separated key=value):
+  family: which knob (see FAMILIES below; `members(family)` lists the values).
+  member: one value of that knob (default: the family's first member).
+  size: smoke | tiny | small | base | large (default tiny).  data: as configs/switch.py.
+
+A sweep is a shell loop over the members (run from the repository root):
+
+  for m in $(python -c "import configs.ablations as a; print(*a.members('experts'))"); do
+    python -m experiments.train --config=configs/ablations.py:family=experts,member=$m,size=tiny \
+        --workdir=runs/abl/experts-$m
+  done
+
+Families (base: configs/switch.py, 8 experts, top-1, gather, cf 1.25/2.0, balance 1e-2, z-loss 1e-3):
+  experts   E in 4, 8, 16, 32 (Switch Transformer Fig. 4: more experts at fixed FLOPs per token).
+  capacity  train capacity factor 0.5, 1.0, 1.25, 2.0 or dropless (Switch Table 1).
+  dispatch  gather, einsum, dropless: the same function, different cost (see benchmarks/).
+  priority  index vs batch_prioritized buffer priority (Riquelme et al. 2021, BPR).
+  zloss     router z-loss weight 0, 1e-4, 1e-3, 1e-2 (ST-MoE, Zoph et al. 2022, Table 4).
+  balance   load-balancing loss weight 0, 1e-3, 1e-2, 1e-1 (Switch Sec. 2.2 uses 1e-2).
+  topk      k in 1, 2, 4 experts per token (8 experts; capacity scales with k).
+  every     sparse_every 1, 2, 4: which fraction of layers are sparse.
+  jitter    router input jitter eps 0, 0.01, 0.1 (Switch Sec. 2.4).
+  router    tokens_choose (top-2) vs experts_choose (EC-CF2): the same compute per token.
+"""
+
+from __future__ import annotations
+
+from moe import presets
+
+
+def _set_moe(field: str, cast=float):
+  def apply(cd, member):
+    cd.model.moe[field] = cast(member)
+  return apply
+
+
+def _capacity(cd, member):
+  if member == "dropless":
+    cd.model.moe.dispatch = "dropless"
+    cd.model.moe.train_capacity_factor = None
+    cd.model.moe.eval_capacity_factor = None
+  else:
+    cd.model.moe.train_capacity_factor = float(member)
+
+
+def _dispatch(cd, member):
+  if member == "dropless":
+    _capacity(cd, "dropless")
+  cd.model.moe.dispatch = member
+
+
+def _every(cd, member):
+  cd.model.sparse_every = int(member)
+
+
+def _router(cd, member):
+  cd.model.moe.top_k = 2
+  if member == "experts_choose":
+    ec = presets.expert_choice_config().model.moe  # EC-CF2, with the causality acknowledgement.
+    for key in ("router", "train_capacity_factor", "eval_capacity_factor", "balance_loss_weight",
+                "allow_noncausal_routing"):
+      cd.model.moe[key] = ec[key]
+
+
+# family -> (members, how a member changes the switch config).
+FAMILIES = {
+    "experts": (("4", "8", "16", "32"), _set_moe("num_experts", int)),
+    "capacity": (("0.5", "1.0", "1.25", "2.0", "dropless"), _capacity),
+    "dispatch": (presets.DISPATCHES, _dispatch),
+    "priority": (("index", "batch_prioritized"), _set_moe("priority", str)),
+    "zloss": (("0", "1e-4", "1e-3", "1e-2"), _set_moe("z_loss_weight")),
+    "balance": (("0", "1e-3", "1e-2", "1e-1"), _set_moe("balance_loss_weight")),
+    "topk": (("1", "2", "4"), _set_moe("top_k", int)),
+    "every": (("1", "2", "4"), _every),
+    "jitter": (("0", "0.01", "0.1"), _set_moe("jitter_eps")),
+    "router": (("tokens_choose", "experts_choose"), _router),
+}
+
+
+def members(family: str) -> tuple[str, ...]:
+  """The member names of a family, in sweep order.
+
+  Args:
+    family: a key of FAMILIES.
+  """
+  if family not in FAMILIES:
+    raise ValueError(f"family={family!r} is not one of {', '.join(FAMILIES)}")
+  return FAMILIES[family][0]
+
+
+def get_config(arg: str | None = None):
+  """Args: arg: the argument string above (family is required)."""
+  args = presets.parse_arg(arg, {
+      "family": presets.Arg("", tuple(FAMILIES)), "member": presets.Arg(""),
+      "size": presets.SIZE_ARG, "data": presets.DATA_ARG})
+  if not args["family"]:
+    raise ValueError(f"config argument family is required; allowed values: {', '.join(FAMILIES)}")
+  family, member = args["family"], args["member"] or members(args["family"])[0]
+  allowed, apply = FAMILIES[family]
+  if member not in allowed:
+    raise ValueError(f"config argument member={member!r} is not a member of family {family}; "
+                     f"member must be one of {', '.join(allowed)}")
+  cd = presets.switch_config(args["size"], args["data"])
+  apply(cd, member)
+  cd.name = f"{family}-{member}_{args['size']}"
+  return cd

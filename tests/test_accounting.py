@@ -1,0 +1,200 @@
+"""Parameter and FLOP counts against hand counts written out as arithmetic.
+
+The tiny model everywhere: vocab V=11, d=8, 2 layers, 2 heads of Dh=4, dense hidden f=16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from moe import accounting
+from moe.config import ModelConfig, MoEConfig
+
+V, D, LAYERS, H, DH, F = 11, 8, 2, 2, 4, 16
+
+
+def tiny(**kw) -> ModelConfig:
+  base = dict(vocab_size=V, d_model=D, num_layers=LAYERS, num_heads=H, mlp_hidden=F, max_len=64)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+def switch(**kw) -> MoEConfig:
+  base = dict(num_experts=4, top_k=1, expert_hidden=16, dispatch="gather", train_capacity_factor=1.25,
+              eval_capacity_factor=2.0)
+  base.update(kw)
+  return MoEConfig(**base)
+
+
+# Pieces every test shares, spelled out once.
+EMBED = 11 * 8  # [V, d]
+ATTN_LAYER = 8 * 2 * 4 + 8 * 2 * 4 + 8 * 2 * 4 + 2 * 4 * 8  # q, k, v [d, H, Dh], o [H, Dh, d] = 256
+NORMS = 2 * 8 * 2 + 8  # two per layer, one final = 40
+GELU_FFN = 8 * 16 + 16 * 8  # w_in, w_out = 256
+LOGITS_FWD = 2 * 8 * 11
+
+
+def scores_fwd(seq_len, heads=2, head_dim=4, layers=2):
+  # q.k over the full L (no causal halving) and the weighted sum of L values: 2 FLOPs per MAC each.
+  return layers * (2 * seq_len * heads * head_dim + 2 * seq_len * heads * head_dim)
+
+
+def test_dense():
+  cfg = tiny()
+  p = accounting.param_counts(cfg)
+  assert p.total == 88 + 2 * 256 + 40 + 2 * 256 == 1152
+  assert p.active == p.total
+  assert p.embedding == 88
+  assert p.non_embedding_total == 1152 - 88
+  assert (p.router, p.experts, p.shared_expert) == (0, 0, 0)
+
+  f = accounting.flops_per_token(cfg, 10, train=False)
+  assert f.attention_proj == 2 * 2 * 256
+  assert f.attention_scores == 2 * (2 * 10 * 2 * 4) * 2
+  assert f.dense_ffn == 2 * 2 * 256
+  assert f.logits == 2 * 8 * 11
+  assert f.experts == f.router == f.dispatch == f.shared_expert == f.expert_slots == 0
+  fwd = 1024 + 640 + 1024 + 176
+  assert f.total == fwd
+  assert accounting.flops_per_token(cfg, 10, train=True).total == 3 * fwd
+
+
+def test_dense_matches_palm_formula():
+  # PaLM App. B: training FLOPs per token = 6 N + 12 n_layers H Dh L, with N the matmul parameters
+  # (here: attention, FFN and the tied embedding used as the output matrix; norms are not matmuls).
+  cfg = tiny()
+  n = 2 * 256 + 2 * 256 + 88
+  assert accounting.flops_per_token(cfg, 10).total == 6 * n + 12 * 2 * 2 * 4 * 10
+
+
+def test_switch_top1_gather():
+  cfg = tiny(moe=switch(), sparse_every=2)  # Layer 1 sparse, layer 0 dense.
+  p = accounting.param_counts(cfg)
+  router = 8 * 4
+  experts = 4 * (8 * 16 + 16 * 8)
+  assert p.router == router and p.experts == experts
+  assert p.total == 88 + 2 * 256 + 40 + 256 + router + experts == 1952
+  assert p.active == 88 + 2 * 256 + 40 + 256 + router + 1 * (8 * 16 + 16 * 8) == 1184
+
+  # S = 16 tokens per group: train C = ceil(1.25 * 1 * 16 / 4) = 5 slots, E * C / S = 20 / 16 per token.
+  f = accounting.flops_per_token(cfg, 16, train=True)
+  assert f.expert_slots == 20 / 16
+  assert f.experts == 3 * (20 / 16) * 2 * (8 * 16 + 16 * 8)
+  assert f.router == 3 * 2 * 8 * 4
+  assert f.dense_ffn == 3 * 2 * 256
+  assert f.dispatch == 0  # GATHER: gathers and scatters only.
+  assert f.total == 3 * (1024 + scores_fwd(16) + 512 + 640 + 64 + 176)
+  # Eval: C = ceil(2.0 * 16 / 4) = 8, 32 slots for 16 tokens.
+  e = accounting.flops_per_token(cfg, 16, train=False)
+  assert e.expert_slots == 2.0
+  assert e.experts == 2 * 2 * 256
+
+
+def test_top2_einsum():
+  cfg = tiny(moe=switch(top_k=2, dispatch="einsum"), sparse_every=1)  # Both layers sparse.
+  p = accounting.param_counts(cfg)
+  assert p.dense_ffn == 0
+  assert p.total == 88 + 2 * 256 + 40 + 2 * (8 * 4 + 4 * 256)
+  assert p.active == 88 + 2 * 256 + 40 + 2 * (8 * 4 + 2 * 256)
+
+  # S = 16: C = ceil(1.25 * 2 * 16 / 4) = 10; E * C = 40 slots for 16 tokens.
+  f = accounting.flops_per_token(cfg, 16, train=True)
+  assert f.expert_slots == 40 / 16
+  assert f.experts == 3 * 2 * (40 / 16) * 2 * 256
+  # Dispatch [S,E,C]x[S,d] and combine [S,E,C]x[E,C,d]: 2 S E C d each per group, / S per token.
+  assert f.dispatch == 3 * 2 * (2 * 16 * 4 * 10 * 8 + 2 * 16 * 4 * 10 * 8) / 16
+  assert f.router == 3 * 2 * (2 * 8 * 4)
+  assert f.total == pytest.approx(
+      3 * (1024 + scores_fwd(16) + 2 * 2.5 * 512 + 2 * 64 + 2 * (4 * 40 * 8) + 176))
+
+
+def test_group_size_and_min_capacity():
+  # Groups of 8 tokens, cf 0.5, k=2: ceil(0.5 * 2 * 8 / 4) = 2, raised to min_capacity 4: 16 slots / 8.
+  cfg = tiny(moe=switch(top_k=2, train_capacity_factor=0.5, group_size=8, min_capacity=4))
+  assert accounting.flops_per_token(cfg, 32).expert_slots == 4 * 4 / 8
+  # Dropless: exactly k evaluations per token, whatever the group.
+  cfg = tiny(moe=switch(top_k=2, dispatch="dropless", train_capacity_factor=None,
+                        eval_capacity_factor=None))
+  f = accounting.flops_per_token(cfg, 32)
+  assert f.expert_slots == 2
+  assert f.experts == 3 * 2 * 2 * 2 * 256
+
+
+def test_experts_choose():
+  moe = switch(router="experts_choose", top_k=2, train_capacity_factor=1.0, eval_capacity_factor=1.0,
+               allow_noncausal_routing=True)
+  cfg = tiny(moe=moe, sparse_every=2)
+  # Each expert takes C = ceil(1.0 * 2 * 16 / 4) = 8 of 16 tokens: 32 evaluations for 16 tokens.
+  f = accounting.flops_per_token(cfg, 16, train=False)
+  assert f.expert_slots == 2.0
+  assert f.experts == 2.0 * 2 * 256
+  assert accounting.param_counts(cfg).active == 88 + 512 + 40 + 256 + 32 + 2 * 256
+
+
+def test_swiglu():
+  cfg = tiny(activation="swiglu")
+  p = accounting.param_counts(cfg)
+  assert p.dense_ffn == 2 * (3 * 8 * 16)
+  assert accounting.flops_per_token(cfg, 10, train=False).dense_ffn == 2 * 2 * 3 * 8 * 16
+  # SwiGLU experts next to GELU dense layers: each kind keeps its own activation.
+  cfg = tiny(moe=switch(activation="swiglu", expert_hidden=12), sparse_every=2)
+  p = accounting.param_counts(cfg)
+  assert p.dense_ffn == 2 * 8 * 16
+  assert p.experts == 4 * 3 * 8 * 12
+  assert p.active == 88 + 512 + 40 + 256 + 32 + 3 * 8 * 12
+
+
+def test_gqa():
+  cfg = tiny(num_heads=4, num_kv_heads=1, head_dim=4)
+  per_layer = 8 * 4 * 4 + 8 * 1 * 4 + 8 * 1 * 4 + 4 * 4 * 8  # q, k, v, o
+  p = accounting.param_counts(cfg)
+  assert p.attention == 2 * per_layer == 2 * 320
+  f = accounting.flops_per_token(cfg, 10, train=False)
+  assert f.attention_proj == 2 * 2 * 320
+  # Scores and values run per query head: H = 4, not the 1 kv head.
+  assert f.attention_scores == scores_fwd(10, heads=4, head_dim=4)
+
+
+def test_untied_embeddings():
+  cfg = tiny(tie_embeddings=False)
+  p = accounting.param_counts(cfg)
+  assert p.embedding == 88 + 8 * 11
+  assert p.total == 1152 + 88
+  # The output matmul costs the same whether or not it is tied.
+  assert accounting.flops_per_token(cfg, 10).logits == 3 * 2 * 8 * 11
+
+
+def test_shared_expert():
+  cfg = tiny(moe=switch(shared_expert_hidden=8), sparse_every=2)
+  p = accounting.param_counts(cfg)
+  assert p.shared_expert == 8 * 8 + 8 * 8
+  assert p.total == 1952 + 128
+  assert p.active == 1184 + 128
+  f = accounting.flops_per_token(cfg, 16, train=False)
+  assert f.shared_expert == 2 * 128
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("dense", tiny()),
+    ("switch", tiny(moe=switch(), sparse_every=2)),
+    ("top2_einsum_swiglu", tiny(moe=switch(top_k=2, dispatch="einsum", activation="swiglu"))),
+    ("gqa_untied_shared", tiny(num_heads=4, num_kv_heads=2, tie_embeddings=False,
+                               moe=switch(shared_expert_hidden=8), sparse_every=2)),
+    ("scan_off", tiny(moe=switch(), sparse_every=2, scan_layers=False, num_layers=4)),
+])
+def test_total_matches_built_model(name, cfg):
+  model_lib = pytest.importorskip("moe.model", reason="moe/model.py is not written yet")
+  import jax
+  from flax import nnx
+  with nnx.use_eager_sharding(False):
+    model = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert sum(x.size for x in leaves) == accounting.param_counts(cfg).total, name
+
+
+def test_seq_len_validated():
+  with pytest.raises(ValueError, match="seq_len"):
+    accounting.flops_per_token(tiny(), 0)
+  assert dataclasses.is_dataclass(accounting.param_counts(tiny()))
