@@ -219,6 +219,9 @@ def dense_config(size: str = "tiny", data: str = "shakespeare", *,
       checkpoint_every=s.checkpoint_every, keep_checkpoints=2,
       peak_flops_per_device=config_dict.placeholder(float), overwrite=False))
   cd.data = data_cd
+  # The mesh: every device on 'data' by default; `--config.mesh.expert=4 --config.mesh.rules=expert`
+  # etc. pick another layout (moe.sharding.MeshConfig, Rules).
+  cd.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, rules="data"))
   return cd
 
 
@@ -259,6 +262,7 @@ def sparse_config(size: str = "tiny", data: str = "shakespeare", *, name: str,
   """
   cd = dense_config(size, data, name=name)
   cd.model.moe = moe_section(cd.model, **moe_overrides)
+  cd.mesh.rules = "expert"  # Expert weights over the 'expert' axis once `mesh.expert` > 1.
   return cd
 
 
@@ -369,6 +373,7 @@ def matched_dense(cd: ml_collections.ConfigDict, match: str = "active_flops", *,
   target = _measure(model_config(cd), seq_len, match)
   out = copy.deepcopy(cd)
   out.model.moe = None
+  out.mesh.rules = "data"
   dense = model_config(out)
   # Both measures are affine in mlp_hidden: solve from two points, then round to the best multiple.
   at = lambda f: _measure(dataclasses.replace(dense, mlp_hidden=f), seq_len, match)
