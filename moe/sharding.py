@@ -186,17 +186,6 @@ def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.P())
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Assembles each process's rows into global arrays split over the batch axes.
-
-  Each process passes only its own rows (process p holds rows [p * B_local, (p + 1) * B_local) of the
-  global batch, as `moe.data` produces them); with one process this is a plain device_put.
-  """
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
-
-
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, *, cpu_collectives: bool = False) -> bool:
   """Starts multi-host JAX (`jax.distributed.initialize`) when there is more than one process.

@@ -40,10 +40,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from moe import accounting, optim
+from moe import accounting, optim, sharding
 from moe import data as data_lib
 from moe.config import ExperimentConfig
-from moe.model import build
+from moe.model import Transformer
 
 # Fields that may differ between a run in a workdir and the config that resumes it. None of them
 # changes the optimisation trajectory up to the steps already taken: the run length (to extend a run;
@@ -170,12 +170,59 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, cfg: ExperimentConfi
   return jax.jit(eval_step, **kwargs)
 
 
-def to_device(batch: Batch, sharding: Any = None) -> Batch:
-  """Numpy batch (this process's rows) -> jax arrays (global arrays when sharded over processes)."""
-  if sharding is not None and jax.process_count() > 1:
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+def init_train_state(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules, *,
+                     abstract: bool = False):
+  """Builds the model under the mesh, the optimiser and the train state, placed by the logical rules.
+
+  Parameters are initialised inside one `jax.jit` whose out_shardings come from their logical axis
+  names, so each device only ever holds its own shards; the optimiser moments mirror the parameters'
+  shardings and scalars are replicated. Random initialisation does not depend on the mesh
+  (partitionable threefry), so every mesh starts from the same parameters.
+
+  Args:
+    cfg: the experiment.
+    mesh: from `moe.sharding.make_mesh`.
+    rules: from `moe.sharding.logical_rules`.
+    abstract: return ShapeDtypeStructs (with shardings) instead of arrays: nothing is allocated.
+
+  Returns:
+    (graphdef, rest, tx, state, state_sharding): the model's graph definition and non-parameter state
+    (for `make_train_step`), the optimiser, the `TrainState` and its pytree of NamedShardings.
+  """
+  make_model = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+  replicated = sharding.replicated(mesh)
+  with sharding.use_mesh(mesh, rules):
+    graphdef, abstract_params, rest = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
+    params_sharding = sharding.named_shardings(abstract_params, mesh, rules)
+    tx = optim.make_optimizer(cfg.train, abstract_params)
+    opt_sharding = optax.tree_map_params(
+        tx, lambda _, s: s, jax.eval_shape(tx.init, nnx.as_pure(abstract_params)),
+        nnx.as_pure(params_sharding), transform_non_params=lambda _: replicated)
+    state_sharding = TrainState(params_sharding, opt_sharding, replicated)
+
+    def init() -> TrainState:
+      params = nnx.state(make_model(), nnx.Param)
+      return TrainState(params, tx.init(nnx.as_pure(params)), jnp.zeros((), jnp.int32))
+
+    if abstract:
+      state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           jax.eval_shape(init), state_sharding)
+    else:
+      state = jax.jit(init, out_shardings=state_sharding)()
+  return graphdef, rest, tx, state, state_sharding
+
+
+def to_device(batch: Batch, batch_sharding: Any = None) -> Batch:
+  """Numpy batch (this process's rows) -> jax arrays split over the batch axes.
+
+  With several processes, each passes only its own rows (process p holds rows [p * B_local,
+  (p + 1) * B_local) of the global batch, as `moe.data` produces them) and they are assembled into
+  global arrays with `jax.make_array_from_process_local_data`.
+  """
+  if batch_sharding is not None and jax.process_count() > 1:
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
             for k, v in batch.items()}
-  return {k: jax.device_put(np.asarray(v), sharding) for k, v in batch.items()}
+  return {k: jax.device_put(np.asarray(v), batch_sharding) for k, v in batch.items()}
 
 
 def evaluate(eval_step: Callable, params: nnx.State, batches, batch_sharding: Any = None) -> dict:
@@ -403,9 +450,12 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
                                      num_batches=tc.eval_batches, **proc)
                if tc.eval_batches else None)
 
-  graphdef, params, rest = nnx.split(build(cfg.model, tc.seed), nnx.Param, ...)
-  tx = optim.make_optimizer(tc, params)
-  state = TrainState(params, tx.init(nnx.as_pure(params)), jnp.zeros((), jnp.int32))
+  mesh_cfg = cfg.mesh or sharding.MeshConfig()
+  mesh = sharding.make_mesh(mesh_cfg)
+  rules = sharding.logical_rules(mesh_cfg.rules)
+  sharding.check_divisibility(mesh, mesh_cfg, cfg.model, tc.global_batch_size)
+  graphdef, rest, tx, state, state_sharding = init_train_state(cfg, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh)
 
   manager = ocp.CheckpointManager(
       workdir_path / "checkpoints",
@@ -429,7 +479,9 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
   tokens_per_step = tc.global_batch_size * tc.seq_len
   flops_per_token = accounting.flops_per_token(cfg.model, tc.seq_len, train=True).total
   peak = peak_flops_per_device(cfg)
-  eval_step = make_eval_step(graphdef, rest, cfg)
+  with sharding.use_mesh(mesh, rules):  # The steps trace under the mesh: constraints apply.
+    eval_step = make_eval_step(graphdef, rest, cfg, params_sharding=state_sharding.params,
+                               batch_sharding=batch_sharding)
   final: dict[str, Any] = {}
 
   def save(step: int) -> None:
@@ -437,7 +489,8 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
         state=ocp.args.StandardSave(nnx.as_pure(state)), data=grain.checkpoint.CheckpointSave(data_it)))
 
   def run_eval(step: int) -> None:
-    result = evaluate(eval_step, state.params, eval_data)
+    with sharding.use_mesh(mesh, rules):
+      result = evaluate(eval_step, state.params, eval_data, batch_sharding)
     writer.write({"step": step, "split": "eval", **result})
     final.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
     _print(f"eval  step {step} | loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}")
@@ -445,11 +498,13 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
   compile_time = 0.0
   if start < tc.steps:
     t0 = time.perf_counter()
-    first = to_device(next(data_it))
-    train_step = make_train_step(graphdef, rest, cfg, tx).lower(state, first).compile()
+    first = to_device(next(data_it), batch_sharding)
+    with sharding.use_mesh(mesh, rules):
+      train_step = make_train_step(graphdef, rest, cfg, tx, state_sharding=state_sharding,
+                                   batch_sharding=batch_sharding).lower(state, first).compile()
     compile_time = time.perf_counter() - t0
-    _print(f"{cfg.name}: {accounting.summary(cfg.model, tc.seq_len)}; compiled the train step in "
-           f"{compile_time:.1f} s")
+    _print(f"{cfg.name}: {accounting.summary(cfg.model, tc.seq_len)}; mesh {dict(mesh.shape)} "
+           f"({mesh_cfg.rules.value} rules); compiled the train step in {compile_time:.1f} s")
 
   mark = time.perf_counter()
   window = (start, train_time)  # (step, cumulative train time) at the last progress line.
@@ -484,7 +539,8 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
   batch = first if start < tc.steps else None
   try:
     for t in range(start, tc.steps):
-      state, metrics = train_step(state, batch if batch is not None else to_device(next(data_it)))
+      state, metrics = train_step(
+          state, batch if batch is not None else to_device(next(data_it), batch_sharding))
       batch = None
       if pending is not None:
         finish(*pending)
