@@ -260,7 +260,12 @@ class ModelConfig:
     max_len: the longest sequence the model is trained on (rotary tables are built to it).
     rope_theta: rotary base (Su et al. 2021).
     tie_embeddings: the output projection is the transposed token embedding.
-    moe: the sparse feed-forward configuration, or None for a dense model.
+    moe: the sparse feed-forward configuration, or None for a dense model. Causality: routing is
+      per token, but capacity couples the tokens of a group. Top-1 in sequence order ('index'
+      priority) and dropless routing are causal; with k > 1 a later token's first choice can take the
+      slot of an earlier token's second choice, and batch-prioritised order ranks tokens by their
+      router probability, so a later token can drop an earlier one (as in flaxformer and GShard).
+      Experts-choose routing is refused unless acknowledged (`MoEConfig.allow_noncausal_routing`).
     sparse_every / first_dense / sparse_layers: the layout, see `sparse_layer_mask`.
     scan_layers: stack the repeating block of layers and apply it with `jax.lax.scan`, so compile time
       stays flat with depth.
