@@ -25,7 +25,8 @@ Families (base: configs/switch.py, 8 experts, top-1, gather, cf 1.25/2.0, balanc
   topk      k in 1, 2, 4 experts per token (8 experts; capacity scales with k).
   every     sparse_every 1, 2, 4: which fraction of layers are sparse.
   jitter    router input jitter eps 0, 0.01, 0.1 (Switch Sec. 2.4).
-  router    tokens_choose (top-2) vs experts_choose (EC-CF2): the same compute per token.
+  router    tokens_choose (top-2) vs experts_choose (EC-CF2), both at capacity factor 1.0: the same
+            compute per token (2 expert evaluations).
 """
 
 from __future__ import annotations
@@ -59,7 +60,11 @@ def _every(cd, member):
 
 
 def _router(cd, member):
+  # Both members at capacity factor 1.0 for training and evaluation: E * C / S = 2 expert evaluations
+  # per token on both sides (EC-CF2 has C = 2 S / E; top-2 has C = 1.0 * 2 * S / E).
   cd.model.moe.top_k = 2
+  cd.model.moe.train_capacity_factor = 1.0
+  cd.model.moe.eval_capacity_factor = 1.0
   if member == "experts_choose":
     ec = presets.expert_choice_config().model.moe  # EC-CF2, with the causality acknowledgement.
     for key in ("router", "train_capacity_factor", "eval_capacity_factor", "balance_loss_weight",

@@ -25,7 +25,4 @@ def get_config(arg: str | None = None):
       "dispatch": presets.Arg("gather", presets.DISPATCHES)})
   cd = presets.switch_config(args["size"], args["data"], experts=args["experts"],
                              dispatch=args["dispatch"])
-  if args["dispatch"] == "dropless":  # Dropless computes every assignment: no capacity to set.
-    cd.model.moe.train_capacity_factor = None
-    cd.model.moe.eval_capacity_factor = None
   return cd

@@ -24,7 +24,4 @@ def get_config(arg: str | None = None):
       "dispatch": presets.Arg("gather", presets.DISPATCHES)})
   cd = presets.top2_config(args["size"], args["data"], experts=args["experts"],
                            dispatch=args["dispatch"])
-  if args["dispatch"] == "dropless":
-    cd.model.moe.train_capacity_factor = None
-    cd.model.moe.eval_capacity_factor = None
   return cd

@@ -68,7 +68,8 @@ def main(argv):
     mesh_cfg = dataclasses.replace(mesh_cfg, **parse_mesh(_MESH.value))
   mesh = sharding.make_mesh(mesh_cfg)
   rules = sharding.logical_rules(mesh_cfg.rules)
-  sharding.check_divisibility(mesh, mesh_cfg, cfg.model, cfg.train.global_batch_size)
+  sharding.check_divisibility(mesh, mesh_cfg, cfg.model, cfg.train.global_batch_size,
+                             cfg.train.seq_len)
 
   graphdef, rest, tx, state, state_sharding = train.init_train_state(cfg, mesh, rules, abstract=True)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -85,6 +86,10 @@ def main(argv):
   opt = _bytes_per_device(state.opt_state, devices)
   stats = compiled.memory_analysis()
   temp = stats.temp_size_in_bytes if stats is not None else 0
+  # Arguments (state and batch) + outputs not aliased to a donated argument + temporaries: what the
+  # compiled program needs on each device at its peak.
+  other = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+           if stats is not None else 0)
   gib = lambda b: b / 2**30
   print(f"{cfg.name}: mesh {dict(mesh.shape)} ({mesh_cfg.rules.value} rules), "
         f"{jax.devices()[0].device_kind}, batch {shape[0]} x {shape[1]}")
@@ -95,7 +100,8 @@ def main(argv):
     limit = memory / 2**30 if memory else None
   worst = 0.0
   for d in devices:
-    total = gib(params[d] + opt[d] + temp)
+    # `other` covers parameters, optimiser state, batch and metrics as the program sees them.
+    total = gib(max(params[d] + opt[d], other) + temp)
     worst = max(worst, total)
     print(f"{d.id:>8}{gib(params[d]):>12.3f}{gib(opt[d]):>10.3f}{gib(temp):>10.3f}{total:>11.3f}")
   if limit is not None:

@@ -71,7 +71,8 @@ class MoEFeedForward(nnx.Module):
     if cfg.dispatch is Dispatch.DROPLESS:
       return top.expert_index, jnp.ones(top.expert_index.shape, bool)
     order_GS = routing.priority_order(probs_GSE, cfg.priority)
-    slots = dispatch.slots_by_sort(top.expert_index, order_GS, cfg.num_experts)
+    slots_fn = dispatch.slots_by_cumsum if cfg.dispatch is Dispatch.EINSUM else dispatch.slots_by_sort
+    slots = slots_fn(top.expert_index, order_GS, cfg.num_experts)
     return top.expert_index, slots < cfg.capacity(s, train)
 
   def __call__(self, x_BLD: jax.Array, *, train: bool = False,

@@ -261,6 +261,8 @@ def sparse_config(size: str = "tiny", data: str = "shakespeare", *, name: str,
     **moe_overrides: MoEConfig fields (see `moe_section`).
   """
   cd = dense_config(size, data, name=name)
+  if moe_overrides.get("dispatch") == "dropless":  # Computes every assignment: no capacity to set.
+    moe_overrides = dict(moe_overrides, train_capacity_factor=None, eval_capacity_factor=None)
   cd.model.moe = moe_section(cd.model, **moe_overrides)
   cd.mesh.rules = "expert"  # Expert weights over the 'expert' axis once `mesh.expert` > 1.
   return cd

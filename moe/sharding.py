@@ -61,8 +61,10 @@ _PARAMS = {
     Rules.FSDP: {axes.EMBED: "fsdp"},
     Rules.EXPERT: {axes.EXPERT: "expert"},
     Rules.EXPERT_FSDP: {axes.EXPERT: "expert", axes.EMBED: "fsdp"},
+    # K/V projections stay whole: grouped-query models often have fewer kv heads than tensor shards,
+    # and the K/V projections are small.
     Rules.EXPERT_TENSOR: {axes.EXPERT: "expert", axes.MLP: "tensor", axes.HEADS: "tensor",
-                          axes.KV_HEADS: "tensor", axes.VOCAB: "tensor"},
+                          axes.VOCAB: "tensor"},
 }
 
 
@@ -133,8 +135,14 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None) -> jax.sharding.Mesh:
 
 
 def check_divisibility(mesh: jax.sharding.Mesh, mesh_cfg: MeshConfig, model_cfg,
-                       global_batch_size: int) -> None:
-  """Raises, before anything compiles, when the batch or the model does not split over the mesh."""
+                       global_batch_size: int, seq_len: int | None = None) -> None:
+  """Raises, before anything compiles, when the batch or the model does not split over the mesh.
+
+  Checks every dimension that a parameter rule or an activation rule splits: the batch and the routing
+  groups over the batch axes, experts over 'expert', and under the tensor rules heads, vocabulary and
+  hidden widths over 'tensor'. A 'tensor' axis > 1 is refused unless the rules use it (it would
+  duplicate the work of every tensor slice).
+  """
   shape = dict(mesh.shape)
   batch_split = math.prod(shape[a] for a in BATCH_AXES)
   if global_batch_size % batch_split:
@@ -142,24 +150,35 @@ def check_divisibility(mesh: jax.sharding.Mesh, mesh_cfg: MeshConfig, model_cfg,
         f"train.global_batch_size={global_batch_size} must be divisible by the data-parallel size "
         f"{batch_split} (mesh data x fsdp x expert = {shape['data']} x {shape['fsdp']} x "
         f"{shape['expert']})")
-  table = dict(logical_rules(mesh_cfg.rules))
   moe = model_cfg.moe
-  if moe is not None and table[axes.EXPERT] == "expert" and moe.num_experts % shape["expert"]:
+  if moe is not None and seq_len is not None and model_cfg.num_sparse_layers:
+    groups, _ = moe.group_shape(global_batch_size, seq_len)
+    if groups % batch_split:
+      raise ValueError(
+          f"model.moe.group_size={moe.group_size} gives {groups} routing groups per batch, which must "
+          f"be divisible by the data-parallel size {batch_split}; use a smaller group size")
+  if moe is not None and model_cfg.num_sparse_layers and moe.num_experts % shape["expert"]:
     raise ValueError(f"model.moe.num_experts={moe.num_experts} must be divisible by the expert axis "
                      f"(mesh.expert={shape['expert']})")
-  checks = {axes.EMBED: ("model.d_model", model_cfg.d_model),
-            axes.MLP: ("model.mlp_hidden", model_cfg.mlp_hidden),
-            axes.HEADS: ("model.num_heads", model_cfg.num_heads),
-            axes.KV_HEADS: ("model.num_kv_heads", model_cfg.num_kv_heads),
-            axes.VOCAB: ("model.vocab_size", model_cfg.vocab_size)}
-  for logical, (field, value) in checks.items():
+  table = dict(logical_rules(mesh_cfg.rules))
+  if shape["tensor"] > 1 and "tensor" not in _PARAMS[mesh_cfg.rules].values():
+    raise ValueError(f"mesh.tensor={shape['tensor']} needs rules that split over it "
+                     f"(mesh.rules='expert_tensor'), not mesh.rules={mesh_cfg.rules.value!r}")
+  widths = {axes.EMBED: [("model.d_model", model_cfg.d_model)],
+            axes.MLP: [("model.mlp_hidden", model_cfg.mlp_hidden)],
+            axes.HEADS: [("model.num_heads", model_cfg.num_heads)],
+            axes.KV_HEADS: [("model.num_kv_heads", model_cfg.num_kv_heads)],
+            axes.VOCAB: [("model.vocab_size", model_cfg.vocab_size)]}
+  if moe is not None:
+    widths[axes.MLP].append(("model.moe.expert_hidden", moe.expert_hidden))
+    if moe.shared_expert_hidden:
+      widths[axes.MLP].append(("model.moe.shared_expert_hidden", moe.shared_expert_hidden))
+  for logical, fields in widths.items():
     mesh_axis = table.get(logical)
-    if mesh_axis is not None and value % shape[mesh_axis]:
-      raise ValueError(f"{field}={value} must be divisible by mesh.{mesh_axis}={shape[mesh_axis]} "
-                       f"(mesh.rules={mesh_cfg.rules.value} splits it there)")
-  if moe is not None and table.get(axes.MLP) is not None and moe.expert_hidden % shape["tensor"]:
-    raise ValueError(f"model.moe.expert_hidden={moe.expert_hidden} must be divisible by "
-                     f"mesh.tensor={shape['tensor']}")
+    for field, value in fields if mesh_axis is not None else ():
+      if value % shape[mesh_axis]:
+        raise ValueError(f"{field}={value} must be divisible by mesh.{mesh_axis}={shape[mesh_axis]} "
+                         f"(mesh.rules={mesh_cfg.rules.value} splits it there)")
 
 
 @contextlib.contextmanager

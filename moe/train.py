@@ -58,8 +58,10 @@ RESUMABLE_FIELDS = ("name", "train.steps", "train.log_every", "train.eval_every"
                     "data.tfds_data_dir", "mesh")
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` substring (first match wins: "v5 lite" before
-# "v5"). H200 has the H100 SXM's compute.
-PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("TPU v4", 275e12),
+# "v5", "H100 PCIe" before "H100"). H200 has the H100 SXM's compute. float32 models run their matmuls
+# at half these rates (TF32 on NVIDIA, bf16 passes on TPU), see `peak_flops_per_device`.
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+              ("TPU v4", 275e12),
               ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
               ("TPU v6 lite", 918e12), ("TPU v6e", 918e12))
 
@@ -143,8 +145,11 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, cfg: ExperimentConf
     return TrainState(params, opt_state, state.step + 1), metrics
 
   kwargs = {}
-  if state_sharding is not None or batch_sharding is not None:
-    kwargs = dict(in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None))
+  if batch_sharding is not None:  # Sharded: the state and the batch are placed, metrics replicated.
+    # Metrics are replicated: every process can read them (a split metric is not addressable).
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.P())
+    kwargs = dict(in_shardings=(state_sharding, batch_sharding),
+                  out_shardings=(state_sharding, replicated))
   return jax.jit(train_step, donate_argnames=("state",), **kwargs)
 
 
@@ -165,8 +170,9 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, cfg: ExperimentConfi
     return out
 
   kwargs = {}
-  if params_sharding is not None or batch_sharding is not None:
-    kwargs = dict(in_shardings=(params_sharding, batch_sharding))
+  if batch_sharding is not None:
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.P())
+    kwargs = dict(in_shardings=(params_sharding, batch_sharding), out_shardings=replicated)
   return jax.jit(eval_step, **kwargs)
 
 
@@ -376,11 +382,15 @@ class MetricsWriter:
 
 
 def peak_flops_per_device(cfg: ExperimentConfig) -> float | None:
-  """train.peak_flops_per_device, else the table entry for this accelerator, else None (e.g. CPU)."""
+  """train.peak_flops_per_device, else the table entry for this accelerator and the model's compute
+  dtype (float32: half the bf16 rate), else None (e.g. CPU)."""
   if cfg.train.peak_flops_per_device:
     return cfg.train.peak_flops_per_device
   kind = jax.devices()[0].device_kind
-  return next((peak for name, peak in PEAK_FLOPS if name.lower() in kind.lower()), None)
+  peak = next((peak for name, peak in PEAK_FLOPS if name.lower() in kind.lower()), None)
+  if peak is not None and cfg.model.dtype == "float32":
+    peak /= 2
+  return peak
 
 
 def _scalars(metrics: dict) -> dict:
@@ -432,16 +442,25 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
   tc = cfg.train
   _quiet_orbax()
   workdir_path = pathlib.Path(workdir).absolute()
+  # Everything that can reject the config runs before the workdir is touched: an overwrite must never
+  # destroy a run for a config that cannot start.
+  data_vocab = data_lib.vocab_size(cfg.data)
+  if data_vocab > cfg.model.vocab_size:
+    raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+                     f"({data_vocab}, {cfg.data.tokenizer.value} tokenizer)")
+  if cfg.model.moe is not None:
+    cfg.model.moe.check_tokens(tc.global_batch_size, tc.seq_len)
+  mesh_cfg = cfg.mesh or sharding.MeshConfig()
+  mesh = sharding.make_mesh(mesh_cfg)
+  rules = sharding.logical_rules(mesh_cfg.rules)
+  sharding.check_divisibility(mesh, mesh_cfg, cfg.model, tc.global_batch_size, tc.seq_len)
+
   if jax.process_index() == 0:
     prepare_workdir(cfg, workdir_path)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("moe.train.prepare_workdir")
 
-  data_vocab = data_lib.vocab_size(cfg.data)
-  if data_vocab > cfg.model.vocab_size:
-    raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
-                     f"({data_vocab}, {cfg.data.tokenizer.value} tokenizer)")
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   data_it = data_lib.train_iterator(cfg.data, seq_len=tc.seq_len, global_batch_size=tc.global_batch_size,
                                     **proc)
@@ -449,11 +468,6 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
                                      global_batch_size=tc.global_batch_size,
                                      num_batches=tc.eval_batches, **proc)
                if tc.eval_batches else None)
-
-  mesh_cfg = cfg.mesh or sharding.MeshConfig()
-  mesh = sharding.make_mesh(mesh_cfg)
-  rules = sharding.logical_rules(mesh_cfg.rules)
-  sharding.check_divisibility(mesh, mesh_cfg, cfg.model, tc.global_batch_size)
   graphdef, rest, tx, state, state_sharding = init_train_state(cfg, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh)
 

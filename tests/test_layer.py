@@ -199,6 +199,29 @@ def test_balance_loss_is_num_experts_when_collapsed():
   np.testing.assert_allclose(loss, e, atol=1e-5)
 
 
+def test_balance_loss_formula_and_gradient():
+  """E * sum_e f_e P_e with f from the top-k choices and P the mean probability; only P has a gradient."""
+  logits = jax.random.normal(jax.random.key(3), (2, 6, 4)) * 2
+  probs = jax.nn.softmax(logits)
+  top = routing.tokens_choose(probs, 2, renormalize=False)
+  p, idx = np.asarray(probs, np.float64), np.asarray(top.expert_index)
+  expected = []
+  for g in range(2):
+    f = np.zeros(4)
+    for s_ in range(6):
+      for e in idx[g, s_]:
+        f[e] += 1 / (6 * 2)
+    expected.append(4 * np.sum(f * p[g].mean(0)))
+  load = routing.expert_load(top.expert_index, 4)
+  np.testing.assert_allclose(routing.load_balancing_loss(probs, load), np.mean(expected), rtol=1e-6)
+  grad_load = jax.grad(lambda l: routing.load_balancing_loss(probs, l))(load)
+  np.testing.assert_array_equal(grad_load, 0.0)
+  grad_probs = jax.grad(lambda q: routing.load_balancing_loss(q, load))(probs)
+  # d loss / d p[g, s, e] = E * f[g, e] / (S * G): the same for every token of a group.
+  np.testing.assert_allclose(grad_probs, 4 * np.asarray(load)[:, None, :] / (6 * 2) * np.ones((2, 6, 4)),
+                             rtol=1e-6)
+
+
 def test_z_loss_formula():
   logits = np.asarray(jax.random.normal(jax.random.key(0), (2, 5, 3)), np.float64) * 4
   lse = np.log(np.sum(np.exp(logits), axis=-1))

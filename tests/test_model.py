@@ -109,8 +109,11 @@ def test_dense_equals_sparse_with_one_expert():
 
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
 def test_scan_equals_unrolled(remat):
-  scanned = build(cfg_(remat=remat))
-  unrolled = build(cfg_(scan_layers=False), seed=3)
+  # Router jitter on: each layer must draw the same noise (fold_in of its index) in both layouts.
+  jitter = MoEConfig(num_experts=4, top_k=1, expert_hidden=24, train_capacity_factor=1.0,
+                     eval_capacity_factor=1.0, min_capacity=1, jitter_eps=0.3)
+  scanned = build(cfg_(remat=remat, moe=jitter))
+  unrolled = build(cfg_(scan_layers=False, moe=jitter), seed=3)
   assert scanned.repeats == 2 and unrolled.repeats == 0
   unrolled.embed[...] = scanned.embed[...]
   unrolled.final_norm.scale[...] = scanned.final_norm.scale[...]

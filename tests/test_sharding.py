@@ -105,3 +105,17 @@ def test_parameters_are_created_split_by_their_logical_names():
   for key, spec in specs.items():
     if "attention.q" in key:
       assert spec[2] == "tensor", key  # [layers, d, heads, head_dim]
+
+
+def test_tensor_axis_errors():
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=4, tensor=2, rules="expert_tensor"))
+  tensor_rules = sharding.MeshConfig(data=4, tensor=2, rules="expert_tensor")
+  model = dataclasses.replace(_model_cfg(), num_heads=2, vocab_size=63)
+  with pytest.raises(ValueError, match=r"model.vocab_size=63 must be divisible by mesh.tensor=2"):
+    sharding.check_divisibility(mesh, tensor_rules, model, 8)
+  with pytest.raises(ValueError, match=r"mesh.tensor=2 needs rules that split over it"):
+    sharding.check_divisibility(mesh, sharding.MeshConfig(data=4, tensor=2, rules="expert"),
+                                _model_cfg(), 8)
+  grouped = dataclasses.replace(_model_cfg(), moe=dataclasses.replace(_model_cfg().moe, group_size=32))
+  with pytest.raises(ValueError, match=r"model.moe.group_size=32 gives 2 routing groups"):
+    sharding.check_divisibility(mesh, tensor_rules, grouped, 8, seq_len=8)

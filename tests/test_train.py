@@ -215,3 +215,21 @@ def test_schedules_against_formulas():
     assert _lr(const, step) == pytest.approx(want, rel=1e-6), step
   no_warmup = TrainConfig(learning_rate=peak, warmup_steps=0, steps=100, end_lr_fraction=0.0)
   assert _lr(no_warmup, 0) == pytest.approx(peak) and _lr(no_warmup, 100) == pytest.approx(0.0)
+
+
+def test_optimizer_follows_the_schedule():
+  """The optimiser itself (not only the logged rate) uses the schedule: with weight decay only, the
+  update at step t is -lr(t) * wd * w, so it is zero at step 0 of the warmup and grows linearly."""
+  _, params = nnx.split(build(_model_cfg(True)), nnx.Param)
+  cfg = TrainConfig(learning_rate=0.1, warmup_steps=4, schedule="cosine", weight_decay=0.5, steps=20)
+  tx = optim.make_optimizer(cfg, params)
+  pure = nnx.as_pure(params)
+  zeros = jax.tree.map(jnp.zeros_like, pure)
+  state = tx.init(pure)
+  path, w = next((p, v) for p, v in nnx.to_flat_state(pure)
+                 if dict(nnx.to_flat_state(optim.weight_decay_mask(params)))[p])
+  for step in range(3):
+    updates, state = tx.update(zeros, state, pure)
+    np.testing.assert_allclose(dict(nnx.to_flat_state(updates))[path], -_lr(cfg, step) * 0.5 * w,
+                               rtol=1e-6, atol=1e-12, err_msg=f"step {step}")
+  assert _lr(cfg, 0) == 0.0 and _lr(cfg, 2) > 0
