@@ -11,30 +11,20 @@ prints a table and writes <workdir_root>/val_loss.png and <workdir_root>/compari
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import time
 
 from absl import app, flags
 
-from moe import accounting, presets, train
+from moe import accounting, files, presets, train
 from moe.config import experiment_from_config_dict
 
 _ROOT = flags.DEFINE_string("workdir_root", "runs/compare", "Where the two runs' workdirs go.")
 _SIZE = flags.DEFINE_enum("size", "tiny", list(presets.SIZES), "Model size (moe.presets.SIZES).")
 _STEPS = flags.DEFINE_integer("steps", None, "Override train.steps of both runs.")
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 EXPERTS = 8
-
-
-def load_config(name: str, arg: str):
-  """`configs/<name>.py`'s get_config(arg), loaded from its file as --config=configs/<name>.py does."""
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def eval_curve(workdir: pathlib.Path) -> tuple[list[int], list[float]]:
@@ -83,8 +73,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   root = pathlib.Path(_ROOT.value)
   root.mkdir(parents=True, exist_ok=True)
-  sparse = load_config("switch", f"size={_SIZE.value},experts={EXPERTS}")
-  dense = load_config("dense", f"size={_SIZE.value},match=switch{EXPERTS}")
+  sparse = presets.load_config("switch", f"size={_SIZE.value},experts={EXPERTS}")
+  dense = presets.load_config("dense", f"size={_SIZE.value},match=switch{EXPERTS}")
   rows, curves = [], {}
   for cd in (dense, sparse):
     if _STEPS.value is not None:
@@ -105,7 +95,7 @@ def main(argv):
         compile_time_s=final["compile_time_s"], wall_s=time.perf_counter() - start))
     curves[cfg.name] = eval_curve(workdir)
   plot(curves, root / "val_loss.png")
-  train.atomic_write_text(root / "comparison.json", json.dumps(rows, indent=2) + "\n")
+  files.atomic_write(root / "comparison.json", json.dumps(rows, indent=2) + "\n")
   print("\n" + table(rows))
   print(f"\nValidation loss curves: {root / 'val_loss.png'}; numbers: {root / 'comparison.json'}")
 

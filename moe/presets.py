@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
+import pathlib
 from typing import Any
 
 import ml_collections
@@ -23,6 +25,22 @@ from ml_collections import config_dict
 
 from moe import accounting
 from moe.config import ModelConfig, MoEConfig, from_dict
+
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_module(name: str):
+  """Imports `configs/<name>.py` by path, as `--config=configs/<name>.py` does."""
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIG_DIR / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`configs/<name>.py:<arg>` as a ConfigDict."""
+  return config_module(name).get_config(arg)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from moe import accounting, optim, sharding
+from moe import accounting, files, optim, sharding
 from moe import data as data_lib
 from moe.config import ExperimentConfig
 from moe.model import Transformer
@@ -289,16 +289,6 @@ def config_differences(old: dict, new: dict) -> list[str]:
           if not resumable(key) and old_flat.get(key, missing) != new_flat.get(key, missing)]
 
 
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-  """Writes a file whole or not at all: a temporary file in the same directory, then a rename."""
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def prepare_workdir(cfg: ExperimentConfig, workdir: pathlib.Path) -> None:
   """Refuses a workdir that holds a run with a different config (unless train.overwrite, which clears
   it), then writes the resolved config to config.json. Process 0 only."""
@@ -323,7 +313,7 @@ def prepare_workdir(cfg: ExperimentConfig, workdir: pathlib.Path) -> None:
       elif p.exists():
         p.unlink()
   workdir.mkdir(parents=True, exist_ok=True)
-  atomic_write_text(config_path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+  files.atomic_write(config_path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
 
 def read_metrics(path: pathlib.Path) -> list[dict]:
@@ -350,7 +340,7 @@ class MetricsWriter:
     if not self.active:
       return
     kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-    atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    files.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     # purge_step hides events a crashed run wrote after the checkpoint we resume from.
     self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import pytest
@@ -13,12 +12,7 @@ from moe.config import experiment_from_config_dict
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = ("dense", "switch", "top2", "expert_choice", "ablations")
 
-def load(name: str):
-  """Imports configs/<name>.py by path, as ml_collections' config_flags does."""
-  spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+load = presets.config_module
 
 
 def default_arg(name: str) -> str:

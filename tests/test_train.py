@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -14,23 +13,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe import optim, train
+from moe import optim, presets, train
 from moe.config import ModelConfig, MoEConfig, TrainConfig, experiment_from_config_dict
 from moe.model import build
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def load_config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def smoke(name: str = "switch", **train_overrides):
   """configs/<name>.py:size=smoke, logging every step, with `train` fields overridden."""
-  cd = load_config(name, "size=smoke")
+  cd = presets.load_config(name, "size=smoke")
   cd.train.log_every = 1
   for key, value in train_overrides.items():
     cd.train[key] = value

@@ -32,6 +32,7 @@ import sysconfig
 
 import numpy as np
 
+from moe import files
 from moe.data import tokenizers as tok_lib
 from moe.data.config import Source
 
@@ -240,4 +241,4 @@ def save_stream(path: pathlib.Path, stream: np.ndarray) -> None:
   """Atomic .npy write (write-then-rename)."""
   buf = io.BytesIO()
   np.save(buf, np.ascontiguousarray(stream))
-  tok_lib.atomic_write_bytes(path, buf.getvalue())
+  files.atomic_write(path, buf.getvalue())

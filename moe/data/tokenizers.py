@@ -15,10 +15,11 @@ import hashlib
 import io
 import os
 import pathlib
-import tempfile
 from typing import Protocol
 
 import numpy as np
+
+from moe import files
 
 
 class Tokenizer(Protocol):
@@ -218,7 +219,7 @@ def load_or_train_sentencepiece(
   if not path.exists():
     proto = train_sentencepiece(
         texts_fn(), vocab_size=vocab_size, max_bytes=max_bytes)
-    atomic_write_bytes(path, proto)
+    files.atomic_write(path, proto)
   return _load_sentencepiece(os.fspath(path))
 
 
@@ -229,15 +230,3 @@ def _load_sentencepiece(path: str) -> SentencePieceTokenizer:
   return SentencePieceTokenizer.from_file(path)
 
 
-def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-  """Write-then-rename, so concurrent hosts/readers never see a partial file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
