@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe import optim, presets, train
+from moe import accounting, optim, presets, train
 from moe.config import ModelConfig, MoEConfig, TrainConfig, experiment_from_config_dict
 from moe.model import build
 
@@ -38,7 +38,7 @@ def records(workdir, split="train") -> list[dict]:
 
 
 def test_smoke_switch_loss_falls(tmp_path):
-  cd = smoke(steps=30, eval_every=30, checkpoint_every=30)
+  cd = smoke(steps=30, eval_every=30, checkpoint_every=30, peak_flops_per_device=1e12)
   cfg = experiment_from_config_dict(cd)
   final = train.train_and_evaluate(cfg, str(tmp_path))
   recs = records(tmp_path)
@@ -63,6 +63,10 @@ def test_smoke_switch_loss_falls(tmp_path):
     assert np.allclose(np.sum(r["expert_load"], axis=1), 1.0, atol=1e-5)
     assert len(r["router_entropy"]) == n_sparse
   assert {"perplexity", "grad_norm", "tokens_per_s"} <= set(recs[-1])
+  # MFU = model FLOPs per second over the peak of all devices.
+  flops = accounting.flops_per_token(cfg.model, cfg.train.seq_len).total
+  for r in recs:
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / (1e12 * jax.device_count()), rel=1e-9)
   assert [r["step"] for r in records(tmp_path, "eval")] == [30]
   assert json.loads((tmp_path / "config.json").read_text())["model"]["moe"]["num_experts"] == 8
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
