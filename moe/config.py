@@ -436,6 +436,14 @@ class ExperimentConfig:
   mesh: Any = None  # moe.sharding.MeshConfig (None: every device on the data axis)
 
 
+def model_from_config_dict(section) -> ModelConfig:
+  """The `model` section of a ConfigDict (with `moe` a section or None) as a validated ModelConfig."""
+  model = dict(section.items())
+  if model.get("moe") is not None:
+    model["moe"] = from_dict(MoEConfig, model["moe"], "config.model.moe")
+  return from_dict(ModelConfig, model, "config.model")
+
+
 def experiment_from_config_dict(cd) -> ExperimentConfig:
   """The one place where an ml_collections ConfigDict becomes frozen, validated dataclasses.
 
@@ -444,16 +452,13 @@ def experiment_from_config_dict(cd) -> ExperimentConfig:
   """
   from moe import data as data_lib  # Lazy: the data stack imports tensorflow-datasets.
 
-  model = dict(cd.model.items())
-  if model.get("moe") is not None:
-    model["moe"] = from_dict(MoEConfig, model["moe"], "config.model.moe")
   mesh = None
   if cd.get("mesh") is not None:
     from moe import sharding
     mesh = from_dict(sharding.MeshConfig, cd.mesh, "config.mesh")
   return ExperimentConfig(
       name=str(cd.get("name", "run")),
-      model=from_dict(ModelConfig, model, "config.model"),
+      model=model_from_config_dict(cd.model),
       train=from_dict(TrainConfig, cd.train, "config.train"),
       data=from_dict(data_lib.DataConfig, cd.data, "config.data"),
       mesh=mesh,

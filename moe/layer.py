@@ -52,6 +52,16 @@ class MoEFeedForward(nnx.Module):
     y_GECD = self.experts(axes.constrain(x_GECD, spec))
     return axes.constrain(y_GECD, spec)
 
+  def _groups_and_router(self, x_BLD, train: bool, rng):
+    """Tokens cut into routing groups [G, S, d], their float32 logits and probabilities [G, S, E]."""
+    cfg = self.cfg
+    b, l, d = x_BLD.shape
+    g, s = cfg.group_shape(b, l)
+    x_GSD = axes.constrain(x_BLD.astype(cfg.compute_dtype).reshape(g, s, d),
+                           (axes.GROUP, None, axes.ACT_EMBED))
+    logits_GSE = self.router(x_GSD, train=train, rng=rng)
+    return x_GSD, logits_GSE, jax.nn.softmax(logits_GSE, axis=-1)
+
   def routing_decisions(self, x_BLD: jax.Array, *, train: bool = False,
                         rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Which expert each claim goes to and whether it keeps its slot, for inspection and tests.
@@ -60,10 +70,8 @@ class MoEFeedForward(nnx.Module):
     [G, E, C], all-True [G, E, C]). Computes what `__call__` decides, without running the experts.
     """
     cfg = self.cfg
-    b, l, d = x_BLD.shape
-    g, s = cfg.group_shape(b, l)
-    probs_GSE = jax.nn.softmax(self.router(x_BLD.astype(cfg.compute_dtype).reshape(g, s, d),
-                                           train=train, rng=rng), axis=-1)
+    _, _, probs_GSE = self._groups_and_router(x_BLD, train, rng)
+    s = probs_GSE.shape[1]
     if cfg.router is Router.EXPERTS_CHOOSE:
       choice = routing.experts_choose(probs_GSE, cfg.capacity(s, train))
       return choice.token_index, jnp.ones(choice.token_index.shape, bool)
@@ -88,12 +96,8 @@ class MoEFeedForward(nnx.Module):
       y [batch, length, d] in the compute dtype, and `MoEAux` (losses, stats).
     """
     cfg = self.cfg
-    b, l, d = x_BLD.shape
-    g, s = cfg.group_shape(b, l)
-    x_GSD = axes.constrain(x_BLD.astype(cfg.compute_dtype).reshape(g, s, d),
-                           (axes.GROUP, None, axes.ACT_EMBED))
-    logits_GSE = self.router(x_GSD, train=train, rng=rng)
-    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+    x_GSD, logits_GSE, probs_GSE = self._groups_and_router(x_BLD, train, rng)
+    g, s, _ = x_GSD.shape
 
     if cfg.router is Router.EXPERTS_CHOOSE:
       capacity = cfg.capacity(s, train)
@@ -125,4 +129,4 @@ class MoEFeedForward(nnx.Module):
     losses = routing.Losses(balance=routing.load_balancing_loss(probs_GSE, load_GE),
                             z=routing.router_z_loss(logits_GSE))
     stats = routing.router_stats(probs_GSE, load_GE, kept_GSK, stats_capacity)
-    return y_GSD.reshape(b, l, d), MoEAux(losses, stats)
+    return y_GSD.reshape(x_BLD.shape), MoEAux(losses, stats)

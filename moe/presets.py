@@ -24,7 +24,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from moe import accounting
-from moe.config import ModelConfig, MoEConfig, from_dict
+from moe.config import ModelConfig, model_from_config_dict
 
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -339,10 +339,7 @@ def named_sparse(name: str, size: str = "tiny", data: str = "shakespeare") -> ml
 
 def model_config(cd: ml_collections.ConfigDict) -> ModelConfig:
   """The validated ModelConfig of a ConfigDict's `model` section (no data module needed)."""
-  model = dict(cd.model.items())
-  if model.get("moe") is not None:
-    model["moe"] = from_dict(MoEConfig, model["moe"], "config.model.moe")
-  return from_dict(ModelConfig, model, "config.model")
+  return model_from_config_dict(cd.model)
 
 
 # ----------------------------------------------------------------------------------------------------

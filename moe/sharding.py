@@ -25,7 +25,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
 from moe import axes

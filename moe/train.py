@@ -25,7 +25,6 @@ import dataclasses
 import enum
 import json
 import math
-import os
 import pathlib
 import shutil
 import time

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from moe.config import ModelConfig, MoEConfig, sparse_layer_mask
-from moe.model import Transformer, build, scan_plan
+from moe.model import build, scan_plan
 
 V, L = 40, 12
 
