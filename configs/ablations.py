@@ -31,7 +31,8 @@ Families (base: configs/switch.py, 8 experts, top-1, gather, cf 1.25/2.0, balanc
 
 from __future__ import annotations
 
-from moe import presets
+from configs import arguments, builders
+from moe.config import MoEConfig
 
 
 def _set_moe(field: str, cast=float):
@@ -66,7 +67,7 @@ def _router(cd, member):
   cd.model.moe.train_capacity_factor = 1.0
   cd.model.moe.eval_capacity_factor = 1.0
   if member == "experts_choose":
-    ec = presets.expert_choice_config().model.moe  # EC-CF2, with the causality acknowledgement.
+    ec = builders.expert_choice_config().model.moe  # EC-CF2, with the causality acknowledgement.
     for key in ("router", "train_capacity_factor", "eval_capacity_factor", "balance_loss_weight",
                 "allow_noncausal_routing"):
       cd.model.moe[key] = ec[key]
@@ -76,7 +77,7 @@ def _router(cd, member):
 FAMILIES = {
     "experts": (("4", "8", "16", "32"), _set_moe("num_experts", int)),
     "capacity": (("0.5", "1.0", "1.25", "2.0", "dropless"), _capacity),
-    "dispatch": (presets.DISPATCHES, _dispatch),
+    "dispatch": (builders.DISPATCHES, _dispatch),
     "priority": (("index", "batch_prioritized"), _set_moe("priority", str)),
     "zloss": (("0", "1e-4", "1e-3", "1e-2"), _set_moe("z_loss_weight")),
     "balance": (("0", "1e-3", "1e-2", "1e-1"), _set_moe("balance_loss_weight")),
@@ -100,9 +101,9 @@ def members(family: str) -> tuple[str, ...]:
 
 def get_config(arg: str | None = None):
   """Args: arg: the argument string above (family is required)."""
-  args = presets.parse_arg(arg, {
-      "family": presets.Arg("", tuple(FAMILIES)), "member": presets.Arg(""),
-      "size": presets.SIZE_ARG, "data": presets.DATA_ARG})
+  args = arguments.parse_arg(arg, {
+      "family": arguments.Arg("", tuple(FAMILIES)), "member": arguments.Arg(""),
+      "size": arguments.SIZE_ARG, "data": arguments.DATA_ARG})
   if not args["family"]:
     raise ValueError(f"config argument family is required; allowed values: {', '.join(FAMILIES)}")
   family, member = args["family"], args["member"] or members(args["family"])[0]
@@ -110,7 +111,10 @@ def get_config(arg: str | None = None):
   if member not in allowed:
     raise ValueError(f"config argument member={member!r} is not a member of family {family}; "
                      f"member must be one of {', '.join(allowed)}")
-  cd = presets.switch_config(args["size"], args["data"])
+  cd = builders.switch_config(args["size"], args["data"])
   apply(cd, member)
+  # Members whose routing is not causal (top-k > 1 or batch-prioritised order with a capacity, experts
+  # choose) run as the papers ran them, with the acknowledgement (MoEConfig.routing_is_causal).
+  cd.model.moe.allow_noncausal_routing = not MoEConfig(**cd.model.moe).routing_is_causal
   cd.name = f"{family}-{member}_{args['size']}"
   return cd

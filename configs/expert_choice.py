@@ -3,7 +3,7 @@
   python -m experiments.train --config=configs/expert_choice.py:size=tiny --workdir=runs/ec_tiny
 
 Arguments (comma-separated key=value):
-  size: smoke | tiny | small | base | large (default tiny; see moe.presets.SIZES).
+  size: smoke | tiny | small | base | large (default tiny; see configs.sizes.SIZES).
   data: shakespeare | python_stdlib | lm1b | c4 (default shakespeare).
   experts: number of experts E >= 2 (default 8).
   dispatch: gather | einsum (default gather; dropless is meaningless when experts choose).
@@ -16,15 +16,15 @@ token at a time. Zhou et al. evaluate encoders; we run it as a comparison point,
 it unless this flag acknowledges the leak (moe.config.ModelConfig).
 """
 
-from moe import presets
+from configs import arguments, builders
 
 
 def get_config(arg: str | None = None):
   """Args: arg: the argument string above ('' or None: 8 experts, tiny, shakespeare)."""
-  args = presets.parse_arg(arg, {
-      "size": presets.SIZE_ARG, "data": presets.DATA_ARG,
-      "experts": presets.Arg(8, kind=int, minimum=2),
-      "dispatch": presets.Arg("gather", ("gather", "einsum"))})
-  cd = presets.expert_choice_config(args["size"], args["data"], experts=args["experts"])
+  args = arguments.parse_arg(arg, {
+      "size": arguments.SIZE_ARG, "data": arguments.DATA_ARG,
+      "experts": arguments.Arg(8, kind=int, minimum=2),
+      "dispatch": arguments.Arg("gather", ("gather", "einsum"))})
+  cd = builders.expert_choice_config(args["size"], args["data"], experts=args["experts"])
   cd.model.moe.dispatch = args["dispatch"]
   return cd

@@ -6,7 +6,7 @@
       --config.model.moe.num_experts=16 --config.model.moe.dispatch=einsum --workdir=runs/switch16
 
 Arguments (comma-separated key=value):
-  size: smoke | tiny | small | base | large (default tiny; see moe.presets.SIZES).
+  size: smoke | tiny | small | base | large (default tiny; see configs.sizes.SIZES).
   data: shakespeare | python_stdlib | lm1b | c4 (default shakespeare).
   experts: number of experts E (default 8).
   dispatch: gather | einsum | dropless (default gather; dropless sets no capacity).
@@ -14,15 +14,15 @@ Defaults: expert width = mlp_hidden, train/eval capacity factor 1.25/2.0, balanc
 z-loss 1e-3 (ST-MoE), tokens in sequence order claim slots first.
 """
 
-from moe import presets
+from configs import arguments, builders
 
 
 def get_config(arg: str | None = None):
   """Args: arg: the argument string above ('' or None: switch-8 tiny on shakespeare)."""
-  args = presets.parse_arg(arg, {
-      "size": presets.SIZE_ARG, "data": presets.DATA_ARG,
-      "experts": presets.Arg(8, kind=int, minimum=1),
-      "dispatch": presets.Arg("gather", presets.DISPATCHES)})
-  cd = presets.switch_config(args["size"], args["data"], experts=args["experts"],
+  args = arguments.parse_arg(arg, {
+      "size": arguments.SIZE_ARG, "data": arguments.DATA_ARG,
+      "experts": arguments.Arg(8, kind=int, minimum=1),
+      "dispatch": arguments.Arg("gather", builders.DISPATCHES)})
+  cd = builders.switch_config(args["size"], args["data"], experts=args["experts"],
                              dispatch=args["dispatch"])
   return cd

@@ -4,7 +4,7 @@
   python -m experiments.train --config=configs/top2.py:size=tiny,dispatch=einsum --workdir=runs/top2_e
 
 Arguments (comma-separated key=value):
-  size: smoke | tiny | small | base | large (default tiny; see moe.presets.SIZES).
+  size: smoke | tiny | small | base | large (default tiny; see configs.sizes.SIZES).
   data: shakespeare | python_stdlib | lm1b | c4 (default shakespeare).
   experts: number of experts E (default 8).
   dispatch: gather | einsum | dropless (default gather).
@@ -13,15 +13,15 @@ C = ceil(cf * k * S / E) already counts both choices, so the Switch capacity fac
 2.0 eval); flaxformer, which has no k in C, doubles cf instead.
 """
 
-from moe import presets
+from configs import arguments, builders
 
 
 def get_config(arg: str | None = None):
   """Args: arg: the argument string above ('' or None: top-2 of 8 experts, tiny, shakespeare)."""
-  args = presets.parse_arg(arg, {
-      "size": presets.SIZE_ARG, "data": presets.DATA_ARG,
-      "experts": presets.Arg(8, kind=int, minimum=2),
-      "dispatch": presets.Arg("gather", presets.DISPATCHES)})
-  cd = presets.top2_config(args["size"], args["data"], experts=args["experts"],
+  args = arguments.parse_arg(arg, {
+      "size": arguments.SIZE_ARG, "data": arguments.DATA_ARG,
+      "experts": arguments.Arg(8, kind=int, minimum=2),
+      "dispatch": arguments.Arg("gather", builders.DISPATCHES)})
+  cd = builders.top2_config(args["size"], args["data"], experts=args["experts"],
                            dispatch=args["dispatch"])
   return cd

@@ -4,7 +4,7 @@
     python -m experiments.compare --size=smoke --steps=20 --workdir_root=/tmp/compare
 
 Trains `configs/switch.py:size=<size>,experts=8` and `configs/dense.py:size=<size>,match=switch8` (the
-dense model with the same training FLOPs per token as the switch model, `moe.presets.matched_dense`),
+dense model with the same training FLOPs per token as the switch model, `moe.baselines.matched_dense`),
 each in its own workdir under --workdir_root (a rerun resumes or, when finished, just reports), then
 prints a table and writes <workdir_root>/val_loss.png and <workdir_root>/comparison.json.
 """
@@ -17,11 +17,15 @@ import time
 
 from absl import app, flags
 
-from moe import accounting, files, presets, train
-from moe.config import experiment_from_config_dict
+import configs.dense
+import configs.switch
+from configs.sizes import SIZES
+from moe import accounting, files, train
+from moe.config_dict import experiment_from_config_dict
+from moe.workdir import read_metrics
 
 _ROOT = flags.DEFINE_string("workdir_root", "runs/compare", "Where the two runs' workdirs go.")
-_SIZE = flags.DEFINE_enum("size", "tiny", list(presets.SIZES), "Model size (moe.presets.SIZES).")
+_SIZE = flags.DEFINE_enum("size", "tiny", list(SIZES), "Model size (configs.sizes.SIZES).")
 _STEPS = flags.DEFINE_integer("steps", None, "Override train.steps of both runs.")
 
 EXPERTS = 8
@@ -29,7 +33,7 @@ EXPERTS = 8
 
 def eval_curve(workdir: pathlib.Path) -> tuple[list[int], list[float]]:
   """(steps, validation losses) from a run's metrics.jsonl."""
-  records = [r for r in train.read_metrics(workdir / "metrics.jsonl") if r.get("split") == "eval"]
+  records = [r for r in read_metrics(workdir / "metrics.jsonl") if r.get("split") == "eval"]
   return [r["step"] for r in records], [r["loss"] for r in records]
 
 
@@ -73,8 +77,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   root = pathlib.Path(_ROOT.value)
   root.mkdir(parents=True, exist_ok=True)
-  sparse = presets.load_config("switch", f"size={_SIZE.value},experts={EXPERTS}")
-  dense = presets.load_config("dense", f"size={_SIZE.value},match=switch{EXPERTS}")
+  sparse = configs.switch.get_config(f"size={_SIZE.value},experts={EXPERTS}")
+  dense = configs.dense.get_config(f"size={_SIZE.value},match=switch{EXPERTS}")
   rows, curves = [], {}
   for cd in (dense, sparse):
     if _STEPS.value is not None:

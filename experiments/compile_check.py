@@ -58,12 +58,12 @@ def main(argv):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_FAKE_DEVICES.value}")
   import jax  # pylint: disable=g-import-not-at-top
-  from moe import config as config_lib, sharding, train  # pylint: disable=g-import-not-at-top
+  from moe import config_dict, sharding, steps  # pylint: disable=g-import-not-at-top
   if _FAKE_DEVICES.value:
     jax.config.update("jax_platforms", "cpu")
 
-  cfg = config_lib.experiment_from_config_dict(_CONFIG.value)
-  mesh_cfg = cfg.mesh or sharding.MeshConfig()
+  cfg = config_dict.experiment_from_config_dict(_CONFIG.value)
+  mesh_cfg = cfg.mesh
   if _MESH.value:
     mesh_cfg = dataclasses.replace(mesh_cfg, **parse_mesh(_MESH.value))
   mesh = sharding.make_mesh(mesh_cfg)
@@ -71,13 +71,13 @@ def main(argv):
   sharding.check_divisibility(mesh, mesh_cfg, cfg.model, cfg.train.global_batch_size,
                              cfg.train.seq_len)
 
-  graphdef, rest, tx, state, state_sharding = train.init_train_state(cfg, mesh, rules, abstract=True)
+  graphdef, rest, tx, state, state_sharding = steps.init_train_state(cfg, mesh, rules, abstract=True)
   batch_sharding = sharding.batch_sharding(mesh)
   shape = (cfg.train.global_batch_size, cfg.train.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
            for k, dtype in (("inputs", "int32"), ("targets", "int32"), ("weights", "float32"))}
   with sharding.use_mesh(mesh, rules):
-    step = train.make_train_step(graphdef, rest, cfg, tx, state_sharding=state_sharding,
+    step = steps.make_train_step(graphdef, rest, cfg, tx, state_sharding=state_sharding,
                                  batch_sharding=batch_sharding)
     compiled = step.lower(state, batch).compile()
 

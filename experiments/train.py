@@ -3,8 +3,8 @@
     python -m experiments.train --config=configs/switch.py:size=smoke --workdir=runs/smoke
 
 Rerunning with the same --workdir resumes from its latest checkpoint. Override fields on the command
-line, e.g. --config.train.steps=2000 (extending a run is allowed; see moe.train.RESUMABLE_FIELDS) or
---config.mesh.expert=4 --config.mesh.rules=expert (see moe.sharding).
+line, e.g. --config.mesh.expert=4 --config.mesh.rules=expert (see moe.sharding), or
+--config.train.steps=2000 --config.train.allow_steps_change=True to extend a run (see moe.workdir).
 
 Several hosts: run the same command on every host. TPU pods and SLURM/Open MPI GPU clusters are
 detected from the environment; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N
@@ -14,8 +14,7 @@ detected from the environment; elsewhere pass --coordinator_address=HOST:PORT --
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe import config as config_lib
-from moe import sharding, train
+from moe import config_dict, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
@@ -32,7 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cfg = config_lib.experiment_from_config_dict(_CONFIG.value)  # Validates before anything compiles.
+  cfg = config_dict.experiment_from_config_dict(_CONFIG.value)  # Validates before anything compiles.
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   cpu_collectives=_CPU_COLLECTIVES.value)
   train.train_and_evaluate(cfg, _WORKDIR.value)

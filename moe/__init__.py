@@ -4,8 +4,8 @@ The layer: `moe.MoEConfig`, `moe.MoEFeedForward`; routing pieces and losses in `
 implementations in `moe.dispatch`, expert FFNs in `moe.ffn`.
 """
 
-from moe.config import Activation, Dispatch, MoEConfig, Priority, Router, capacity
+from moe.config import Activation, Dispatch, MoEConfig, Priority, RouterKind, capacity
 from moe.layer import MoEAux, MoEFeedForward
 
-__all__ = ["Activation", "Dispatch", "MoEConfig", "Priority", "Router", "capacity", "MoEAux",
+__all__ = ["Activation", "Dispatch", "MoEConfig", "Priority", "RouterKind", "capacity", "MoEAux",
            "MoEFeedForward"]

@@ -13,6 +13,10 @@ Conventions (one place, so every number in a plot means the same thing):
   half, and its MFU is understated by at most that half of the attention term.
 * Training = 3 x forward: the backward pass costs two matmuls per forward matmul (input and weight
   gradients). Rematerialisation is not counted (model FLOPs, not hardware FLOPs, as PaLM's MFU).
+* Two counts of the experts. `model_flops_per_token` counts model FLOPs as PaLM does for MFU (Chowdhery
+  et al. 2022, App. B): each token's k routed experts (experts choose: the E * C / S slots per token,
+  all filled), the router, no capacity slack and no dispatch einsums, so a model's MFU does not depend
+  on how its layer is implemented. `flops_per_token` counts what is computed, the hardware work:
 * Experts count what is computed. Capacity-based dispatch (EINSUM or GATHER, tokens or experts choose)
   runs the expert FFNs on every one of the E * C buffer slots of a routing group of S tokens, full or not:
   E * C / S expert evaluations per token (about cf * k, see `moe.config.capacity`; train or eval capacity
@@ -28,7 +32,24 @@ from __future__ import annotations
 
 import dataclasses
 
-from moe.config import Activation, Dispatch, ModelConfig
+from moe.config import Activation, Dispatch, ModelConfig, RouterKind
+
+# Dense bf16 peak FLOP/s per device, by `device_kind` substring (first match wins: "v5 lite" before
+# "v5", "H100 PCIe" before "H100"). H200 has the H100 SXM's compute. float32 models run their matmuls
+# at half these rates (TF32 on NVIDIA, bf16 passes on TPU), see `peak_flops_per_device`.
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+              ("TPU v4", 275e12),
+              ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
+              ("TPU v6 lite", 918e12), ("TPU v6e", 918e12))
+
+
+def peak_flops_per_device(device_kind: str, dtype: str) -> float | None:
+  """The table's peak FLOP/s for an accelerator (`jax.Device.device_kind`) and compute dtype
+  ('float32': half the bf16 rate), or None when the device is not in the table (e.g. a CPU)."""
+  peak = next((peak for name, peak in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
+  if peak is not None and dtype == "float32":
+    peak /= 2
+  return peak
 
 
 def ffn_matrices(activation: Activation) -> int:
@@ -161,7 +182,19 @@ def expert_slots_per_token(cfg: ModelConfig, seq_len: int, *, train: bool = True
   return moe.num_experts * moe.capacity(s, train) / s
 
 
+def model_flops_per_token(cfg: ModelConfig, seq_len: int, *, train: bool = True) -> FlopCounts:
+  """Model FLOPs per token (PaLM's MFU numerator): `flops_per_token` with `expert_slots` = k (tokens
+  choose) or E * C / S (experts choose: every slot holds a token) and no dispatch einsums. Equal for
+  every dispatch path and capacity factor of tokens-choose routing."""
+  return _flop_counts(cfg, seq_len, train=train, model=True)
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int, *, train: bool = True) -> FlopCounts:
+  """FLOPs per token as computed (hardware FLOPs, without rematerialisation), see the module doc."""
+  return _flop_counts(cfg, seq_len, train=train, model=False)
+
+
+def _flop_counts(cfg: ModelConfig, seq_len: int, *, train: bool, model: bool) -> FlopCounts:
   """FLOPs per token of a forward (train=False) or forward + backward (train=True) pass.
 
   Args:
@@ -189,12 +222,14 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, train: bool = True) -> Fl
       logits=2 * d * cfg.vocab_size,
   )
   slots = expert_slots_per_token(cfg, seq_len, train=train)
+  if model and n_sparse and cfg.moe.router is RouterKind.TOKENS_CHOOSE:
+    slots = float(cfg.moe.top_k)  # The experts each token uses: no capacity slack.
   if n_sparse:
     moe = cfg.moe
     per_eval = 2 * ffn_matrices(moe.activation) * d * moe.expert_hidden
     fwd["experts"] = n_sparse * slots * per_eval
     fwd["router"] = n_sparse * 2 * d * moe.num_experts
-    if moe.dispatch is Dispatch.EINSUM:
+    if moe.dispatch is Dispatch.EINSUM and not model:
       # Two one-hot einsums of 2 * S * E * C * d each per group of S tokens: 2 * 2 * E * C * d per
       # token. Every token row meets every slot, so this grows with the group size S (GShard Sec. 3.2).
       s = routing_group_size(cfg, seq_len)

@@ -14,8 +14,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from moe.enums import as_enum
 
-class Router(enum.Enum):
+
+class RouterKind(enum.Enum):
   """Who chooses: tokens choose their top-k experts, or experts choose their top-C tokens."""
 
   TOKENS_CHOOSE = "tokens_choose"  # Switch (k=1), GShard (k=2).
@@ -45,17 +47,6 @@ class Priority(enum.Enum):
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def as_enum(enum_cls: type[enum.Enum], value: Any, field: str) -> enum.Enum:
-  """Converts an enum or its string value, raising one clear error that names `field`."""
-  if isinstance(value, enum_cls):
-    return value
-  try:
-    return enum_cls(str(value).lower())
-  except ValueError:
-    allowed = ", ".join(repr(m.value) for m in enum_cls)
-    raise ValueError(f"{field}={value!r} is not one of {allowed}") from None
-
-
 def as_dtype_name(value: Any, field: str) -> str:
   name = value if isinstance(value, str) else jnp.dtype(value).name
   if name not in DTYPES:
@@ -77,7 +68,7 @@ class MoEConfig:
     top_k: k, experts per token (tokens choose); for experts choose, the average number of experts per
       token at capacity factor 1 (capacity C = cf * k * S / E, see `capacity`).
     expert_hidden: f, the hidden width of each expert.
-    router: who chooses (`Router`).
+    router: who chooses (`RouterKind`).
     dispatch: how tokens reach experts (`Dispatch`).
     train_capacity_factor / eval_capacity_factor: cf in C = ceil(cf * k * S / E); None (or <= 0) means
       dropless: C = S for EINSUM/GATHER (no token can drop), and required for DROPLESS.
@@ -98,14 +89,14 @@ class MoEConfig:
       MaxText); 0 for none.
     dtype: activation/compute dtype ('float32' or 'bfloat16'). Parameters are float32 and router logits
       are always computed in float32.
-    allow_noncausal_routing: experts-choose routing lets a token's routing depend on later tokens of
-      its group; a decoder refuses it unless this is set to True as an explicit acknowledgement.
+    allow_noncausal_routing: acknowledges routing that lets a token's output depend on later tokens of
+      its group (see `routing_is_causal`); a decoder refuses such routing unless this is True.
   """
 
   num_experts: int
   top_k: int = 1
   expert_hidden: int = 0
-  router: Router | str = Router.TOKENS_CHOOSE
+  router: RouterKind | str = RouterKind.TOKENS_CHOOSE
   dispatch: Dispatch | str = Dispatch.GATHER
   train_capacity_factor: float | None = 1.25
   eval_capacity_factor: float | None = 2.0
@@ -123,7 +114,7 @@ class MoEConfig:
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)  # frozen: normalise once, here.
-    set_("router", as_enum(Router, self.router, "moe.router"))
+    set_("router", as_enum(RouterKind, self.router, "moe.router"))
     set_("dispatch", as_enum(Dispatch, self.dispatch, "moe.dispatch"))
     set_("priority", as_enum(Priority, self.priority, "moe.priority"))
     set_("activation", as_enum(Activation, self.activation, "moe.activation"))
@@ -147,7 +138,7 @@ class MoEConfig:
       if getattr(self, name) < 0:
         raise ValueError(f"moe.{name}={getattr(self, name)!r} must be >= 0")
     if self.dispatch is Dispatch.DROPLESS:
-      if self.router is Router.EXPERTS_CHOOSE:
+      if self.router is RouterKind.EXPERTS_CHOOSE:
         raise ValueError(
             "moe.dispatch='dropless' is not allowed with moe.router='experts_choose': experts choose a "
             "fixed number of tokens each; use moe.dispatch in ('einsum', 'gather')")
@@ -156,7 +147,7 @@ class MoEConfig:
           raise ValueError(
               f"moe.{name}={getattr(self, name)!r} must be None with moe.dispatch='dropless' (it computes "
               "every assignment); use 'einsum' or 'gather' for a capacity")
-    if self.router is Router.EXPERTS_CHOOSE:
+    if self.router is RouterKind.EXPERTS_CHOOSE:
       for name in ("train_capacity_factor", "eval_capacity_factor"):
         if is_dropless(getattr(self, name)):
           raise ValueError(
@@ -166,6 +157,23 @@ class MoEConfig:
   @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
+
+  @property
+  def routing_is_causal(self) -> bool:
+    """Whether a token's routing (expert, slot, drop) depends only on itself and earlier tokens.
+
+    Causal: dropless routing (no capacity: nothing competes), and top-1 claims served in sequence order
+    ('index' priority), where a claim can only lose its slot to earlier tokens. Not causal: experts
+    choose (an expert ranks all tokens of the group), top-k for k > 1 with a capacity (a later token's
+    first choice is served before an earlier token's second choice and can take its slot, as in GShard
+    and flaxformer), and batch-prioritised order (tokens ranked by router probability, so a later token
+    can take an earlier one's slot).
+    """
+    if self.router is RouterKind.EXPERTS_CHOOSE:
+      return False
+    if all(is_dropless(self.capacity_factor(train)) for train in (True, False)):
+      return True  # C = S: every claim fits.
+    return self.top_k == 1 and self.priority is Priority.INDEX
 
   def capacity_factor(self, train: bool) -> float | None:
     return self.train_capacity_factor if train else self.eval_capacity_factor
@@ -257,15 +265,14 @@ class ModelConfig:
     head_dim: per-head width; None means d_model // num_heads.
     mlp_hidden: hidden width of the dense feed-forward blocks.
     activation: feed-forward nonlinearity of the dense blocks (experts use `moe.activation`).
-    max_len: the longest sequence the model is trained on (rotary tables are built to it).
+    max_len: the longest sequence the model accepts (a longer input is refused; `train.seq_len` must
+      not exceed it): positions beyond it were never trained.
     rope_theta: rotary base (Su et al. 2021).
     tie_embeddings: the output projection is the transposed token embedding.
     moe: the sparse feed-forward configuration, or None for a dense model. Causality: routing is
-      per token, but capacity couples the tokens of a group. Top-1 in sequence order ('index'
-      priority) and dropless routing are causal; with k > 1 a later token's first choice can take the
-      slot of an earlier token's second choice, and batch-prioritised order ranks tokens by their
-      router probability, so a later token can drop an earlier one (as in flaxformer and GShard).
-      Experts-choose routing is refused unless acknowledged (`MoEConfig.allow_noncausal_routing`).
+      per token, but capacity couples the tokens of a group; routing that is not causal
+      (`MoEConfig.routing_is_causal`: experts choose, top-k > 1 with a capacity, batch-prioritised
+      order) is refused unless acknowledged (`MoEConfig.allow_noncausal_routing`).
     sparse_every / first_dense / sparse_layers: the layout, see `sparse_layer_mask`.
     scan_layers: stack the repeating block of layers and apply it with `jax.lax.scan`, so compile time
       stays flat with depth.
@@ -321,11 +328,14 @@ class ModelConfig:
     sparse_layer_mask(self.num_layers, sparse_every=self.sparse_every, first_dense=self.first_dense,
                       sparse_layers=self.sparse_layers)  # Raises on a bad layout.
     if self.moe is not None:
-      if self.moe.router is Router.EXPERTS_CHOOSE and not self.moe.allow_noncausal_routing:
+      if not self.moe.routing_is_causal and not self.moe.allow_noncausal_routing:
+        m = self.moe
         raise ValueError(
-            "model.moe.router='experts_choose' lets a token's expert depend on later tokens of its "
-            "group, which leaks the future in a decoder (Zhou et al. 2022 evaluate encoders). Set "
-            "model.moe.allow_noncausal_routing=True to acknowledge it, or use 'tokens_choose'")
+            f"model.moe routing (router={m.router.value!r}, top_k={m.top_k}, "
+            f"priority={m.priority.value!r}, dispatch={m.dispatch.value!r}) lets a token's routing "
+            "depend on later tokens of its group, which leaks the future in a decoder "
+            "(MoEConfig.routing_is_causal). Set model.moe.allow_noncausal_routing=True to acknowledge "
+            "it, or use a causal routing: top_k=1 with priority='index', or dispatch='dropless'")
       if self.moe.dtype != self.dtype:
         set_("moe", dataclasses.replace(self.moe, dtype=self.dtype))
 
@@ -371,6 +381,8 @@ class TrainConfig:
     peak_flops_per_device: for MFU; None looks the accelerator up in a table of known peaks.
     overwrite: allow a workdir that holds a run with a different config to be reused (its checkpoints
       are deleted first).
+    allow_steps_change: allow resuming a run with a different `steps`, which re-stretches the
+      learning-rate schedule from the resumed step on (recorded in the workdir's config_history.jsonl).
   """
 
   seed: int = 0
@@ -393,6 +405,7 @@ class TrainConfig:
   keep_checkpoints: int = 2
   peak_flops_per_device: float | None = None
   overwrite: bool = False
+  allow_steps_change: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "schedule", as_enum(Schedule, self.schedule, "train.schedule"))
@@ -411,55 +424,3 @@ class TrainConfig:
       raise ValueError(f"train.end_lr_fraction={self.end_lr_fraction!r} must be in [0, 1]")
     if self.weight_decay < 0 or self.grad_clip_norm < 0:
       raise ValueError("train.weight_decay and train.grad_clip_norm must be >= 0")
-
-
-def from_dict(cls, values: Any, prefix: str):
-  """Builds dataclass `cls` from a mapping (a ConfigDict section), naming unknown fields."""
-  if isinstance(values, cls):
-    return values
-  values = dict(values.items() if hasattr(values, "items") else values)
-  names = [f.name for f in dataclasses.fields(cls)]
-  unknown = sorted(set(values) - set(names))
-  if unknown:
-    raise ValueError(f"{prefix}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
-  return cls(**values)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ExperimentConfig:
-  """One run: a name, the model, the training, the data and (optionally) the mesh."""
-
-  name: str
-  model: ModelConfig
-  train: TrainConfig
-  data: Any  # moe.data.DataConfig
-  mesh: Any = None  # moe.sharding.MeshConfig (None: every device on the data axis)
-
-
-def model_from_config_dict(section) -> ModelConfig:
-  """The `model` section of a ConfigDict (with `moe` a section or None) as a validated ModelConfig."""
-  model = dict(section.items())
-  if model.get("moe") is not None:
-    model["moe"] = from_dict(MoEConfig, model["moe"], "config.model.moe")
-  return from_dict(ModelConfig, model, "config.model")
-
-
-def experiment_from_config_dict(cd) -> ExperimentConfig:
-  """The one place where an ml_collections ConfigDict becomes frozen, validated dataclasses.
-
-  Layout: `name`, `model` (ModelConfig fields, with `model.moe` a MoEConfig section or None),
-  `train` (TrainConfig), `data` (moe.data.DataConfig) and optionally `mesh` (moe.sharding.MeshConfig).
-  """
-  from moe import data as data_lib  # Lazy: the data stack imports tensorflow-datasets.
-
-  mesh = None
-  if cd.get("mesh") is not None:
-    from moe import sharding
-    mesh = from_dict(sharding.MeshConfig, cd.mesh, "config.mesh")
-  return ExperimentConfig(
-      name=str(cd.get("name", "run")),
-      model=model_from_config_dict(cd.model),
-      train=from_dict(TrainConfig, cd.train, "config.train"),
-      data=from_dict(data_lib.DataConfig, cd.data, "config.data"),
-      mesh=mesh,
-  )

@@ -22,8 +22,9 @@ def tiny(**kw) -> ModelConfig:
 
 
 def switch(**kw) -> MoEConfig:
+  # Counting does not depend on causality: acknowledge it so every routing is accepted.
   base = dict(num_experts=4, top_k=1, expert_hidden=16, dispatch="gather", train_capacity_factor=1.25,
-              eval_capacity_factor=2.0)
+              eval_capacity_factor=2.0, allow_noncausal_routing=True)
   base.update(kw)
   return MoEConfig(**base)
 
@@ -192,6 +193,52 @@ def test_total_matches_built_model(name, cfg):
     model = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert sum(x.size for x in leaves) == accounting.param_counts(cfg).total, name
+
+
+def test_model_flops_top2_by_hand():
+  # PaLM model FLOPs: each token's k = 2 experts, the router, no capacity slack and no dispatch.
+  # Both layers sparse, S = 16: per token forward, attention projections 2 * 256 per layer, scores,
+  # router 2 * d * E, two experts of 2 * 256, logits 2 * d * V.
+  cfg = tiny(moe=switch(top_k=2, dispatch="einsum"), sparse_every=1)
+  fwd = 2 * (2 * 256) + scores_fwd(16) + 2 * (2 * 8 * 4) + 2 * (2 * 2 * 256) + 2 * 8 * 11
+  model = accounting.model_flops_per_token(cfg, 16, train=True)
+  assert model.total == 3 * fwd
+  assert model.dispatch == 0 and model.expert_slots == 2
+  # Hardware FLOPs of the same model count 2.5 slots per token and the one-hot einsums.
+  assert accounting.flops_per_token(cfg, 16).total > model.total
+  # PaLM's 6 N + 12 n_layers H Dh L with N the matmul weights a token uses.
+  n = 2 * 256 + 2 * (8 * 4) + 2 * 2 * 256 + 8 * 11
+  assert model.total == 6 * n + 12 * 2 * 2 * 4 * 16
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_model_flops_do_not_depend_on_the_dispatch_path(top_k):
+  def model_flops(dispatch, cf):
+    moe = switch(top_k=top_k, dispatch=dispatch, train_capacity_factor=cf, eval_capacity_factor=cf)
+    return accounting.model_flops_per_token(tiny(moe=moe, sparse_every=2), 16).total
+  einsum = model_flops("einsum", 1.25)
+  assert einsum == model_flops("gather", 1.25) == model_flops("gather", 2.0)
+  assert einsum == model_flops("dropless", None)
+  # ...which the hardware count does: EINSUM computes the one-hot einsums, cf 2.0 more slots.
+  hardware = lambda d, cf: accounting.flops_per_token(
+      tiny(moe=switch(top_k=top_k, dispatch=d, train_capacity_factor=cf, eval_capacity_factor=cf),
+           sparse_every=2), 16).total
+  assert hardware("einsum", 1.25) > hardware("gather", 1.25) > hardware("dropless", None)
+
+
+def test_model_flops_experts_choose_count_every_slot():
+  # EC-CF2: C = 8 of 16 tokens per expert, 4 experts: 2 slots per token, all filled.
+  moe = switch(router="experts_choose", top_k=2, train_capacity_factor=1.0, eval_capacity_factor=1.0)
+  cfg = tiny(moe=moe, sparse_every=2)
+  assert accounting.model_flops_per_token(cfg, 16).experts == 3 * 2.0 * 2 * 256
+
+
+def test_peak_flops_table():
+  assert accounting.peak_flops_per_device("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert accounting.peak_flops_per_device("NVIDIA H100 PCIe", "bfloat16") == 756e12
+  assert accounting.peak_flops_per_device("NVIDIA H200", "float32") == 989e12 / 2
+  assert accounting.peak_flops_per_device("TPU v5 lite", "bfloat16") == 197e12
+  assert accounting.peak_flops_per_device("cpu", "bfloat16") is None
 
 
 def test_seq_len_validated():

@@ -1,18 +1,25 @@
-"""Every config file builds a valid experiment; arguments, overrides and matched baselines behave."""
+"""The `configs` package: every config file builds a valid experiment; arguments and overrides behave."""
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 
 import pytest
 
-from moe import accounting, presets
-from moe.config import experiment_from_config_dict
+from configs import arguments
+from configs.sizes import SIZES
+from moe import accounting
+from moe.config import MoEConfig
+from moe.config_dict import experiment_from_config_dict, model_from_config_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = ("dense", "switch", "top2", "expert_choice", "ablations")
 
-load = presets.config_module
+
+def load(name: str):
+  """The module configs/<name>.py."""
+  return importlib.import_module(f"configs.{name}")
 
 
 def default_arg(name: str) -> str:
@@ -20,13 +27,13 @@ def default_arg(name: str) -> str:
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
-@pytest.mark.parametrize("size", tuple(presets.SIZES))
+@pytest.mark.parametrize("size", tuple(SIZES))
 def test_every_file_and_size_is_accepted(name, size):
   arg = ",".join(a for a in (default_arg(name), f"size={size}") if a)
   cd = load(name).get_config(arg)
   assert set(cd.keys()) == {"name", "model", "train", "data", "mesh"}
   exp = experiment_from_config_dict(cd)
-  assert exp.train.seq_len == presets.SIZES[size].seq_len <= exp.model.max_len
+  assert exp.train.seq_len == SIZES[size].seq_len <= exp.model.max_len
   assert (exp.model.moe is None) == (name == "dense")
   from moe import data
   assert exp.model.vocab_size == data.vocab_size(exp.data) == 256 + 2  # Bytes, EOS, PAD.
@@ -62,11 +69,11 @@ def test_sparse_defaults():
 
 def test_size_table_is_about_switch_base_and_large():
   # Switch-Base / -Large shapes (Fedus et al. 2021 Table 9), decoder-only, with a 32k vocabulary.
-  base = presets.model_config(load("dense").get_config("size=base,data=c4"))
+  base = model_from_config_dict(load("dense").get_config("size=base,data=c4").model)
   assert (base.num_layers, base.d_model, base.num_heads, base.mlp_hidden) == (12, 768, 12, 3072)
   layer = 4 * 768 * 768 + 2 * 768 * 3072 + 2 * 768
   assert accounting.param_counts(base).total == 12 * layer + 32768 * 768 + 768
-  large = presets.model_config(load("dense").get_config("size=large,data=c4"))
+  large = model_from_config_dict(load("dense").get_config("size=large,data=c4").model)
   assert (large.num_layers, large.d_model, large.num_heads, large.mlp_hidden) == (24, 1024, 16, 4096)
   assert 300e6 < accounting.param_counts(large).total < 400e6
 
@@ -113,77 +120,17 @@ def test_bad_args_name_the_key(name, arg, key):
 
 
 def test_parse_arg():
-  spec = {"size": presets.SIZE_ARG, "experts": presets.Arg(8, kind=int, minimum=1)}
-  assert presets.parse_arg(None, spec) == {"size": "tiny", "experts": 8}
-  assert presets.parse_arg(" size=smoke , experts=4 ,", spec) == {"size": "smoke", "experts": 4}
+  spec = {"size": arguments.SIZE_ARG, "experts": arguments.Arg(8, kind=int, minimum=1)}
+  assert arguments.parse_arg(None, spec) == {"size": "tiny", "experts": 8}
+  assert arguments.parse_arg(" size=smoke , experts=4 ,", spec) == {"size": "smoke", "experts": 4}
   with pytest.raises(ValueError, match="size.*twice"):
-    presets.parse_arg("size=smoke,size=tiny", spec)
+    arguments.parse_arg("size=smoke,size=tiny", spec)
   with pytest.raises(ValueError, match="key=value"):
-    presets.parse_arg("smoke", spec)
+    arguments.parse_arg("smoke", spec)
   with pytest.raises(ValueError, match="smoke, tiny, small, base, large"):
-    presets.parse_arg("size=medium", spec)
+    arguments.parse_arg("size=medium", spec)
   with pytest.raises(ValueError, match="match_params"):
     load("dense").get_config("match=switch8,match_params=switch8")
-
-
-def _without(cd, *keys):
-  d = cd.to_dict()
-  for key in keys:
-    d["model"].pop(key)
-  d.pop("name")
-  d["mesh"].pop("rules")  # Dense baselines use the data-parallel rules: they have no experts.
-  return d
-
-
-def test_matched_dense_tiny_by_hand():
-  # tiny: 4 layers, d=128, f=512; switch-8 makes layers 1 and 3 sparse. Per token, per layer, a GELU FFN
-  # of width f costs 2 * 2 * d * f forward FLOPs: 512 per hidden unit. Sparse layer, S = 128 tokens:
-  # C = ceil(1.25 * 128 / 8) = 20, so 8 * 20 / 128 = 1.25 expert evaluations per token, plus a router
-  # of 2 * d * E = 2048 FLOPs = 4 hidden units' worth. Attention, logits and embeddings are shared.
-  f_exact = (2 * 512 + 2 * (1.25 * 512 + 4)) / 4  # 578: rounds to 576, the nearest multiple of 8.
-  sparse = load("switch").get_config("size=tiny")
-  dense = load("dense").get_config("size=tiny,match=switch8")
-  assert f_exact == 578 and dense.model.mlp_hidden == 576
-  assert dense.model.moe is None
-  assert _without(dense, "mlp_hidden", "moe") == _without(sparse, "mlp_hidden", "moe")
-  # Total parameters: 4 * 2 * d * f_d = 2 * (2 * d * 512) + 2 * (8 * 2 * d * 512 + d * 8).
-  f_params = (2 * 512 + 2 * 8 * 512 + 2 * 8 / 2) / 4  # 2306 -> 2304.
-  assert load("dense").get_config("size=tiny,match_params=switch8").model.mlp_hidden == 2304
-  assert f_params == 2306
-  # Active parameters (the Switch paper's baseline): one expert of width 512 plus a router of d * 8
-  # weights = 8 / 2 hidden units per sparse layer: 512 + 2 * 4 / 4 = 514 -> 512, the expert width.
-  assert load("dense").get_config("size=tiny,match_active_params=switch8").model.mlp_hidden == 512
-
-
-@pytest.mark.parametrize("size", ("smoke", "tiny", "small", "base"))
-@pytest.mark.parametrize("sparse_name", ("switch8", "switch32", "top2", "expert_choice"))
-@pytest.mark.parametrize("match", presets.MATCHES)
-def test_matched_dense_within_tolerance(size, sparse_name, match):
-  # Tolerance: mlp_hidden is a multiple of 8, so every layer may be off by up to 4 hidden units; the
-  # gap is at most 4 units of every layer's cost, and the neighbouring multiples are no closer.
-  sparse = presets.named_sparse(sparse_name, size)
-  dense = presets.matched_dense(sparse, match)
-  measure = {
-      "active_flops": lambda c: accounting.flops_per_token(c, sparse.train.seq_len).total,
-      "total_params": lambda c: accounting.param_counts(c).total,
-      "active_params": lambda c: accounting.param_counts(c).active,
-  }[match]
-  target = measure(presets.model_config(sparse))
-  cfg = presets.model_config(dense)
-  assert cfg.moe is None and cfg.mlp_hidden % 8 == 0
-  unit = measure(cfg.__class__(**{**cfg.__dict__, "mlp_hidden": cfg.mlp_hidden + 1})) - measure(cfg)
-  gap = abs(measure(cfg) - target)
-  assert gap <= 4 * unit + 1e-6
-  for neighbour in (cfg.mlp_hidden - 8, cfg.mlp_hidden + 8):
-    other = cfg.__class__(**{**cfg.__dict__, "mlp_hidden": neighbour})
-    assert abs(measure(other) - target) >= gap
-
-
-def test_matched_dense_needs_a_sparse_config():
-  with pytest.raises(ValueError, match="sparse"):
-    presets.matched_dense(load("dense").get_config())
-  with pytest.raises(ValueError, match="match"):
-    presets.matched_dense(load("switch").get_config(), "flops")
 
 
 def test_expert_choice_acknowledges_noncausal_routing():
@@ -224,8 +171,11 @@ def test_ablation_members_change_one_knob():
         continue
       value = getattr(exp.model.moe, field)
       assert getattr(value, "value", value) == read(member), (family, member)
+      # Non-causal members (top-k > 1, batch-prioritised order) carry the acknowledgement.
+      causal = MoEConfig(**dict(cd.model.moe, allow_noncausal_routing=False)).routing_is_causal
+      assert exp.model.moe.allow_noncausal_routing == (not causal), (family, member)
       if family != "router":
-        assert changed <= {field}, (family, member, changed)
+        assert changed <= {field, "allow_noncausal_routing"}, (family, member, changed)
     assert len(names) == len(ablations.members(family))  # Distinct run names for a sweep.
   exp = experiment_from_config_dict(ablations.get_config("family=router,member=experts_choose"))
   assert exp.model.moe.top_k == 2 and exp.model.moe.allow_noncausal_routing

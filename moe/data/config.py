@@ -12,6 +12,8 @@ import enum
 import os
 from typing import Any
 
+from moe.enums import as_enum
+
 
 class Source(enum.Enum):
   """Where the text comes from."""
@@ -33,21 +35,6 @@ class TokenizerKind(enum.Enum):
   # SentencePiece unigram model trained on the training split at first use and
   # cached (see `moe.data.tokenizers`).
   SENTENCEPIECE = 'sentencepiece'
-
-
-def _coerce_enum(field: str, value: Any, enum_cls: type[enum.Enum]) -> enum.Enum:
-  """Accepts an enum member or its (case-insensitive) string value."""
-  if isinstance(value, enum_cls):
-    return value
-  allowed = [m.value for m in enum_cls]
-  if isinstance(value, str):
-    for member in enum_cls:
-      if member.value == value.strip().lower():
-        return member
-  raise ValueError(
-      f'data.{field} must be one of {allowed} (or {enum_cls.__name__} members),'
-      f' got {value!r}.'
-  )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,9 +76,9 @@ class DataConfig:
 
   def __post_init__(self):
     # Frozen dataclass: normalise strings to enums through object.__setattr__.
-    object.__setattr__(self, 'source', _coerce_enum('source', self.source, Source))
+    object.__setattr__(self, 'source', as_enum(Source, self.source, 'data.source'))
     object.__setattr__(
-        self, 'tokenizer', _coerce_enum('tokenizer', self.tokenizer, TokenizerKind)
+        self, 'tokenizer', as_enum(TokenizerKind, self.tokenizer, 'data.tokenizer')
     )
     _check_int('sp_vocab_size', self.sp_vocab_size, 16, 1 << 20)
     _check_int('sp_train_bytes', self.sp_train_bytes, 1, None)
