@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine that has only Python (>= 3.12) on it.
 #   ./run.sh main    set up, then train the tiny dense and switch models on the embedded corpus and compare
-#   ./run.sh test    set up, then run the test suite
+#   ./run.sh test    set up, then check the formatting and run the test suite
+#   ./run.sh format  set up, then format the tree (pyink, configured in pyproject.toml)
 #   ./run.sh bench   set up, then run the MoE layer benchmark
 #   ./run.sh setup   set up only: a virtualenv in $MOE_VENV (default .venv) with the project installed
 set -euo pipefail
@@ -53,14 +54,19 @@ case "$cmd" in
   setup) setup ;;
   test)
     setup
+    "$VENV/bin/python" -m pyink --check --quiet . \
+      || { echo "run.sh: the files above are not formatted: run ./run.sh format" >&2; exit 1; }
     # 8 fake CPU devices for the sharding tests; each test has a timeout (pyproject.toml).
     XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}" \
       exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  format)
+    setup
+    exec "$VENV/bin/python" -m pyink . ;;
   main)
     setup
     exec "$VENV/bin/python" -m experiments.compare "$@" ;;
   bench)
     setup
     exec "$VENV/bin/python" -m benchmarks.moe_layer "$@" ;;
-  *) sed -n '2,6p' "$0"; exit 2 ;;
+  *) sed -n '2,7p' "$0"; exit 2 ;;
 esac

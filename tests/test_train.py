@@ -127,5 +127,5 @@ def test_workdir_with_another_config_is_refused(tmp_path):
   assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]
   history = [json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()]
   assert [h["changes"] for h in history] == [["train.allow_steps_change: False -> True",
-                                              "train.steps: 2 -> 3"]]
+                                              "train.overwrite: True -> False", "train.steps: 2 -> 3"]]
   assert history[0]["previous"]["train"]["steps"] == 2  # The original schedule stays on record.

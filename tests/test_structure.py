@@ -1,0 +1,96 @@
+"""The package's shape: no import cycle inside `moe`, no dependency of `moe` on the checkout's
+`configs/`, and the experiments run against a non-editable install."""
+
+from __future__ import annotations
+
+import ast
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "moe"
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(ROOT).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: pathlib.Path, modules: frozenset[str] = frozenset()) -> set[str]:
+  """Every module that `path` imports, at the top or inside a function. `from pkg import x` counts as
+  pkg.x when that is one of `modules`, else as pkg."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      for alias in node.names:
+        sub = f"{node.module}.{alias.name}"
+        names.add(sub if sub in modules else node.module)
+  return names
+
+
+def _graph() -> dict[str, set[str]]:
+  modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+  names = frozenset(modules)
+  return {name: {m for m in _imports(path, names) if m in modules} for name, path in modules.items()}
+
+
+def test_no_import_cycle_in_moe():
+  graph = _graph()
+  assert {"moe.config", "moe.sharding", "moe.experiment", "moe.train"} <= set(graph)
+  state: dict[str, str] = {}
+
+  def visit(node: str, stack: list[str]) -> None:
+    state[node] = "open"
+    for dep in sorted(graph[node]):
+      if state.get(dep) == "open":
+        cycle = stack[stack.index(dep):] + [dep]
+        pytest.fail("import cycle: " + " -> ".join(cycle))
+      if dep not in state:
+        visit(dep, stack + [dep])
+    state[node] = "done"
+
+  for node in sorted(graph):
+    if node not in state:
+      visit(node, [node])
+
+
+def test_moe_does_not_depend_on_configs():
+  for path in PACKAGE.rglob("*.py"):
+    assert not any(m == "configs" or m.startswith("configs.") for m in _imports(path)), path
+    tree = ast.parse(path.read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+               and isinstance(n.value, str) and id(n) not in docstrings]
+    assert not any("configs" in s for s in strings), (path, [s for s in strings if "configs" in s])
+
+
+@pytest.mark.timeout(600)
+def test_compare_runs_from_a_non_editable_install(tmp_path):
+  """`pip install .` (a wheel: only `moe` is packaged), then the main job from a directory that holds
+  experiments/ and configs/ but no moe/: the library must come from site-packages."""
+  site = tmp_path / "site"
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                  str(ROOT)], check=True, capture_output=True, text=True)
+  assert (site / "moe" / "train.py").exists() and not (site / "configs").exists()
+  work = tmp_path / "work"
+  for name in ("experiments", "configs"):
+    shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+  env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  out = subprocess.run(
+      [sys.executable, "-c", "import moe; print(moe.__file__)"], cwd=work, env=env,
+      capture_output=True, text=True, check=True).stdout
+  assert out.strip().startswith(str(site))
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.compare", "--size=smoke", "--steps=1",
+       f"--workdir_root={tmp_path / 'runs'}"], cwd=work, env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "switch8_smoke" in result.stdout and (tmp_path / "runs" / "comparison.json").exists()
