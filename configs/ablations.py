@@ -31,7 +31,9 @@ Families (base: configs/switch.py, 8 experts, top-1, gather, cf 1.25/2.0, balanc
 
 from __future__ import annotations
 
-from configs import arguments, builders
+import configs.expert_choice
+import configs.switch
+from configs import arguments
 from moe.config import MoEConfig
 
 
@@ -67,7 +69,7 @@ def _router(cd, member):
   cd.model.moe.train_capacity_factor = 1.0
   cd.model.moe.eval_capacity_factor = 1.0
   if member == "experts_choose":
-    ec = builders.expert_choice_config().model.moe  # EC-CF2, with the causality acknowledgement.
+    ec = configs.expert_choice.get_config().model.moe  # EC-CF2, with the causality acknowledgement.
     for key in ("router", "train_capacity_factor", "eval_capacity_factor", "balance_loss_weight",
                 "allow_noncausal_routing"):
       cd.model.moe[key] = ec[key]
@@ -77,7 +79,7 @@ def _router(cd, member):
 FAMILIES = {
     "experts": (("4", "8", "16", "32"), _set_moe("num_experts", int)),
     "capacity": (("0.5", "1.0", "1.25", "2.0", "dropless"), _capacity),
-    "dispatch": (builders.DISPATCHES, _dispatch),
+    "dispatch": (arguments.DISPATCH_ARG.choices, _dispatch),
     "priority": (("index", "batch_prioritized"), _set_moe("priority", str)),
     "zloss": (("0", "1e-4", "1e-3", "1e-2"), _set_moe("z_loss_weight")),
     "balance": (("0", "1e-3", "1e-2", "1e-1"), _set_moe("balance_loss_weight")),
@@ -111,7 +113,7 @@ def get_config(arg: str | None = None):
   if member not in allowed:
     raise ValueError(f"config argument member={member!r} is not a member of family {family}; "
                      f"member must be one of {', '.join(allowed)}")
-  cd = builders.switch_config(args["size"], args["data"])
+  cd = configs.switch.get_config(f"size={args['size']},data={args['data']}")
   apply(cd, member)
   # Members whose routing is not causal (top-k > 1 or batch-prioritised order with a capacity, experts
   # choose) run as the papers ran them, with the acknowledgement (MoEConfig.routing_is_causal).

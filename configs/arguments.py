@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from configs.sizes import DATA, SIZES
+from moe.config import Dispatch, MoEConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,9 @@ class Arg:
 
 SIZE_ARG = Arg("tiny", tuple(SIZES))
 DATA_ARG = Arg("shakespeare", tuple(DATA))
+# The layer's own default (MoEConfig.dispatch), not a second copy of it.
+DISPATCH_ARG = Arg(MoEConfig.__dataclass_fields__["dispatch"].default.value,
+                   tuple(d.value for d in Dispatch))
 
 
 def _convert(key: str, raw: str, spec: Arg) -> Any:

@@ -6,7 +6,8 @@ calls one builder here. Builders return an ml_collections ConfigDict laid out as
 None), `train`, `data` and `mesh`. Every section is generated from its dataclass
 (`moe.config_dict.section`), so each default is written once, in `moe.config` and its siblings, and
 every field is present and typed: any override such as `--config.model.moe.num_experts=16` works.
-Builders set only what a size, a corpus or a paper's recipe changes.
+Builders set only what a size, a corpus or a paper's recipe changes, and have no defaults of their
+own: the user-facing defaults are the config files' arguments (`configs.arguments.Arg`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ import ml_collections
 
 from configs.sizes import DATA, SIZES
 from moe import data as data_lib
-from moe.config import Dispatch, ModelConfig, MoEConfig, TrainConfig
+from moe.config import ModelConfig, MoEConfig, TrainConfig
 from moe.config_dict import section
 from moe.data.config import DataConfig
 from moe.sharding import MeshConfig
-
-DISPATCHES = tuple(d.value for d in Dispatch)
-
 
 def data_vocab_size(data: DataConfig) -> int:
   """The model vocabulary for a corpus: the byte tokenizer's size as `moe.data` reports it, or the
@@ -33,8 +31,7 @@ def data_vocab_size(data: DataConfig) -> int:
   return data.sp_vocab_size
 
 
-def dense_config(size: str = "tiny", data: str = "shakespeare", *,
-                 name: str | None = None) -> ml_collections.ConfigDict:
+def dense_config(size: str, data: str, *, name: str | None = None) -> ml_collections.ConfigDict:
   """The dense model of a size, with the size's training settings.
 
   Args:
@@ -74,8 +71,7 @@ def moe_section(model: ml_collections.ConfigDict, **overrides: Any) -> ml_collec
   return section(MoEConfig, **fields)
 
 
-def sparse_config(size: str = "tiny", data: str = "shakespeare", *, name: str,
-                  **moe_overrides: Any) -> ml_collections.ConfigDict:
+def sparse_config(size: str, data: str, *, name: str, **moe_overrides: Any) -> ml_collections.ConfigDict:
   """The dense config of a size with its MoE layout switched on (`Size.sparse_every`).
 
   Args:
@@ -91,15 +87,13 @@ def sparse_config(size: str = "tiny", data: str = "shakespeare", *, name: str,
   return cd
 
 
-def switch_config(size: str = "tiny", data: str = "shakespeare", *, experts: int = 8,
-                  dispatch: str = "gather") -> ml_collections.ConfigDict:
+def switch_config(size: str, data: str, *, experts: int, dispatch: str) -> ml_collections.ConfigDict:
   """Switch Transformer: top-1, train cf 1.25, eval cf 2.0 (Fedus et al. 2021, Sec. 2.2 and 3)."""
   return sparse_config(size, data, name=f"switch{experts}_{size}", num_experts=experts, top_k=1,
                        dispatch=dispatch)
 
 
-def top2_config(size: str = "tiny", data: str = "shakespeare", *, experts: int = 8,
-                dispatch: str = "gather") -> ml_collections.ConfigDict:
+def top2_config(size: str, data: str, *, experts: int, dispatch: str) -> ml_collections.ConfigDict:
   """GShard-style top-2 (Lepikhin et al. 2020). Our capacity has the factor k (C = cf * k * S / E), so
   the Switch capacity factors already leave room for both choices: no doubling of cf as in flaxformer.
 
@@ -111,8 +105,7 @@ def top2_config(size: str = "tiny", data: str = "shakespeare", *, experts: int =
                        dispatch=dispatch, allow_noncausal_routing=dispatch != "dropless")
 
 
-def expert_choice_config(size: str = "tiny", data: str = "shakespeare", *,
-                         experts: int = 8) -> ml_collections.ConfigDict:
+def expert_choice_config(size: str, data: str, *, experts: int) -> ml_collections.ConfigDict:
   """Experts choose (Zhou et al. 2022), their EC-CF2: each expert takes C = 2 * S / E tokens, two
   experts per token on average; same capacity at evaluation. There is no balance loss (every expert is
   full by construction), so its weight is 0.
@@ -125,23 +118,3 @@ def expert_choice_config(size: str = "tiny", data: str = "shakespeare", *,
   return sparse_config(size, data, name=f"ec{experts}_{size}", num_experts=experts, top_k=2,
                        router="experts_choose", train_capacity_factor=1.0, eval_capacity_factor=1.0,
                        balance_loss_weight=0.0, allow_noncausal_routing=True)
-
-
-# Sparse configs a dense baseline can be matched to (`configs/dense.py:match=switch8`).
-NAMED_SPARSE = ("switch4", "switch8", "switch16", "switch32", "switch64", "top2", "expert_choice")
-
-
-def named_sparse(name: str, size: str = "tiny", data: str = "shakespeare") -> ml_collections.ConfigDict:
-  """The default config of `configs/switch.py` (switch<E>), `top2.py` or `expert_choice.py` (8 experts).
-
-  Args:
-    name: one of `NAMED_SPARSE`.
-    size, data: as `dense_config`.
-  """
-  if name not in NAMED_SPARSE:
-    raise ValueError(f"sparse config name {name!r} is not one of {', '.join(NAMED_SPARSE)}")
-  if name == "top2":
-    return top2_config(size, data)
-  if name == "expert_choice":
-    return expert_choice_config(size, data)
-  return switch_config(size, data, experts=int(name.removeprefix("switch")))

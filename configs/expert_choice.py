@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
   args = arguments.parse_arg(arg, {
       "size": arguments.SIZE_ARG, "data": arguments.DATA_ARG,
       "experts": arguments.Arg(8, kind=int, minimum=2),
-      "dispatch": arguments.Arg("gather", ("gather", "einsum"))})
+      "dispatch": arguments.Arg(arguments.DISPATCH_ARG.default, ("gather", "einsum"))})
   cd = builders.expert_choice_config(args["size"], args["data"], experts=args["experts"])
   cd.model.moe.dispatch = args["dispatch"]
   return cd

@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
   args = arguments.parse_arg(arg, {
       "size": arguments.SIZE_ARG, "data": arguments.DATA_ARG,
       "experts": arguments.Arg(8, kind=int, minimum=1),
-      "dispatch": arguments.Arg("gather", builders.DISPATCHES)})
+      "dispatch": arguments.DISPATCH_ARG})
   cd = builders.switch_config(args["size"], args["data"], experts=args["experts"],
                              dispatch=args["dispatch"])
   return cd

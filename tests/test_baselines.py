@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-from configs import builders
+import configs.dense
 from moe import accounting, baselines
 from moe.config_dict import model_from_config_dict
 
@@ -50,7 +50,7 @@ def test_matched_dense_tiny_by_hand():
 def test_matched_dense_within_tolerance(size, sparse_name, match):
   # Tolerance: mlp_hidden is a multiple of 8, so every layer may be off by up to 4 hidden units; the
   # gap is at most 4 units of every layer's cost, and the neighbouring multiples are no closer.
-  sparse = builders.named_sparse(sparse_name, size)
+  sparse = configs.dense.named_sparse(sparse_name, size, "shakespeare")
   dense = baselines.matched_dense(sparse, match)
   measure = {
       "active_flops": lambda c: accounting.flops_per_token(c, sparse.train.seq_len).total,
