@@ -55,8 +55,26 @@ def as_dtype_name(value: Any, field: str) -> str:
 
 
 def is_dropless(capacity_factor: float | None) -> bool:
-  """A capacity factor of None or <= 0 means no token is ever dropped."""
-  return capacity_factor is None or capacity_factor <= 0
+  """A capacity factor of None means no token is ever dropped (any number must be > 0)."""
+  return capacity_factor is None
+
+
+def check_number(field: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+  """Raises one line naming `field` and its allowed range unless `value` is a finite number in it.
+
+  NaN and infinities are always refused (`nan < 0` is False, so a plain comparison lets NaN through).
+  """
+  kind = "an integer" if integer else "a number"
+  lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+  hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+  allowed = f"{kind} {lo}{' and ' if lo and hi else ''}{hi}".rstrip()
+  ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(
+      value, bool) and math.isfinite(value)
+  ok = ok and (low is None or (value > low if low_open else value >= low))
+  ok = ok and (high is None or (value < high if high_open else value <= high))
+  if not ok:
+    raise ValueError(f"{field}={value!r} must be {allowed}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,7 +88,7 @@ class MoEConfig:
     expert_hidden: f, the hidden width of each expert.
     router: who chooses (`RouterKind`).
     dispatch: how tokens reach experts (`Dispatch`).
-    train_capacity_factor / eval_capacity_factor: cf in C = ceil(cf * k * S / E); None (or <= 0) means
+    train_capacity_factor / eval_capacity_factor: cf > 0 in C = ceil(cf * k * S / E); None means
       dropless: C = S for EINSUM/GATHER (no token can drop), and required for DROPLESS.
     min_capacity: lower bound on C (before clamping C to S).
     group_size: S, tokens per routing group. None: each sequence is a group. Groups are cut from the
@@ -130,13 +148,13 @@ class MoEConfig:
       raise ValueError(f"moe.min_capacity={self.min_capacity!r} must be an integer >= 0")
     if self.group_size is not None and not (isinstance(self.group_size, int) and self.group_size >= 1):
       raise ValueError(f"moe.group_size={self.group_size!r} must be None (per sequence) or an integer >= 1")
-    if self.shared_expert_hidden < 0:
-      raise ValueError(f"moe.shared_expert_hidden={self.shared_expert_hidden!r} must be >= 0 (0: none)")
-    if not 0.0 <= self.jitter_eps < 1.0:
-      raise ValueError(f"moe.jitter_eps={self.jitter_eps!r} must be in [0, 1)")
+    check_number("moe.shared_expert_hidden", self.shared_expert_hidden, low=0, integer=True)
+    check_number("moe.jitter_eps", self.jitter_eps, low=0, high=1, high_open=True)
     for name in ("balance_loss_weight", "z_loss_weight"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"moe.{name}={getattr(self, name)!r} must be >= 0")
+      check_number(f"moe.{name}", getattr(self, name), low=0)
+    for name in ("train_capacity_factor", "eval_capacity_factor"):
+      if getattr(self, name) is not None:  # None: dropless. A number <= 0 is a typo, not dropless.
+        check_number(f"moe.{name} (None: dropless)", getattr(self, name), low=0, low_open=True)
     if self.dispatch is Dispatch.DROPLESS:
       if self.router is RouterKind.EXPERTS_CHOOSE:
         raise ValueError(
@@ -201,7 +219,7 @@ def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: flo
              min_capacity: int = 4) -> int:
   """Expert capacity C: how many tokens one expert processes per routing group.
 
-    C = min(S, max(ceil(cf * k * S / E), min_capacity)),      C = S when cf is None or <= 0 (dropless)
+    C = min(S, max(ceil(cf * k * S / E), min_capacity)),      C = S when cf is None (dropless)
 
   with S tokens per group, E experts and k choices per token. At cf = 1 the buffers hold exactly the
   k * S assignments when routing is balanced. C never exceeds S: a token claims an expert at most once.
@@ -323,6 +341,8 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide "
                        f"model.num_heads={self.num_heads}")
+    check_number("model.rope_theta", self.rope_theta, low=1, low_open=True)
+    check_number("model.norm_eps", self.norm_eps, low=0, low_open=True)
     if self.head_dim % 2:
       raise ValueError(f"model.head_dim={self.head_dim} must be even (rotary embeddings rotate pairs)")
     sparse_layer_mask(self.num_layers, sparse_every=self.sparse_every, first_dense=self.first_dense,
@@ -418,9 +438,14 @@ class TrainConfig:
       value = getattr(self, name)
       if not (isinstance(value, int) and value >= 0):
         raise ValueError(f"train.{name}={value!r} must be an integer >= 0")
-    if not self.learning_rate > 0:
-      raise ValueError(f"train.learning_rate={self.learning_rate!r} must be > 0")
-    if not 0 <= self.end_lr_fraction <= 1:
-      raise ValueError(f"train.end_lr_fraction={self.end_lr_fraction!r} must be in [0, 1]")
-    if self.weight_decay < 0 or self.grad_clip_norm < 0:
-      raise ValueError("train.weight_decay and train.grad_clip_norm must be >= 0")
+    if self.warmup_steps > self.steps:
+      raise ValueError(f"train.warmup_steps={self.warmup_steps} must be <= train.steps={self.steps}")
+    check_number("train.learning_rate", self.learning_rate, low=0, low_open=True)
+    check_number("train.end_lr_fraction", self.end_lr_fraction, low=0, high=1)
+    check_number("train.weight_decay", self.weight_decay, low=0)
+    check_number("train.grad_clip_norm (0: no clipping)", self.grad_clip_norm, low=0)
+    for name in ("b1", "b2"):  # Adam's moment decay rates (Kingma & Ba 2015): in [0, 1).
+      check_number(f"train.{name}", getattr(self, name), low=0, high=1, high_open=True)
+    check_number("train.eps", self.eps, low=0, low_open=True)
+    if self.peak_flops_per_device is not None:
+      check_number("train.peak_flops_per_device", self.peak_flops_per_device, low=0, low_open=True)

@@ -46,3 +46,63 @@ def test_decoder_refuses_noncausal_routing_unless_acknowledged(case, causal):
     with pytest.raises(ValueError, match=r"model.moe routing .* model.moe.allow_noncausal_routing=True"):
       decoder(moe(*case))
   assert decoder(moe(*case, allow_noncausal_routing=True)).moe.allow_noncausal_routing
+
+
+# A bad value for each field that has a range, as a hostile user would type it: (dotted field, value,
+# the text the message must name). Each is refused while the config is built, before anything is
+# traced or compiled.
+BAD_VALUES = [
+    ("model.moe.train_capacity_factor", -1.0, "moe.train_capacity_factor (None: dropless)"),
+    ("model.moe.eval_capacity_factor", 0.0, "moe.eval_capacity_factor (None: dropless)"),
+    ("model.moe.train_capacity_factor", float("nan"), "moe.train_capacity_factor"),
+    ("model.moe.balance_loss_weight", float("nan"), "moe.balance_loss_weight"),
+    ("model.moe.balance_loss_weight", -0.01, "moe.balance_loss_weight"),
+    ("model.moe.z_loss_weight", float("inf"), "moe.z_loss_weight"),
+    ("model.moe.jitter_eps", 1.0, "moe.jitter_eps"),
+    ("model.moe.num_experts", 0, "moe.num_experts"),
+    ("model.moe.top_k", 9, "moe.top_k"),
+    ("model.moe.min_capacity", -1, "moe.min_capacity"),
+    ("model.moe.group_size", 0, "moe.group_size"),
+    ("model.moe.shared_expert_hidden", -8, "moe.shared_expert_hidden"),
+    ("model.moe.dispatch", "scatter", "moe.dispatch"),
+    ("model.moe.router", "random", "moe.router"),
+    ("model.rope_theta", -1.0, "model.rope_theta"),
+    ("model.norm_eps", -1.0, "model.norm_eps"),
+    ("model.norm_eps", 0.0, "model.norm_eps"),
+    ("model.num_kv_heads", 3, "model.num_kv_heads"),
+    ("model.dtype", "float16", "model.dtype"),
+    ("model.remat", "some", "model.remat"),
+    ("train.seq_len", 65, "train.seq_len=65 must be <= model.max_len=64"),
+    ("train.warmup_steps", 21, "train.warmup_steps=21 must be <= train.steps=20"),
+    ("train.b1", 1.5, "train.b1"),
+    ("train.b2", -1.0, "train.b2"),
+    ("train.eps", -1.0, "train.eps"),
+    ("train.learning_rate", float("nan"), "train.learning_rate"),
+    ("train.weight_decay", -0.1, "train.weight_decay"),
+    ("train.grad_clip_norm", float("nan"), "train.grad_clip_norm"),
+    ("train.end_lr_fraction", 1.5, "train.end_lr_fraction"),
+    ("train.schedule", "linear", "train.schedule"),
+    ("train.peak_flops_per_device", -1.0, "train.peak_flops_per_device"),
+    ("data.seed", -1, "data.seed"),
+    ("data.source", "wikipedia", "data.source"),
+    ("mesh.rules", "zero3", "mesh.rules"),
+    ("mesh.expert", 0, "mesh.expert"),
+]
+
+
+@pytest.mark.parametrize("field,value,named", BAD_VALUES, ids=[f"{f}={v}" for f, v, _ in BAD_VALUES])
+def test_bad_values_are_refused_naming_the_field(field, value, named):
+  import configs.switch
+  from moe.config_dict import experiment_from_config_dict
+
+  cd = configs.switch.get_config("size=smoke")
+  *sections, key = field.split(".")
+  target = cd
+  for section in sections:
+    target = target[section]
+  with target.ignore_type():  # The override as a command line would give it, type checks aside.
+    target[key] = value
+  with pytest.raises(ValueError) as error:
+    experiment_from_config_dict(cd)
+  message = str(error.value)
+  assert named in message and "\n" not in message, message
