@@ -1,22 +1,23 @@
 """Three ways to send tokens to their experts and bring the results back.
 
-All compute y[t] = sum over kept claims (t, e) of gate(t, e) * expert_e(x[t]), and agree on which claims
-are kept. A claim keeps its slot when fewer than C earlier claims (in serving order: every first choice
-before any second choice; within a rank, `priority_order`) went to the same expert. A dropped claim is
-not re-routed, and a token whose claims all drop gets zero from the layer: the residual connection
-around the layer carries it unchanged (Switch Transformer, Sec. 2.2).
+All compute y[t] = sum over kept claims (t, e) of gate(t, e) * expert_e(x[t]), and agree on which
+claims are kept. A claim keeps its slot when fewer than C earlier claims (in serving order: every
+first choice before any second choice; within a rank, `priority_order`) went to the same expert. A
+dropped claim is not re-routed, and a token whose claims all drop gets zero from the layer: the
+residual connection around the layer carries it unchanged (Switch Transformer, Sec. 2.2).
 
-* EINSUM (GShard, flaxformer): slots by a cumulative sum over one-hot claims, then one-hot dispatch and
-  combine tensors [G, S, E, C] and two einsums. Simple and fast on TPUs; memory grows as S * E * C.
-* GATHER: slots by a stable sort of the claims by expert; tokens gathered into [G, E, C, d] buffers by
-  index and gathered back. No tensor of size S * E * C.
+* EINSUM (GShard, flaxformer): slots by a cumulative sum over one-hot claims, then one-hot dispatch
+  and combine tensors [G, S, E, C] and two einsums. Simple and fast on TPUs; memory grows as
+  S * E * C.
+* GATHER: slots by a stable sort of the claims by expert; tokens gathered into [G, E, C, d] buffers
+  by index and gathered back. No tensor of size S * E * C.
 * DROPLESS (megablocks): no capacity; all k * T claims sorted by expert and one grouped matmul.
 
-Experts choose (Zhou et al. 2022) has its own EINSUM and GATHER variants: the expert's choice is already
-a [G, E, C] table of token indices.
+Experts choose (Zhou et al. 2022) has its own EINSUM and GATHER variants: the expert's choice is
+already a [G, E, C] table of token indices.
 
-`experts_fn` maps buffers [G, E, C, d] -> [G, E, C, d]; `grouped_fn` maps expert-sorted rows [T, d] and
-group sizes [E] -> [T, d].
+`experts_fn` maps buffers [G, E, C, d] -> [G, E, C, d]; `grouped_fn` maps expert-sorted rows [T, d]
+and group sizes [E] -> [T, d].
 """
 
 from __future__ import annotations
@@ -46,8 +47,13 @@ def _to_token_order(values_GJ: jax.Array, order_GS: jax.Array, top_k: int) -> ja
   return jax.vmap(lambda o, v, src: o.at[src].set(v))(out, served_GSK, order_GS)
 
 
-def slots_by_cumsum(expert_index_GSK: jax.Array, order_GS: jax.Array, num_experts: int) -> jax.Array:
-  """Slot of each claim in its expert's buffer, by a cumulative count of one-hot claims. [G, S, k]."""
+def slots_by_cumsum(
+    expert_index_GSK: jax.Array, order_GS: jax.Array, num_experts: int
+) -> jax.Array:
+  """Slot of each claim in its expert's buffer, by a cumulative count of one-hot claims: [G, S, k].
+
+  The slot is the number of claims on the same expert served before it (it may be >= C: dropped).
+  """
   served_GJ = _serving_order(expert_index_GSK, order_GS)
   claims_GJE = jax.nn.one_hot(served_GJ, num_experts, dtype=jnp.int32)
   slots_GJ = jnp.sum((jnp.cumsum(claims_GJE, axis=1) - 1) * claims_GJE, axis=-1)
@@ -55,10 +61,10 @@ def slots_by_cumsum(expert_index_GSK: jax.Array, order_GS: jax.Array, num_expert
 
 
 def slots_by_sort(expert_index_GSK: jax.Array, order_GS: jax.Array, num_experts: int) -> jax.Array:
-  """Slot of each claim in its expert's buffer, by a stable sort of the claims by expert. [G, S, k].
+  """Slot of each claim in its expert's buffer, by a stable sort of the claims by expert: [G, S, k].
 
-  After a stable sort, the claims of one expert are contiguous and still in serving order, so a claim's
-  slot is its position minus the position where its expert's run starts.
+  After a stable sort, the claims of one expert are contiguous and still in serving order, so a
+  claim's slot is its position minus the position where its expert's run starts.
   """
   served_GJ = _serving_order(expert_index_GSK, order_GS)
   j = served_GJ.shape[1]
@@ -73,24 +79,39 @@ def slots_by_sort(expert_index_GSK: jax.Array, order_GS: jax.Array, num_experts:
   return _to_token_order(jax.vmap(one_group)(served_GJ), order_GS, expert_index_GSK.shape[-1])
 
 
-def einsum_moe(x_GSD, expert_index_GSK, gates_GSK, order_GS, capacity: int, num_experts: int,
-               experts_fn: ExpertsFn):
+def einsum_moe(
+    x_GSD,
+    expert_index_GSK,
+    gates_GSK,
+    order_GS,
+    capacity: int,
+    num_experts: int,
+    experts_fn: ExpertsFn,
+):
   """One-hot dispatch/combine (GShard Alg. 1, flaxformer). Returns (y [G, S, d], kept [G, S, k])."""
   slots_GSK = slots_by_cumsum(expert_index_GSK, order_GS, num_experts)
   kept_GSK = slots_GSK < capacity
   expert_GSKE = jax.nn.one_hot(expert_index_GSK, num_experts, dtype=x_GSD.dtype)
   slot_GSKC = jax.nn.one_hot(jnp.where(kept_GSK, slots_GSK, capacity), capacity, dtype=x_GSD.dtype)
   dispatch_GSEC = jnp.einsum("gske,gskc->gsec", expert_GSKE, slot_GSKC)
-  combine_GSEC = jnp.einsum("gsk,gske,gskc->gsec", gates_GSK.astype(x_GSD.dtype), expert_GSKE,
-                            slot_GSKC)
+  combine_GSEC = jnp.einsum(
+      "gsk,gske,gskc->gsec", gates_GSK.astype(x_GSD.dtype), expert_GSKE, slot_GSKC
+  )
   x_GECD = jnp.einsum("gsec,gsd->gecd", dispatch_GSEC, x_GSD)
   y_GECD = experts_fn(x_GECD)
   y_GSD = jnp.einsum("gsec,gecd->gsd", combine_GSEC, y_GECD.astype(x_GSD.dtype))
   return y_GSD, kept_GSK
 
 
-def gather_moe(x_GSD, expert_index_GSK, gates_GSK, order_GS, capacity: int, num_experts: int,
-               experts_fn: ExpertsFn):
+def gather_moe(
+    x_GSD,
+    expert_index_GSK,
+    gates_GSK,
+    order_GS,
+    capacity: int,
+    num_experts: int,
+    experts_fn: ExpertsFn,
+):
   """Sort/gather dispatch. Returns (y [G, S, d], kept [G, S, k])."""
   g, s, d = x_GSD.shape
   k = expert_index_GSK.shape[-1]
@@ -102,12 +123,16 @@ def gather_moe(x_GSD, expert_index_GSK, gates_GSK, order_GS, capacity: int, num_
 
   # Which token fills each slot: token index, or s (a zero row) for an empty slot.
   token_GSK = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, k))
-  fill = lambda pos_SK: jnp.full(spare + 1, s, jnp.int32).at[pos_SK.reshape(-1)].set(
-      token_GSK.reshape(-1))
+  fill = (
+      lambda pos_SK: jnp.full(spare + 1, s, jnp.int32)
+      .at[pos_SK.reshape(-1)]
+      .set(token_GSK.reshape(-1))
+  )
   source_GB = jax.vmap(fill)(pos_GSK)[:, :spare]
   x_pad_GSD = jnp.concatenate([x_GSD, jnp.zeros((g, 1, d), x_GSD.dtype)], axis=1)
   x_GECD = jnp.take_along_axis(x_pad_GSD, source_GB[..., None], axis=1).reshape(
-      g, num_experts, capacity, d)
+      g, num_experts, capacity, d
+  )
 
   y_GBD = experts_fn(x_GECD).astype(x_GSD.dtype).reshape(g, spare, d)
   y_pad_GBD = jnp.concatenate([y_GBD, jnp.zeros((g, 1, d), y_GBD.dtype)], axis=1)
@@ -117,7 +142,10 @@ def gather_moe(x_GSD, expert_index_GSK, gates_GSK, order_GS, capacity: int, num_
 
 
 def dropless_moe(x_GSD, expert_index_GSK, gates_GSK, grouped_fn: GroupedFn, num_experts: int):
-  """Every claim computed: claims sorted by expert, one grouped matmul. Returns (y, kept=all True)."""
+  """Every claim computed: claims sorted by expert, one grouped matmul.
+
+  Returns (y [G, S, d], kept [G, S, k] all True).
+  """
   g, s, d = x_GSD.shape
   k = expert_index_GSK.shape[-1]
   expert_J = expert_index_GSK.reshape(-1)  # Claim j = (token j // k, rank j % k).
@@ -141,7 +169,10 @@ def einsum_expert_choice(x_GSD, token_index_GEC, gates_GEC, experts_fn: ExpertsF
 
 
 def gather_expert_choice(x_GSD, token_index_GEC, gates_GEC, experts_fn: ExpertsFn):
-  """Experts choose, by index: gather, then scatter-add back. Returns (y [G, S, d], covered [G, S, 1])."""
+  """Experts choose, by index: gather, then scatter-add back.
+
+  Returns (y [G, S, d], covered [G, S, 1]).
+  """
   g, s, d = x_GSD.shape
   _, e, c = token_index_GEC.shape
   flat_GB = token_index_GEC.reshape(g, e * c)

@@ -1,16 +1,184 @@
-"""A slow, obviously correct MoE layer: one token at a time, in float64 numpy.
+"""A slow, obviously correct MoE layer: one token and one claim at a time, in float64 numpy.
 
-It re-derives routing, priority, capacity and combine from the rules written in moe/dispatch.py's
-docstring, without sharing any code with the implementation under test.
+It re-derives capacity, routing, priority, slots, combine, the auxiliary losses and the routing
+statistics from the rules written in the docstrings of moe/config.py, moe/routing.py and
+moe/dispatch.py. It calls no function of the `moe` package: it only reads the attributes of an
+`MoEConfig` and compares enum members.
+
+Functions work on one routing group at a time (arrays [S, ...]) unless their shapes say [G, ...].
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
+from typing import Callable, NamedTuple
 
 import numpy as np
 
-from moe.config import Activation, MoEConfig, Priority, Router, capacity
+from moe.config import Activation, Dispatch, MoEConfig, Priority, RouterKind
+
+# --------------------------------------------------------------------------------------------------
+# Capacity and routing groups.
+
+
+def reference_capacity(s: int, e: int, k: int, cf: float | None, min_capacity: int) -> int:
+  """C = min(S, max(ceil(cf * k * S / E), min_capacity)); C = S when cf is None (dropless).
+
+  cf is read as the decimal number written in the config (`str(1.2)` is "1.2"), and the product is
+  exact rational arithmetic, so 1.2 * 5 is exactly 6 (in floats it is 6.000000000000001). A factor
+  <= 0 has no meaning (MoEConfig refuses it).
+  """
+  if cf is None:
+    return s
+  if cf <= 0:
+    raise ValueError(f"capacity factor {cf!r}: None (dropless) or > 0")
+  return min(s, max(math.ceil(Fraction(str(cf)) * k * s / e), min_capacity))
+
+
+def tokens_per_group(cfg: MoEConfig, length: int) -> int:
+  """S: a whole sequence when cfg.group_size is None, else cfg.group_size tokens."""
+  return length if cfg.group_size is None else cfg.group_size
+
+
+def cut_groups(x_BLD: np.ndarray, s: int) -> np.ndarray:
+  """Tokens [B, L, d] -> routing groups [G, S, d], cut from the flattened batch * length axis."""
+  x = np.asarray(x_BLD, np.float64)
+  rows = [x[b, t] for b in range(x.shape[0]) for t in range(x.shape[1])]
+  assert len(rows) % s == 0
+  return np.stack([np.stack(rows[i : i + s]) for i in range(0, len(rows), s)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Routing, one group.
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  logits = np.asarray(logits, np.float64)
+  z = np.exp(logits - logits.max(-1, keepdims=True))
+  return z / z.sum(-1, keepdims=True)
+
+
+def logsumexp(logits: np.ndarray) -> np.ndarray:
+  logits = np.asarray(logits, np.float64)
+  m = logits.max(-1)
+  return m + np.log(np.sum(np.exp(logits - m[..., None]), axis=-1))
+
+
+def top_k_choices(probs_SE: np.ndarray, k: int) -> np.ndarray:
+  """Each token's k experts, best first; ties go to the lower expert index. [S, k] int."""
+  out = np.zeros((probs_SE.shape[0], k), int)
+  for t in range(probs_SE.shape[0]):
+    ranked = sorted(range(probs_SE.shape[1]), key=lambda e: (-probs_SE[t, e], e))
+    out[t] = ranked[:k]
+  return out
+
+
+def serving_order(probs_SE: np.ndarray, priority: Priority) -> list[int]:
+  """Tokens in the order their claims are served within one rank: sequence order, or highest top-1
+  probability first with ties in sequence order."""
+  tokens = range(probs_SE.shape[0])
+  if priority is Priority.INDEX:
+    return list(tokens)
+  return sorted(tokens, key=lambda t: (-probs_SE[t].max(), t))
+
+
+def claim_slots(choices_SK: np.ndarray, order: list[int], num_experts: int) -> np.ndarray:
+  """Slot of each claim = number of claims on the same expert served before it. [S, k] int.
+
+  Every first choice is served before any second choice; within a rank, tokens in `order`.
+  """
+  served = [0] * num_experts
+  slots = np.zeros(choices_SK.shape, int)
+  for rank in range(choices_SK.shape[1]):
+    for t in order:
+      e = choices_SK[t, rank]
+      slots[t, rank] = served[e]
+      served[e] += 1
+  return slots
+
+
+def experts_pick(probs_SE: np.ndarray, c: int) -> np.ndarray:
+  """Experts choose: each expert's top-C tokens by probability, ties to the earlier one: [E, C]."""
+  s, e_count = probs_SE.shape
+  return np.array(
+      [sorted(range(s), key=lambda t: (-probs_SE[t, e], t))[:c] for e in range(e_count)], int
+  ).reshape(e_count, c)
+
+
+def combine(x_SD: np.ndarray, assignments, expert_fn: Callable[[int, np.ndarray], np.ndarray]):
+  """y[t] = sum over (t, e, gate) in `assignments` of gate * expert_e(x[t]). [S, d]."""
+  y = np.zeros_like(np.asarray(x_SD, np.float64))
+  for t, e, gate in assignments:
+    y[t] += gate * expert_fn(e, x_SD[t])
+  return y
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses and statistics, over groups [G, ...].
+
+
+def assignment_fraction(choices_GSK: np.ndarray, num_experts: int) -> np.ndarray:
+  """f [G, E]: fraction of each group's k * S assignments per expert (before capacity)."""
+  g, s, k = choices_GSK.shape
+  f = np.zeros((g, num_experts))
+  for gi in range(g):
+    for t in range(s):
+      for r in range(k):
+        f[gi, choices_GSK[gi, t, r]] += 1.0 / (k * s)
+  return f
+
+
+def balance_loss(probs_GSE: np.ndarray, choices_GSK: np.ndarray) -> float:
+  """Mean over groups of E * sum_e f_e * P_e, P_e the group's mean probability of expert e."""
+  e_count = probs_GSE.shape[-1]
+  f = assignment_fraction(choices_GSK, e_count)
+  per_group = [
+      e_count * sum(f[gi, e] * probs_GSE[gi, :, e].mean() for e in range(e_count))
+      for gi in range(probs_GSE.shape[0])
+  ]
+  return float(np.mean(per_group))
+
+
+def z_loss(logits_GSE: np.ndarray) -> float:
+  """Mean over tokens of logsumexp(logits)^2."""
+  return float(np.mean(logsumexp(logits_GSE) ** 2))
+
+
+class Stats(NamedTuple):
+  dropped_fraction: np.ndarray  # [k] (experts choose: [1], tokens no expert took).
+  expert_load: np.ndarray  # [E]
+  router_entropy: float
+  top1_probability: float
+  capacity_used: float
+
+
+def router_stats(
+    probs_GSE: np.ndarray,
+    load_GE: np.ndarray,
+    kept_GSK: np.ndarray,
+    kept_per_group: np.ndarray,
+    computed_slots: int,
+) -> Stats:
+  """Averages over groups and tokens. `kept_per_group` [G] kept assignments, `computed_slots` the
+  number of expert slots the dispatch path computes per group."""
+  p = np.asarray(probs_GSE, np.float64)
+  entropy = [
+      -sum(q * math.log(q) for q in p[gi, t] if q > 0)
+      for gi in range(p.shape[0])
+      for t in range(p.shape[1])
+  ]
+  return Stats(
+      dropped_fraction=1.0 - kept_GSK.mean(axis=(0, 1)),
+      expert_load=load_GE.mean(axis=0),
+      router_entropy=float(np.mean(entropy)),
+      top1_probability=float(np.mean(p.max(-1))),
+      capacity_used=float(np.mean(np.asarray(kept_per_group) / computed_slots)),
+  )
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole layer.
 
 
 def gelu_tanh(x):
@@ -33,43 +201,71 @@ def layer_params(layer) -> dict[str, np.ndarray]:
   return params
 
 
-def reference_moe(x_BLD, params, cfg: MoEConfig, train: bool = False):
-  """Returns (y [B, L, d], kept [G, S, k] bool) for tokens choose, (y, covered [G, S, 1]) for experts."""
-  x = np.asarray(x_BLD, np.float64)
-  b, l, d = x.shape
-  s = l if cfg.group_size is None else cfg.group_size
-  g = b * l // s
-  x_GSD = x.reshape(g, s, d)
+class Reference(NamedTuple):
+  """Everything the layer computes, re-derived. G, S as the config cuts the tokens."""
+
+  y: np.ndarray  # [B, L, d]
+  kept: np.ndarray  # [G, S, k] bool; experts choose: covered [G, S, 1].
+  choices: np.ndarray  # [G, S, k] experts per token; experts choose: tokens per expert [G, E, C].
+  capacity: int
+  balance: float  # 0.0 for experts choose (every expert is full by construction).
+  z: float
+  stats: Stats
+
+
+def reference_moe(x_BLD, params, cfg: MoEConfig, train: bool = False) -> Reference:
+  """The MoE layer (without a shared expert), token by token."""
+  b, l, _ = np.shape(x_BLD)
+  s = tokens_per_group(cfg, l)
+  x_GSD = cut_groups(x_BLD, s)
+  g = x_GSD.shape[0]
   e_count, k = cfg.num_experts, cfg.top_k
-  c = capacity(s, e_count, k, cfg.capacity_factor(train), cfg.min_capacity)
+  c = reference_capacity(s, e_count, k, cfg.capacity_factor(train), cfg.min_capacity)
+  logits_GSE = np.stack([x_GSD[gi] @ params["router"] for gi in range(g)])
+  probs_GSE = softmax(logits_GSE)
+  expert_fn = lambda e, x_D: expert_ffn(x_D, params, e, cfg.activation)
   y = np.zeros_like(x_GSD)
-  kept = np.zeros((g, s, k if cfg.router is Router.TOKENS_CHOOSE else 1), bool)
+  kept_per_group = np.zeros(g)
+
+  if cfg.router is RouterKind.EXPERTS_CHOOSE:
+    picks = np.stack([experts_pick(probs_GSE[gi], c) for gi in range(g)])
+    covered = np.zeros((g, s, 1), bool)
+    load = np.zeros((g, e_count))
+    for gi in range(g):
+      assignments = [(t, e, probs_GSE[gi, t, e]) for e in range(e_count) for t in picks[gi, e]]
+      y[gi] = combine(x_GSD[gi], assignments, expert_fn)
+      for t, e, _ in assignments:
+        covered[gi, t, 0] = True
+        load[gi, e] += 1.0 / len(assignments)
+      kept_per_group[gi] = len(assignments)
+    stats = router_stats(probs_GSE, load, covered, kept_per_group, e_count * c)
+    return Reference(y.reshape(np.shape(x_BLD)), covered, picks, c, 0.0, z_loss(logits_GSE), stats)
+
+  dropless = cfg.dispatch is Dispatch.DROPLESS
+  choices = np.stack([top_k_choices(probs_GSE[gi], k) for gi in range(g)])
+  kept = np.zeros((g, s, k), bool)
   for gi in range(g):
-    logits = x_GSD[gi] @ params["router"]
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    if cfg.router is Router.EXPERTS_CHOOSE:
-      for e in range(e_count):
-        chosen = np.argsort(-probs[:, e], kind="stable")[:c]
-        for t in chosen:
-          y[gi, t] += probs[t, e] * expert_ffn(x_GSD[gi, t], params, e, cfg.activation)
-          kept[gi, t, 0] = True
-      continue
-    choices = [list(np.argsort(-probs[t], kind="stable")[:k]) for t in range(s)]
-    gates = [[probs[t, e] for e in choices[t]] for t in range(s)]
+    gates = np.array([[probs_GSE[gi, t, e] for e in choices[gi, t]] for t in range(s)])
     if cfg.renormalize_gates:
-      gates = [[gt / sum(gs) for gt in gs] for gs in gates]
-    if cfg.priority is Priority.INDEX:
-      order = list(range(s))
-    else:
-      order = list(np.argsort(-probs.max(-1), kind="stable"))
-    used = [0] * e_count
-    dropless = cfg.dispatch.value == "dropless"
-    for rank in range(k):  # Every first choice before any second choice.
-      for t in order:
-        e = choices[t][rank]
-        if dropless or used[e] < c:
-          used[e] += 1
-          kept[gi, t, rank] = True
-          y[gi, t] += gates[t][rank] * expert_ffn(x_GSD[gi, t], params, e, cfg.activation)
-  return y.reshape(b, l, d), kept
+      gates = gates / gates.sum(-1, keepdims=True)
+    slots = claim_slots(choices[gi], serving_order(probs_GSE[gi], cfg.priority), e_count)
+    kept[gi] = np.ones((s, k), bool) if dropless else slots < c
+    assignments = [
+        (t, choices[gi, t, r], gates[t, r]) for t in range(s) for r in range(k) if kept[gi, t, r]
+    ]
+    y[gi] = combine(x_GSD[gi], assignments, expert_fn)
+    kept_per_group[gi] = len(assignments)
+  # Slots computed per group: E * C buffer rows, or exactly the k * S assignments without buffers.
+  computed_slots = k * s if dropless else e_count * c
+  stats = router_stats(
+      probs_GSE, assignment_fraction(choices, e_count), kept, kept_per_group, computed_slots
+  )
+  return Reference(
+      y.reshape(np.shape(x_BLD)),
+      kept,
+      choices,
+      c,
+      balance_loss(probs_GSE, choices),
+      z_loss(logits_GSE),
+      stats,
+  )

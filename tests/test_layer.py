@@ -1,8 +1,11 @@
-"""The MoE layer against a per-token reference, its invariants, losses, gradients and config errors."""
+"""MoEFeedForward as a whole against the per-token reference (tests/moe_reference.py): outputs,
+auxiliary losses and their gradients, statistics, invariants and config errors.
+
+Function-level tests live beside their modules: tests/test_routing.py, tests/test_dispatch.py,
+tests/test_ffn.py.
+"""
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe import dispatch, routing
-from moe.config import Activation, Dispatch, MoEConfig, Priority, Router, capacity
+import moe_reference as ref
+from moe.config import Activation, MoEConfig, capacity
 from moe.ffn import MLP
 from moe.layer import MoEFeedForward
 from moe_reference import layer_params, reference_moe
@@ -24,7 +27,8 @@ def make_layer(**kw) -> MoEFeedForward:
   with nnx.use_eager_sharding(False):
     layer = MoEFeedForward(cfg, D, rngs=nnx.Rngs(0))
   # A router scaled up from its small init, so that routing is uneven (drops happen), but not so far
-  # that float32 top-1 probabilities saturate at 1.0 and tie (batch-prioritised order would be ambiguous).
+  # that float32 top-1 probabilities saturate at 1.0 and tie (batch-prioritised order would be
+  # ambiguous).
   layer.router.w[...] = layer.router.w[...] * 5.0
   return layer
 
@@ -38,121 +42,104 @@ def rel_err(a, b):
   return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
 
 
+def assert_aux_matches(aux, r: ref.Reference):
+  """Losses and every routing statistic of the layer equal the reference's."""
+  np.testing.assert_allclose(aux.losses.balance, r.balance, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(aux.losses.z, r.z, rtol=1e-5)
+  np.testing.assert_allclose(aux.stats.dropped_fraction, r.stats.dropped_fraction, atol=1e-6)
+  np.testing.assert_allclose(aux.stats.expert_load, r.stats.expert_load, atol=1e-6)
+  np.testing.assert_allclose(aux.stats.router_entropy, r.stats.router_entropy, rtol=1e-5)
+  np.testing.assert_allclose(aux.stats.top1_probability, r.stats.top1_probability, rtol=1e-5)
+  np.testing.assert_allclose(aux.stats.capacity_used, r.stats.capacity_used, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# The layer against the reference.
+
+
 @pytest.mark.parametrize("dispatch_kind", ["einsum", "gather"])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("cf", [0.5, 1.0, None])
 @pytest.mark.parametrize("priority", ["index", "batch_prioritized"])
 def test_capacity_dispatch_matches_reference(dispatch_kind, top_k, cf, priority):
-  layer = make_layer(dispatch=dispatch_kind, top_k=top_k, train_capacity_factor=cf,
-                     eval_capacity_factor=cf, priority=priority)
+  layer = make_layer(
+      dispatch=dispatch_kind,
+      top_k=top_k,
+      train_capacity_factor=cf,
+      eval_capacity_factor=cf,
+      priority=priority,
+  )
   x = tokens()
   y, aux = layer(x)
-  y_ref, kept_ref = reference_moe(x, layer_params(layer), layer.cfg)
-  assert rel_err(y, y_ref) < 1e-5
-  np.testing.assert_allclose(aux.stats.dropped_fraction, 1 - kept_ref.mean(axis=(0, 1)), atol=1e-6)
+  r = reference_moe(x, layer_params(layer), layer.cfg)
+  assert rel_err(y, r.y) < 1e-5
+  assert_aux_matches(aux, r)
   if cf == 0.5:
-    assert not kept_ref.all(), "the test must exercise drops"
+    assert not r.kept.all(), "the test must exercise drops"
   if cf is None:
-    assert kept_ref.all()
+    assert r.kept.all()
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_dropless_matches_reference(top_k):
-  layer = make_layer(dispatch="dropless", top_k=top_k, train_capacity_factor=None,
-                     eval_capacity_factor=None)
+  layer = make_layer(
+      dispatch="dropless", top_k=top_k, train_capacity_factor=None, eval_capacity_factor=None
+  )
   x = tokens()
   y, aux = layer(x)
-  y_ref, _ = reference_moe(x, layer_params(layer), layer.cfg)
-  assert rel_err(y, y_ref) < 1e-5
+  r = reference_moe(x, layer_params(layer), layer.cfg)
+  assert rel_err(y, r.y) < 1e-5
   np.testing.assert_array_equal(aux.stats.dropped_fraction, np.zeros(top_k))
+  assert_aux_matches(aux, r)
 
 
 @pytest.mark.parametrize("dispatch_kind", ["einsum", "gather", "dropless"])
 def test_swiglu_renormalized_fixed_groups_match_reference(dispatch_kind):
   cf = None if dispatch_kind == "dropless" else 0.75
-  layer = make_layer(dispatch=dispatch_kind, top_k=2, activation="swiglu", renormalize_gates=True,
-                     group_size=8, train_capacity_factor=cf, eval_capacity_factor=cf)
+  layer = make_layer(
+      dispatch=dispatch_kind,
+      top_k=2,
+      activation="swiglu",
+      renormalize_gates=True,
+      group_size=8,
+      train_capacity_factor=cf,
+      eval_capacity_factor=cf,
+  )
   x = tokens(b=3, l=8)
-  y, _ = layer(x)
-  y_ref, _ = reference_moe(x, layer_params(layer), layer.cfg)
-  assert rel_err(y, y_ref) < 1e-5
+  y, aux = layer(x)
+  r = reference_moe(x, layer_params(layer), layer.cfg)
+  assert rel_err(y, r.y) < 1e-5
+  assert_aux_matches(aux, r)
 
 
 @pytest.mark.parametrize("dispatch_kind", ["einsum", "gather"])
 @pytest.mark.parametrize("cf", [0.5, 1.0])
 def test_experts_choose_matches_reference(dispatch_kind, cf):
-  layer = make_layer(router="experts_choose", dispatch=dispatch_kind, top_k=2,
-                     train_capacity_factor=cf, eval_capacity_factor=cf)
+  layer = make_layer(
+      router="experts_choose",
+      dispatch=dispatch_kind,
+      top_k=2,
+      train_capacity_factor=cf,
+      eval_capacity_factor=cf,
+  )
   x = tokens()
   y, aux = layer(x)
-  y_ref, covered = reference_moe(x, layer_params(layer), layer.cfg)
-  assert rel_err(y, y_ref) < 1e-5
-  np.testing.assert_allclose(aux.stats.dropped_fraction, 1 - covered.mean(axis=(0, 1)), atol=1e-6)
-
-
-def _random_routing(seed, g=3, s=32, e=4, k=2):
-  key_p, key_x = jax.random.split(jax.random.key(seed))
-  logits = 3.0 * jax.random.normal(key_p, (g, s, e))
-  probs = jax.nn.softmax(logits)
-  top = routing.tokens_choose(probs, k, renormalize=False)
-  x = jax.random.normal(key_x, (g, s, D))
-  return probs, top, x
-
-
-def _linear_experts(e):
-  w = jax.random.normal(jax.random.key(7), (e, D, D))
-  return lambda x_GECD: jnp.einsum("gecd,edf->gecf", x_GECD, w)
-
-
-@pytest.mark.parametrize("cf", [0.25, 0.5, 0.75, 1.0, 1.25, 2.0, None])
-@pytest.mark.parametrize("priority", list(Priority))
-def test_einsum_and_gather_agree_and_respect_capacity(cf, priority):
-  e, k, s = 4, 2, 32
-  probs, top, x = _random_routing(seed=3, s=s, e=e, k=k)
-  c = capacity(s, e, k, cf, min_capacity=1)
-  order = routing.priority_order(probs, priority)
-  experts = _linear_experts(e)
-  y_e, kept_e = dispatch.einsum_moe(x, top.expert_index, top.gates, order, c, e, experts)
-  y_g, kept_g = dispatch.gather_moe(x, top.expert_index, top.gates, order, c, e, experts)
-  np.testing.assert_array_equal(kept_e, kept_g)
-  assert rel_err(y_g, y_e) < 1e-5
-  # No expert ever receives more than C tokens in a group.
-  per_expert = np.zeros((x.shape[0], e), int)
-  np.add.at(per_expert, (np.arange(x.shape[0])[:, None, None].repeat(s, 1).repeat(k, 2),
-                         np.asarray(top.expert_index)), np.asarray(kept_e).astype(int))
-  assert per_expert.max() <= c
-  if cf is None:  # C = S: nothing drops, and the dropless path computes the same function.
-    assert np.asarray(kept_e).all()
-    grouped = lambda x_TD, sizes: jnp.concatenate(
-        [x_TD[i:i + 1] @ _expert_weight(e)[j] for j, i in _rows_by_group(sizes)])
-    y_d, _ = dispatch.dropless_moe(x, top.expert_index, top.gates, grouped, e)
-    assert rel_err(y_d, y_e) < 1e-5
-
-
-def _expert_weight(e):
-  return jax.random.normal(jax.random.key(7), (e, D, D))
-
-
-def _rows_by_group(sizes):
-  """(expert, row) for each row of an expert-sorted matrix with the given group sizes."""
-  start = 0
-  for j, n in enumerate(np.asarray(sizes)):
-    for i in range(start, start + int(n)):
-      yield j, i
-    start += int(n)
+  r = reference_moe(x, layer_params(layer), layer.cfg)
+  assert rel_err(y, r.y) < 1e-5
+  assert_aux_matches(aux, r)
 
 
 def test_dropped_tokens_get_zero():
-  layer = make_layer(dispatch="gather", top_k=1, train_capacity_factor=0.25,
-                     eval_capacity_factor=0.25)
-  # Every token prefers expert 2 (a positive feature 0 votes for it): only the first C tokens of each
-  # sequence keep a slot, and every other token gets exactly zero.
+  layer = make_layer(
+      dispatch="gather", top_k=1, train_capacity_factor=0.25, eval_capacity_factor=0.25
+  )
+  # Every token prefers expert 2 (a positive feature 0 votes for it): only the first C tokens of
+  # each sequence keep a slot, and every other token gets exactly zero.
   layer.router.w[...] = jnp.zeros((D, 4)).at[0, 2].set(5.0)
   x = tokens()
   x = x.at[..., 0].set(jnp.abs(x[..., 0]) + 1.0)
   y, aux = layer(x)
-  c = capacity(16, 4, 1, 0.25, 0)
-  assert c == 1
+  c = 1  # ceil(0.25 * 1 * 16 / 4).
   np.testing.assert_array_equal(np.asarray(y[:, c:]), 0.0)
   assert np.all(np.abs(np.asarray(y[:, :c])) > 0)
   np.testing.assert_allclose(aux.stats.dropped_fraction, [1 - c / 16])
@@ -160,8 +147,14 @@ def test_dropped_tokens_get_zero():
 
 def test_one_expert_equals_dense_mlp():
   for activation in Activation:
-    layer = make_layer(num_experts=1, top_k=1, train_capacity_factor=None, eval_capacity_factor=None,
-                       activation=activation, dispatch="gather")
+    layer = make_layer(
+        num_experts=1,
+        top_k=1,
+        train_capacity_factor=None,
+        eval_capacity_factor=None,
+        activation=activation,
+        dispatch="gather",
+    )
     with nnx.use_eager_sharding(False):
       mlp = MLP(D, F, activation, rngs=nnx.Rngs(5))
     for name in ("w_in", "w_out", "w_gate"):
@@ -172,69 +165,154 @@ def test_one_expert_equals_dense_mlp():
     assert rel_err(y, mlp(x)) < 1e-6
 
 
-def _routing_with_favourites(favourites_SK, e):
-  """Probabilities whose top-k are exactly the given experts, with probability ~1 on the first."""
-  s, k = favourites_SK.shape
-  logits = np.zeros((1, s, e), np.float32)
-  for rank in range(k):
-    logits[0, np.arange(s), favourites_SK[:, rank]] = 40.0 - 10.0 * rank
-  return jnp.asarray(logits)
+# --------------------------------------------------------------------------------------------------
+# Auxiliary losses: the layer hands the right tensors to them.
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_balance_loss_is_one_when_balanced_for_any_k(k):
-  e, s = 4, 16
-  favourites = np.stack([(np.arange(s) + r) % e for r in range(k)], axis=1)
-  probs = jax.nn.softmax(_routing_with_favourites(favourites, e))
-  top = routing.tokens_choose(probs, k, renormalize=False)
-  loss = routing.load_balancing_loss(probs, routing.expert_load(top.expert_index, e))
-  np.testing.assert_allclose(loss, 1.0, atol=1e-6)
+def _balance_for_cut(x, w_router, s, k):
+  """Reference balance loss with the tokens cut into groups of s: logits in float64 from the
+  layer's router weight, f before capacity, P the group's mean probability."""
+  x_GSD = ref.cut_groups(x, s)
+  probs = ref.softmax(x_GSD @ w_router)
+  choices = np.stack([ref.top_k_choices(p, k) for p in probs])
+  return ref.balance_loss(probs, choices)
 
 
-def test_balance_loss_is_num_experts_when_collapsed():
-  e, s = 4, 16
-  probs = jax.nn.softmax(_routing_with_favourites(np.zeros((s, 1), int), e))
-  top = routing.tokens_choose(probs, 1, renormalize=False)
-  loss = routing.load_balancing_loss(probs, routing.expert_load(top.expert_index, e))
-  np.testing.assert_allclose(loss, e, atol=1e-5)
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("group_size", [None, 8, 32])
+def test_losses_match_reference(top_k, group_size):
+  """aux.losses = (mean over groups of E * sum_e f_e P_e, mean over tokens of logsumexp^2).
+
+  Batch 2 x length 16: groups are the sequences (None), half sequences (8) or the whole batch (32).
+  The balance loss is not linear in the cut, so it tells the three apart; capacity 0.5 drops claims,
+  so it also tells f before capacity (the definition) from f after.
+  """
+  layer = make_layer(
+      dispatch="gather", top_k=top_k, train_capacity_factor=0.5, group_size=group_size
+  )
+  x = tokens(b=2, l=16)
+  _, aux = layer(x, train=True)
+  w = np.asarray(layer.router.w[...], np.float64)
+  by_cut = {s: _balance_for_cut(x, w, s, top_k) for s in (16, 8, 32)}
+  s = 16 if group_size is None else group_size
+  others = [v for cut, v in by_cut.items() if cut != s]
+  assert min(abs(by_cut[s] - v) for v in others) > 1e-3 * by_cut[s], "the cut must matter here"
+  assert not reference_moe(x, layer_params(layer), layer.cfg, train=True).kept.all()
+
+  logits = ref.cut_groups(x, s) @ w
+  np.testing.assert_allclose(aux.losses.balance, by_cut[s], rtol=1e-5)
+  np.testing.assert_allclose(aux.losses.z, np.mean(ref.logsumexp(logits) ** 2), rtol=1e-5)
+  assert aux.losses.balance.shape == () and aux.losses.balance.dtype == jnp.float32
 
 
-def test_balance_loss_formula_and_gradient():
-  """E * sum_e f_e P_e with f from the top-k choices and P the mean probability; only P has a gradient."""
-  logits = jax.random.normal(jax.random.key(3), (2, 6, 4)) * 2
-  probs = jax.nn.softmax(logits)
-  top = routing.tokens_choose(probs, 2, renormalize=False)
-  p, idx = np.asarray(probs, np.float64), np.asarray(top.expert_index)
-  expected = []
-  for g in range(2):
-    f = np.zeros(4)
-    for s_ in range(6):
-      for e in idx[g, s_]:
-        f[e] += 1 / (6 * 2)
-    expected.append(4 * np.sum(f * p[g].mean(0)))
-  load = routing.expert_load(top.expert_index, 4)
-  np.testing.assert_allclose(routing.load_balancing_loss(probs, load), np.mean(expected), rtol=1e-6)
-  grad_load = jax.grad(lambda l: routing.load_balancing_loss(probs, l))(load)
-  np.testing.assert_array_equal(grad_load, 0.0)
-  grad_probs = jax.grad(lambda q: routing.load_balancing_loss(q, load))(probs)
-  # d loss / d p[g, s, e] = E * f[g, e] / (S * G): the same for every token of a group.
-  np.testing.assert_allclose(grad_probs, 4 * np.asarray(load)[:, None, :] / (6 * 2) * np.ones((2, 6, 4)),
-                             rtol=1e-6)
+def _loss_gradients(layer, x):
+  """d balance / d router weight and d z / d router weight, by JAX through the whole layer."""
+  grads = [
+      nnx.grad(lambda m, name=name: getattr(m(x, train=True)[1].losses, name))(layer)
+      for name in ("balance", "z")
+  ]
+  return [np.asarray(g.router.w[...], np.float64) for g in grads]
 
 
-def test_z_loss_formula():
-  logits = np.asarray(jax.random.normal(jax.random.key(0), (2, 5, 3)), np.float64) * 4
-  lse = np.log(np.sum(np.exp(logits), axis=-1))
-  np.testing.assert_allclose(routing.router_z_loss(jnp.asarray(logits, jnp.float32)),
-                             np.mean(lse**2), rtol=1e-6)
-  np.testing.assert_allclose(routing.router_z_loss(jnp.zeros((1, 3, 8))), math.log(8)**2, rtol=1e-6)
+def _reference_loss_gradients(x, w, s, k, balance: bool):
+  """Hand-derived gradients w.r.t. the router weight W (logits z = x W, p = softmax(z)):
+
+  balance = (1/G) sum_g E sum_e f_ge P_ge with f constant:
+    d/dz_gsj = p_gsj (a_gj - sum_e a_ge p_gse),   a_ge = E f_ge / (G S)
+  z-loss = (1/(G S)) sum_gs lse_gs^2:   d/dz_gsj = 2 lse_gs p_gsj / (G S)
+  d/dW = sum_gs x_gs^T d/dz_gs.
+  """
+  x_GSD = ref.cut_groups(x, s)
+  logits = x_GSD @ w
+  p = ref.softmax(logits)
+  g, _, e = p.shape
+  if balance:
+    f = ref.assignment_fraction(np.stack([ref.top_k_choices(q, k) for q in p]), e)
+    a = e * f[:, None, :] / (g * s)
+    dz = p * (a - np.sum(a * p, axis=-1, keepdims=True))
+  else:
+    dz = 2.0 * ref.logsumexp(logits)[..., None] * p / (g * s)
+  return np.einsum("gsd,gse->de", x_GSD, dz)
+
+
+@pytest.mark.parametrize("router", ["tokens_choose", "experts_choose"])
+def test_loss_gradients_wrt_router_match_reference(router):
+  """Tokens choose: the balance loss reaches the router through P only. Experts choose: balance
+  is a 0.0 float32 scalar with zero gradient (every expert is full by construction; flaxformer),
+  while the z-loss still trains the router."""
+  layer = make_layer(router=router, dispatch="einsum", top_k=2, train_capacity_factor=0.75)
+  x = tokens()
+  _, aux = layer(x, train=True)
+  w = np.asarray(layer.router.w[...], np.float64)
+  grad_balance, grad_z = _loss_gradients(layer, x)
+  r = reference_moe(x, layer_params(layer), layer.cfg, train=True)
+  assert aux.losses.balance.shape == () and aux.losses.balance.dtype == jnp.float32
+  if router == "experts_choose":
+    assert r.balance == 0.0
+    np.testing.assert_array_equal(aux.losses.balance, 0.0)
+    np.testing.assert_array_equal(grad_balance, 0.0)
+  else:
+    np.testing.assert_allclose(aux.losses.balance, r.balance, rtol=1e-5)
+    expected = _reference_loss_gradients(x, w, 16, 2, balance=True)
+    assert np.max(np.abs(expected)) > 1e-3
+    np.testing.assert_allclose(grad_balance, expected, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(aux.losses.z, r.z, rtol=1e-5)
+  np.testing.assert_allclose(
+      grad_z, _reference_loss_gradients(x, w, 16, 2, balance=False), rtol=1e-4, atol=1e-6
+  )
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics.
+
+
+@pytest.mark.parametrize(
+    "kw, expected_used",
+    [
+        ({"dispatch": "einsum", "train_capacity_factor": 1.0}, None),  # Drops, and empty slots too.
+        ({"dispatch": "einsum", "train_capacity_factor": None}, 2 / 4),  # C = S: k / E.
+        ({"dispatch": "gather", "train_capacity_factor": None}, 2 / 4),
+        (
+            {"dispatch": "dropless", "train_capacity_factor": None, "eval_capacity_factor": None},
+            1.0,
+        ),
+        ({"router": "experts_choose", "dispatch": "gather", "train_capacity_factor": 0.5}, 1.0),
+    ],
+    ids=["einsum-drops", "einsum-no-cf", "gather-no-cf", "dropless", "experts-choose"],
+)
+def test_capacity_used_is_kept_over_computed_slots(kw, expected_used):
+  """capacity_used = kept assignments / expert slots computed: E * C for the buffer paths (k / E
+  when C = S), exactly the assignments for DROPLESS, every slot filled for experts choose."""
+  layer = make_layer(top_k=2, **kw)
+  x = tokens()
+  _, aux = layer(x, train=True)
+  r = reference_moe(x, layer_params(layer), layer.cfg, train=True)
+  if expected_used is None:
+    assert r.stats.capacity_used < 0.99 and r.stats.dropped_fraction.max() > 0
+  else:
+    np.testing.assert_allclose(r.stats.capacity_used, expected_used)
+  np.testing.assert_allclose(aux.stats.capacity_used, r.stats.capacity_used, rtol=1e-6)
+  assert_aux_matches(aux, r)
+
+
+def test_train_and_eval_capacity_differ():
+  layer = make_layer(train_capacity_factor=0.5, eval_capacity_factor=4.0)
+  _, aux_train = layer(tokens(), train=True)
+  _, aux_eval = layer(tokens(), train=False)
+  assert float(aux_train.stats.dropped_fraction[0]) > 0
+  assert float(aux_eval.stats.dropped_fraction[0]) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradients, dtypes, decisions.
 
 
 @pytest.mark.parametrize("dispatch_kind", ["einsum", "gather", "dropless"])
 def test_gradients_reach_router_and_used_experts_and_jit_agrees(dispatch_kind):
   cf = None if dispatch_kind == "dropless" else 1.0
-  layer = make_layer(dispatch=dispatch_kind, top_k=2, train_capacity_factor=cf,
-                     eval_capacity_factor=cf)
+  layer = make_layer(
+      dispatch=dispatch_kind, top_k=2, train_capacity_factor=cf, eval_capacity_factor=cf
+  )
   x = tokens()
 
   def loss_fn(layer, x):
@@ -244,9 +322,8 @@ def test_gradients_reach_router_and_used_experts_and_jit_agrees(dispatch_kind):
   grads = nnx.grad(loss_fn)(layer, x)
   jit_grads = nnx.jit(nnx.grad(loss_fn))(layer, x)
   assert np.any(np.asarray(grads.router.w[...]) != 0)
-  _, kept = reference_moe(x, layer_params(layer), layer.cfg, train=True)
-  top = routing.tokens_choose(jax.nn.softmax(layer.router(x.reshape(2, 16, D))), 2, False)
-  used = np.unique(np.asarray(top.expert_index)[kept])
+  r = reference_moe(x, layer_params(layer), layer.cfg, train=True)
+  used = np.unique(r.choices[r.kept])
   w_in_grad = np.asarray(grads.experts.w_in[...])
   for e in range(4):
     assert np.any(w_in_grad[e] != 0) == (e in used), f"expert {e}"
@@ -267,62 +344,97 @@ def test_bfloat16_activations_keep_float32_router_logits():
   assert layer.experts.w_in[...].dtype == jnp.float32
 
 
-def test_jitter_only_in_training():
-  layer = make_layer(jitter_eps=0.1)
-  x = tokens().reshape(2, 16, D)
-  np.testing.assert_array_equal(layer.router(x), layer.router(x, train=False, rng=jax.random.key(0)))
-  noisy = layer.router(x, train=True, rng=jax.random.key(0))
-  assert not np.allclose(noisy, layer.router(x))
-  with pytest.raises(ValueError, match="jitter"):
-    layer.router(x, train=True)
-
-
-def test_train_and_eval_capacity_differ():
-  layer = make_layer(train_capacity_factor=0.5, eval_capacity_factor=4.0)
-  _, aux_train = layer(tokens(), train=True)
-  _, aux_eval = layer(tokens(), train=False)
-  assert float(aux_train.stats.dropped_fraction[0]) > 0
-  assert float(aux_eval.stats.dropped_fraction[0]) == 0
-
-
-def test_stats():
-  layer = make_layer(top_k=2, train_capacity_factor=1.0, eval_capacity_factor=1.0)
+@pytest.mark.parametrize("dispatch_kind", ["einsum", "gather"])
+def test_routing_decisions_match_the_reference(dispatch_kind):
+  layer = make_layer(
+      dispatch=dispatch_kind,
+      top_k=2,
+      train_capacity_factor=0.75,
+      eval_capacity_factor=0.75,
+      priority="batch_prioritized",
+  )
   x = tokens()
-  _, aux = layer(x)
-  s = aux.stats
-  np.testing.assert_allclose(np.sum(s.expert_load), 1.0, rtol=1e-6)
-  _, kept = reference_moe(x, layer_params(layer), layer.cfg)
-  c = capacity(16, 4, 2, 1.0, 0)
-  np.testing.assert_allclose(s.capacity_used, kept.sum(axis=(1, 2)).mean() / (4 * c), rtol=1e-6)
-  assert 0 < float(s.router_entropy) < math.log(4)
-  assert 0.25 < float(s.top1_probability) <= 1.0
+  expert_index, kept = layer.routing_decisions(x)
+  r = reference_moe(x, layer_params(layer), layer.cfg)
+  np.testing.assert_array_equal(expert_index, r.choices)
+  np.testing.assert_array_equal(kept, r.kept)
+  assert not r.kept.all()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"dispatch": "dropless", "train_capacity_factor": None, "eval_capacity_factor": None},
+        {"router": "experts_choose", "dispatch": "einsum", "eval_capacity_factor": 0.5},
+    ],
+    ids=["dropless", "experts-choose"],
+)
+def test_routing_decisions_without_drops_match_the_reference(kw):
+  layer = make_layer(top_k=2, **kw)
+  x = tokens()
+  index, kept = layer.routing_decisions(x)
+  r = reference_moe(x, layer_params(layer), layer.cfg)
+  np.testing.assert_array_equal(index, r.choices)  # Experts per token, or tokens per expert.
+  assert np.asarray(kept).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Capacity and configuration.
 
 
 def test_capacity_formula():
-  assert capacity(64, 8, 1, 1.0) == 8
-  assert capacity(64, 8, 2, 1.25) == 20  # ceil(1.25 * 2 * 64 / 8)
-  assert capacity(10, 3, 1, 1.0, min_capacity=0) == 4  # ceil(10 / 3)
-  assert capacity(64, 8, 1, 0.01, min_capacity=4) == 4
-  assert capacity(16, 2, 2, 4.0) == 16  # Clamped to S.
-  assert capacity(16, 4, 2, None) == 16 and capacity(16, 4, 2, 0.0) == 16
-  assert capacity(5, 1, 1, 1.2, min_capacity=0) == 5  # 1.2 * 5 = 6.000000000000001 in floats.
+  cases = [
+      ((64, 8, 1, 1.0, 4), 8),
+      ((64, 8, 2, 1.25, 4), 20),  # ceil(1.25 * 2 * 64 / 8)
+      ((10, 3, 1, 1.0, 0), 4),  # ceil(10 / 3)
+      ((64, 8, 1, 0.01, 4), 4),
+      ((16, 2, 2, 4.0, 4), 16),  # Clamped to S.
+      ((16, 4, 2, None, 4), 16),
+      ((5, 1, 1, 1.2, 0), 5),  # 1.2 * 5 = 6.000000000000001 in floats.
+      ((10, 5, 1, 0.1, 0), 1),  # 0.1 * 10 / 5 = 0.2, not a float just above 1 slot's worth.
+      ((30, 10, 1, 0.1, 0), 1),  # 0.1 * 3 = 0.30000000000000004 in floats.
+  ]
+  for args, expected in cases:
+    assert capacity(*args) == expected, args
+    assert ref.reference_capacity(*args) == expected, args
+  # The implementation and the exact-rational reference agree on a grid.
+  for s in (1, 5, 8, 16, 30, 64):
+    for e in (1, 3, 4, 8):
+      for k in (1, 2):
+        for cf in (None, 0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 1.0, 1.1, 1.2, 1.25, 1.5, 2.0, 3.3):
+          for min_capacity in (0, 4):
+            if k <= e:
+              assert capacity(s, e, k, cf, min_capacity) == ref.reference_capacity(
+                  s, e, k, cf, min_capacity
+              ), (s, e, k, cf, min_capacity)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"num_experts": 4, "top_k": 5}, "moe.top_k"),
-    ({"num_experts": 4, "top_k": 0}, "moe.top_k"),
-    ({"num_experts": 0}, "moe.num_experts"),
-    ({"num_experts": 4, "min_capacity": -1}, "moe.min_capacity"),
-    ({"num_experts": 4, "router": "experts_choose", "dispatch": "dropless",
-      "train_capacity_factor": None, "eval_capacity_factor": None}, "moe.dispatch"),
-    ({"num_experts": 4, "dispatch": "dropless"}, "moe.train_capacity_factor"),
-    ({"num_experts": 4, "dispatch": "scatter"}, "moe.dispatch"),
-    ({"num_experts": 4, "router": "random"}, "moe.router"),
-    ({"num_experts": 4, "priority": "fifo"}, "moe.priority"),
-    ({"num_experts": 4, "activation": "relu6"}, "moe.activation"),
-    ({"num_experts": 4, "dtype": "float16"}, "moe.dtype"),
-    ({"num_experts": 4, "group_size": 0}, "moe.group_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"num_experts": 4, "top_k": 5}, "moe.top_k"),
+        ({"num_experts": 4, "top_k": 0}, "moe.top_k"),
+        ({"num_experts": 0}, "moe.num_experts"),
+        ({"num_experts": 4, "min_capacity": -1}, "moe.min_capacity"),
+        (
+            {
+                "num_experts": 4,
+                "router": "experts_choose",
+                "dispatch": "dropless",
+                "train_capacity_factor": None,
+                "eval_capacity_factor": None,
+            },
+            "moe.dispatch",
+        ),
+        ({"num_experts": 4, "dispatch": "dropless"}, "moe.train_capacity_factor"),
+        ({"num_experts": 4, "dispatch": "scatter"}, "moe.dispatch"),
+        ({"num_experts": 4, "router": "random"}, "moe.router"),
+        ({"num_experts": 4, "priority": "fifo"}, "moe.priority"),
+        ({"num_experts": 4, "activation": "relu6"}, "moe.activation"),
+        ({"num_experts": 4, "dtype": "float16"}, "moe.dtype"),
+        ({"num_experts": 4, "group_size": 0}, "moe.group_size"),
+    ],
+)
 def test_bad_config_raises_named_error(kwargs, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")) as info:
     MoEConfig(expert_hidden=8, **kwargs)
@@ -334,16 +446,3 @@ def test_group_size_must_divide_tokens_before_tracing():
   layer = make_layer(group_size=5)
   with pytest.raises(ValueError, match=r"moe\.group_size=5"):
     layer(tokens())  # 2 x 16 tokens.
-  enum_values = {m.value for m in Dispatch} | {m.value for m in Router}
-  assert {"einsum", "gather", "dropless", "tokens_choose", "experts_choose"} == enum_values
-
-
-@pytest.mark.parametrize("dispatch_kind", ["einsum", "gather"])
-def test_routing_decisions_match_the_reference(dispatch_kind):
-  layer = make_layer(dispatch=dispatch_kind, top_k=2, train_capacity_factor=0.75,
-                     eval_capacity_factor=0.75, priority="batch_prioritized")
-  x = tokens()
-  expert_index, kept = layer.routing_decisions(x)
-  _, kept_ref = reference_moe(x, layer_params(layer), layer.cfg)
-  np.testing.assert_array_equal(kept, kept_ref)
-  assert not kept_ref.all()
