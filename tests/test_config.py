@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from moe.config import ModelConfig, MoEConfig
+import moe_reference as ref
+from moe.config import ModelConfig, MoEConfig, capacity
 
 # (router, top_k, priority, dispatch, train cf, eval cf) -> causal. Written out from the argument in
 # MoEConfig.routing_is_causal: only competition for a capacity can couple tokens, and only claims
@@ -106,3 +107,63 @@ def test_bad_values_are_refused_naming_the_field(field, value, named):
     experiment_from_config_dict(cd)
   message = str(error.value)
   assert named in message and "\n" not in message, message
+
+
+def test_capacity_formula():
+  cases = [
+      ((64, 8, 1, 1.0, 4), 8),
+      ((64, 8, 2, 1.25, 4), 20),  # ceil(1.25 * 2 * 64 / 8)
+      ((10, 3, 1, 1.0, 0), 4),  # ceil(10 / 3)
+      ((64, 8, 1, 0.01, 4), 4),
+      ((16, 2, 2, 4.0, 4), 16),  # Clamped to S.
+      ((16, 4, 2, None, 4), 16),
+      ((5, 1, 1, 1.2, 0), 5),  # 1.2 * 5 = 6.000000000000001 in floats.
+      ((10, 5, 1, 0.1, 0), 1),  # 0.1 * 10 / 5 = 0.2, not a float just above 1 slot's worth.
+      ((30, 10, 1, 0.1, 0), 1),  # 0.1 * 3 = 0.30000000000000004 in floats.
+  ]
+  for args, expected in cases:
+    assert capacity(*args) == expected, args
+    assert ref.reference_capacity(*args) == expected, args
+  # The implementation and the exact-rational reference agree on a grid.
+  for s in (1, 5, 8, 16, 30, 64):
+    for e in (1, 3, 4, 8):
+      for k in (1, 2):
+        for cf in (None, 0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 1.0, 1.1, 1.2, 1.25, 1.5, 2.0, 3.3):
+          for min_capacity in (0, 4):
+            if k <= e:
+              assert capacity(s, e, k, cf, min_capacity) == ref.reference_capacity(
+                  s, e, k, cf, min_capacity
+              ), (s, e, k, cf, min_capacity)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"num_experts": 4, "top_k": 5}, "moe.top_k"),
+        ({"num_experts": 4, "top_k": 0}, "moe.top_k"),
+        ({"num_experts": 0}, "moe.num_experts"),
+        ({"num_experts": 4, "min_capacity": -1}, "moe.min_capacity"),
+        (
+            {
+                "num_experts": 4,
+                "router": "experts_choose",
+                "dispatch": "dropless",
+                "train_capacity_factor": None,
+                "eval_capacity_factor": None,
+            },
+            "moe.dispatch",
+        ),
+        ({"num_experts": 4, "dispatch": "dropless"}, "moe.train_capacity_factor"),
+        ({"num_experts": 4, "dispatch": "scatter"}, "moe.dispatch"),
+        ({"num_experts": 4, "router": "random"}, "moe.router"),
+        ({"num_experts": 4, "priority": "fifo"}, "moe.priority"),
+        ({"num_experts": 4, "activation": "relu6"}, "moe.activation"),
+        ({"num_experts": 4, "dtype": "float16"}, "moe.dtype"),
+        ({"num_experts": 4, "group_size": 0}, "moe.group_size"),
+    ],
+)
+def test_bad_config_raises_named_error(kwargs, field):
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")) as info:
+    MoEConfig(expert_hidden=8, **kwargs)
+  if "dispatch" in kwargs and kwargs["dispatch"] == "scatter":
+    assert "'einsum'" in str(info.value) and "'dropless'" in str(info.value)
