@@ -32,8 +32,13 @@ def main(argv=None):
   e = args.experts or p["experts"][-1]
   k, iters = args.top_k, args.iters or p["iters"]
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[p["dtype"]]
-  ns = argparse.Namespace(d_model=p["d_model"], hidden=p["hidden"], activation="gelu",
-                          dtype=p["dtype"], capacity_factor=args.capacity_factor)
+  ns = argparse.Namespace(
+      d_model=p["d_model"],
+      hidden=p["hidden"],
+      activation="gelu",
+      dtype=p["dtype"],
+      capacity_factor=args.capacity_factor,
+  )
   b, s, d = p["tokens"] // p["seq_len"], p["seq_len"], p["d_model"]
   c = capacity(s, e, k, args.capacity_factor, 0)
   x = jax.random.normal(jax.random.key(0), (b, s, d), dtype)
@@ -68,13 +73,21 @@ def main(argv=None):
   order = routing.priority_order(probs, layer.cfg.priority)
   identity = lambda buf: buf
   for name, run in (("einsum", dispatch.einsum_moe), ("gather", dispatch.gather_moe)):
-    f = jax.jit(jax.grad(lambda x, g: jnp.sum(run(x, top.expert_index, g, order, c, e, identity)[0]
-                                              .astype(jnp.float32)), argnums=(0, 1)))
+    f = jax.jit(
+        jax.grad(
+            lambda x, g: jnp.sum(
+                run(x, top.expert_index, g, order, c, e, identity)[0].astype(jnp.float32)
+            ),
+            argnums=(0, 1),
+        )
+    )
     rows.append((f"dispatch + combine only: {name}", time_fn(f, x, top.gates, iters=iters)))
 
   device = jax.devices()[0]
-  print(f"# {device.device_kind}; T={b * s} (groups of {s}), d={d}, f={p['hidden']}, E={e}, k={k}, "
-        f"C={c}, {p['dtype']}, forward+backward, median of {iters}")
+  print(
+      f"# {device.device_kind}; T={b * s} (groups of {s}), d={d}, f={p['hidden']}, E={e}, k={k}, "
+      f"C={c}, {p['dtype']}, forward+backward, median of {iters}"
+  )
   for name, ms in rows:
     print(f"{name:<44}{ms:>10.2f} ms")
 

@@ -26,10 +26,26 @@ from moe.ffn import MLP
 from moe.layer import MoEFeedForward
 
 PRESETS = {
-    "cpu": dict(tokens=2048, seq_len=256, d_model=256, hidden=512, experts=[8], top_k=[1, 2],
-                dtype="float32", iters=5),
-    "gpu": dict(tokens=16384, seq_len=1024, d_model=2048, hidden=4096, experts=[8, 64], top_k=[1, 2],
-                dtype="bfloat16", iters=20),
+    "cpu": dict(
+        tokens=2048,
+        seq_len=256,
+        d_model=256,
+        hidden=512,
+        experts=[8],
+        top_k=[1, 2],
+        dtype="float32",
+        iters=5,
+    ),
+    "gpu": dict(
+        tokens=16384,
+        seq_len=1024,
+        d_model=2048,
+        hidden=4096,
+        experts=[8, 64],
+        top_k=[1, 2],
+        dtype="bfloat16",
+        iters=20,
+    ),
 }
 PATHS = ("dense", "einsum", "gather", "dropless")
 
@@ -61,20 +77,32 @@ def build(path: str, experts: int, top_k: int, args) -> tuple[nnx.Module, callab
   rngs = nnx.Rngs(0)
   with nnx.use_eager_sharding(False):
     if path == "dense":
-      return MLP(args.d_model, top_k * args.hidden, Activation(args.activation), dtype=dtype,
-                 rngs=rngs), lambda m, x: m(x)
+      return MLP(
+          args.d_model, top_k * args.hidden, Activation(args.activation), dtype=dtype, rngs=rngs
+      ), lambda m, x: m(x)
     cf = None if path == "dropless" else args.capacity_factor
-    cfg = MoEConfig(num_experts=experts, top_k=top_k, expert_hidden=args.hidden, dispatch=path,
-                    train_capacity_factor=cf, eval_capacity_factor=cf, activation=args.activation,
-                    dtype=args.dtype, min_capacity=0)
+    cfg = MoEConfig(
+        num_experts=experts,
+        top_k=top_k,
+        expert_hidden=args.hidden,
+        dispatch=path,
+        train_capacity_factor=cf,
+        eval_capacity_factor=cf,
+        activation=args.activation,
+        dtype=args.dtype,
+        min_capacity=0,
+    )
     return MoEFeedForward(cfg, args.d_model, rngs=rngs), lambda m, x: m(x, train=True)[0]
 
 
 def run(args) -> list[dict]:
   records = []
   batch = args.tokens // args.seq_len
-  x = jax.random.normal(jax.random.key(0), (batch, args.seq_len, args.d_model),
-                        {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
+  x = jax.random.normal(
+      jax.random.key(0),
+      (batch, args.seq_len, args.d_model),
+      {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype],
+  )
   for top_k in args.top_k:
     dense_ms = None
     for experts in args.experts:
@@ -86,8 +114,15 @@ def run(args) -> list[dict]:
         ms = time_fn(fn, params, x, iters=args.iters)
         if path == "dense":
           dense_ms = ms
-        records.append(dict(path=path, experts=experts if path != "dense" else 0, top_k=top_k,
-                            ms=round(ms, 3), ratio_vs_dense=None))
+        records.append(
+            dict(
+                path=path,
+                experts=experts if path != "dense" else 0,
+                top_k=top_k,
+                ms=round(ms, 3),
+                ratio_vs_dense=None,
+            )
+        )
         del fn, params, module
   dense = {r["top_k"]: r["ms"] for r in records if r["path"] == "dense"}
   for r in records:
@@ -99,8 +134,9 @@ def run(args) -> list[dict]:
 def check_agreement() -> float:
   """On the current device, in float32 at highest matmul precision: all paths compute one function when
   nothing drops (C = S). Returns the largest relative difference to the EINSUM path."""
-  args = argparse.Namespace(d_model=64, hidden=128, activation="gelu", dtype="float32",
-                            capacity_factor=None)
+  args = argparse.Namespace(
+      d_model=64, hidden=128, activation="gelu", dtype="float32", capacity_factor=None
+  )
   x = jax.random.normal(jax.random.key(1), (4, 128, 64))
   worst = 0.0
   with jax.default_matmul_precision("highest"):
@@ -110,7 +146,9 @@ def check_agreement() -> float:
         module, apply = build(path, 8, top_k, args)
         outs[path] = jax.jit(lambda m, x: apply(m, x))(module, x)
       for path in ("gather", "dropless"):
-        err = float(jnp.max(jnp.abs(outs[path] - outs["einsum"])) / jnp.max(jnp.abs(outs["einsum"])))
+        err = float(
+            jnp.max(jnp.abs(outs[path] - outs["einsum"])) / jnp.max(jnp.abs(outs["einsum"]))
+        )
         worst = max(worst, err)
   return worst
 
@@ -130,8 +168,11 @@ def main(argv=None):
   parser.add_argument("--activation", default="gelu", choices=[a.value for a in Activation])
   parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
   parser.add_argument("--json", action="store_true", help="one JSON record per line")
-  parser.add_argument("--check", action="store_true",
-                      help="first check that the paths agree on this device (float32, no drops)")
+  parser.add_argument(
+      "--check",
+      action="store_true",
+      help="first check that the paths agree on this device (float32, no drops)",
+  )
   args = parser.parse_args(argv)
   for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
@@ -152,12 +193,16 @@ def main(argv=None):
       print(json.dumps(r))
     return
   device = jax.devices()[0]
-  print(f"# {device.platform} {device.device_kind}; T={args.tokens} (groups of {args.seq_len}), "
-        f"d={args.d_model}, f={args.hidden}, {args.dtype}, cf={args.capacity_factor}, "
-        f"forward+backward, median of {args.iters}")
+  print(
+      f"# {device.platform} {device.device_kind}; T={args.tokens} (groups of {args.seq_len}), "
+      f"d={args.d_model}, f={args.hidden}, {args.dtype}, cf={args.capacity_factor}, "
+      f"forward+backward, median of {args.iters}"
+  )
   print(f"{'path':<10}{'experts':>8}{'top_k':>6}{'ms':>11}{'vs dense':>10}")
   for r in records:
-    print(f"{r['path']:<10}{r['experts']:>8}{r['top_k']:>6}{r['ms']:>11.2f}{r['ratio_vs_dense']:>9.2f}x")
+    print(
+        f"{r['path']:<10}{r['experts']:>8}{r['top_k']:>6}{r['ms']:>11.2f}{r['ratio_vs_dense']:>9.2f}x"
+    )
 
 
 if __name__ == "__main__":

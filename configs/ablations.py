@@ -40,6 +40,7 @@ from moe.config import MoEConfig
 def _set_moe(field: str, cast=float):
   def apply(cd, member):
     cd.model.moe[field] = cast(member)
+
   return apply
 
 
@@ -70,8 +71,13 @@ def _router(cd, member):
   cd.model.moe.eval_capacity_factor = 1.0
   if member == "experts_choose":
     ec = configs.expert_choice.get_config().model.moe  # EC-CF2, with the causality acknowledgement.
-    for key in ("router", "train_capacity_factor", "eval_capacity_factor", "balance_loss_weight",
-                "allow_noncausal_routing"):
+    for key in (
+        "router",
+        "train_capacity_factor",
+        "eval_capacity_factor",
+        "balance_loss_weight",
+        "allow_noncausal_routing",
+    ):
       cd.model.moe[key] = ec[key]
 
 
@@ -103,16 +109,24 @@ def members(family: str) -> tuple[str, ...]:
 
 def get_config(arg: str | None = None):
   """Args: arg: the argument string above (family is required)."""
-  args = arguments.parse_arg(arg, {
-      "family": arguments.Arg("", tuple(FAMILIES)), "member": arguments.Arg(""),
-      "size": arguments.SIZE_ARG, "data": arguments.DATA_ARG})
+  args = arguments.parse_arg(
+      arg,
+      {
+          "family": arguments.Arg("", tuple(FAMILIES)),
+          "member": arguments.Arg(""),
+          "size": arguments.SIZE_ARG,
+          "data": arguments.DATA_ARG,
+      },
+  )
   if not args["family"]:
     raise ValueError(f"config argument family is required; allowed values: {', '.join(FAMILIES)}")
   family, member = args["family"], args["member"] or members(args["family"])[0]
   allowed, apply = FAMILIES[family]
   if member not in allowed:
-    raise ValueError(f"config argument member={member!r} is not a member of family {family}; "
-                     f"member must be one of {', '.join(allowed)}")
+    raise ValueError(
+        f"config argument member={member!r} is not a member of family {family}; "
+        f"member must be one of {', '.join(allowed)}"
+    )
   cd = configs.switch.get_config(f"size={args['size']},data={args['data']}")
   apply(cd, member)
   # Members whose routing is not causal (top-k > 1 or batch-prioritised order with a capacity, experts

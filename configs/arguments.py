@@ -33,15 +33,18 @@ class Arg:
 SIZE_ARG = Arg("tiny", tuple(SIZES))
 DATA_ARG = Arg("shakespeare", tuple(DATA))
 # The layer's own default (MoEConfig.dispatch), not a second copy of it.
-DISPATCH_ARG = Arg(MoEConfig.__dataclass_fields__["dispatch"].default.value,
-                   tuple(d.value for d in Dispatch))
+DISPATCH_ARG = Arg(
+    MoEConfig.__dataclass_fields__["dispatch"].default.value, tuple(d.value for d in Dispatch)
+)
 
 
 def _convert(key: str, raw: str, spec: Arg) -> Any:
   if spec.choices is not None:
     if raw not in spec.choices:
-      raise ValueError(f"config argument {key}={raw!r} is not allowed; {key} must be one of "
-                       f"{', '.join(spec.choices)}")
+      raise ValueError(
+          f"config argument {key}={raw!r} is not allowed; {key} must be one of "
+          f"{', '.join(spec.choices)}"
+      )
     return raw
   what = {int: "an integer", float: "a number"}.get(spec.kind, "a string")
   bound = "" if spec.minimum is None else f" >= {spec.minimum}"
@@ -74,7 +77,9 @@ def parse_arg(arg: str | None, spec: dict[str, Arg]) -> dict[str, Any]:
     key, sep, raw = item.partition("=")
     key, raw = key.strip(), raw.strip()
     if not sep:
-      raise ValueError(f"config argument {item!r} is not key=value; allowed keys: {', '.join(spec)}")
+      raise ValueError(
+          f"config argument {item!r} is not key=value; allowed keys: {', '.join(spec)}"
+      )
     if key not in spec:
       raise ValueError(f"unknown config argument key {key!r}; allowed keys: {', '.join(spec)}")
     if key in seen:
@@ -82,5 +87,3 @@ def parse_arg(arg: str | None, spec: dict[str, Arg]) -> dict[str, Any]:
     seen.add(key)
     values[key] = _convert(key, raw, spec[key])
   return values
-
-

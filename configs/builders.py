@@ -23,9 +23,11 @@ from moe.config_dict import section
 from moe.data.config import DataConfig
 from moe.sharding import MeshConfig
 
+
 def data_vocab_size(data: DataConfig) -> int:
   """The model vocabulary for a corpus: the byte tokenizer's size as `moe.data` reports it, or the
-  SentencePiece size (a soft limit for small corpora: the table may have unused rows, never too few)."""
+  SentencePiece size (a soft limit for small corpora: the table may have unused rows, never too few).
+  """
   if data.tokenizer is data_lib.TokenizerKind.BYTE:
     return data_lib.vocab_size(data)
   return data.sp_vocab_size
@@ -44,13 +46,29 @@ def dense_config(size: str, data: str, *, name: str | None = None) -> ml_collect
   cd.name = name or f"dense_{size}"
   cd.data = section(DataConfig, **DATA[data])
   cd.model = section(
-      ModelConfig, vocab_size=data_vocab_size(DataConfig(**DATA[data])), d_model=s.d_model,
-      num_layers=s.num_layers, num_heads=s.num_heads, mlp_hidden=s.mlp_hidden, max_len=s.seq_len,
-      sparse_every=s.sparse_every, remat=s.remat, dtype=s.dtype)
+      ModelConfig,
+      vocab_size=data_vocab_size(DataConfig(**DATA[data])),
+      d_model=s.d_model,
+      num_layers=s.num_layers,
+      num_heads=s.num_heads,
+      mlp_hidden=s.mlp_hidden,
+      max_len=s.seq_len,
+      sparse_every=s.sparse_every,
+      remat=s.remat,
+      dtype=s.dtype,
+  )
   cd.train = section(
-      TrainConfig, steps=s.steps, global_batch_size=s.batch, seq_len=s.seq_len,
-      learning_rate=s.learning_rate, warmup_steps=s.warmup_steps, log_every=s.log_every,
-      eval_every=s.eval_every, eval_batches=s.eval_batches, checkpoint_every=s.checkpoint_every)
+      TrainConfig,
+      steps=s.steps,
+      global_batch_size=s.batch,
+      seq_len=s.seq_len,
+      learning_rate=s.learning_rate,
+      warmup_steps=s.warmup_steps,
+      log_every=s.log_every,
+      eval_every=s.eval_every,
+      eval_batches=s.eval_batches,
+      checkpoint_every=s.checkpoint_every,
+  )
   # Every device on 'data' by default; `--config.mesh.expert=4 --config.mesh.rules=expert` etc. pick
   # another layout (moe.sharding.MeshConfig, Rules).
   cd.mesh = section(MeshConfig)
@@ -65,13 +83,16 @@ def moe_section(model: ml_collections.ConfigDict, **overrides: Any) -> ml_collec
     model: the model section.
     **overrides: MoEConfig fields to change.
   """
-  fields: dict[str, Any] = dict(num_experts=8, expert_hidden=model.mlp_hidden,
-                                activation=model.activation, dtype=model.dtype)
+  fields: dict[str, Any] = dict(
+      num_experts=8, expert_hidden=model.mlp_hidden, activation=model.activation, dtype=model.dtype
+  )
   fields.update(overrides)
   return section(MoEConfig, **fields)
 
 
-def sparse_config(size: str, data: str, *, name: str, **moe_overrides: Any) -> ml_collections.ConfigDict:
+def sparse_config(
+    size: str, data: str, *, name: str, **moe_overrides: Any
+) -> ml_collections.ConfigDict:
   """The dense config of a size with its MoE layout switched on (`Size.sparse_every`).
 
   Args:
@@ -87,10 +108,13 @@ def sparse_config(size: str, data: str, *, name: str, **moe_overrides: Any) -> m
   return cd
 
 
-def switch_config(size: str, data: str, *, experts: int, dispatch: str) -> ml_collections.ConfigDict:
+def switch_config(
+    size: str, data: str, *, experts: int, dispatch: str
+) -> ml_collections.ConfigDict:
   """Switch Transformer: top-1, train cf 1.25, eval cf 2.0 (Fedus et al. 2021, Sec. 2.2 and 3)."""
-  return sparse_config(size, data, name=f"switch{experts}_{size}", num_experts=experts, top_k=1,
-                       dispatch=dispatch)
+  return sparse_config(
+      size, data, name=f"switch{experts}_{size}", num_experts=experts, top_k=1, dispatch=dispatch
+  )
 
 
 def top2_config(size: str, data: str, *, experts: int, dispatch: str) -> ml_collections.ConfigDict:
@@ -101,8 +125,15 @@ def top2_config(size: str, data: str, *, experts: int, dispatch: str) -> ml_coll
   token's second choice), as in GShard and flaxformer; the config acknowledges it
   (`allow_noncausal_routing`). Dropless top-2 is causal and needs no acknowledgement.
   """
-  return sparse_config(size, data, name=f"top2x{experts}_{size}", num_experts=experts, top_k=2,
-                       dispatch=dispatch, allow_noncausal_routing=dispatch != "dropless")
+  return sparse_config(
+      size,
+      data,
+      name=f"top2x{experts}_{size}",
+      num_experts=experts,
+      top_k=2,
+      dispatch=dispatch,
+      allow_noncausal_routing=dispatch != "dropless",
+  )
 
 
 def expert_choice_config(size: str, data: str, *, experts: int) -> ml_collections.ConfigDict:
@@ -115,6 +146,15 @@ def expert_choice_config(size: str, data: str, *, experts: int) -> ml_collection
   loss is then optimistic, and autoregressive sampling cannot reproduce training-time routing. We run it
   as the paper's comparison point, acknowledging the leak.
   """
-  return sparse_config(size, data, name=f"ec{experts}_{size}", num_experts=experts, top_k=2,
-                       router="experts_choose", train_capacity_factor=1.0, eval_capacity_factor=1.0,
-                       balance_loss_weight=0.0, allow_noncausal_routing=True)
+  return sparse_config(
+      size,
+      data,
+      name=f"ec{experts}_{size}",
+      num_experts=experts,
+      top_k=2,
+      router="experts_choose",
+      train_capacity_factor=1.0,
+      eval_capacity_factor=1.0,
+      balance_loss_weight=0.0,
+      allow_noncausal_routing=True,
+  )

@@ -25,15 +25,23 @@ from moe import baselines
 # experts (switch<E>), of configs/top2.py and of configs/expert_choice.py.
 NAMED_SPARSE = ("switch4", "switch8", "switch16", "switch32", "switch64", "top2", "expert_choice")
 _NAMES = ("",) + NAMED_SPARSE
-_MATCH_KEYS = {"match": "active_flops", "match_params": "total_params",
-               "match_active_params": "active_params"}
+_MATCH_KEYS = {
+    "match": "active_flops",
+    "match_params": "total_params",
+    "match_active_params": "active_params",
+}
 
 
 def get_config(arg: str | None = None):
   """Args: arg: the argument string above ('' or None: dense tiny on shakespeare)."""
-  args = arguments.parse_arg(arg, {
-      "size": arguments.SIZE_ARG, "data": arguments.DATA_ARG,
-      **{key: arguments.Arg("", _NAMES) for key in _MATCH_KEYS}})
+  args = arguments.parse_arg(
+      arg,
+      {
+          "size": arguments.SIZE_ARG,
+          "data": arguments.DATA_ARG,
+          **{key: arguments.Arg("", _NAMES) for key in _MATCH_KEYS},
+      },
+  )
   given = [key for key in _MATCH_KEYS if args[key]]
   if len(given) > 1:
     raise ValueError(f"config arguments {' and '.join(given)} exclude each other: give one")

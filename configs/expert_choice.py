@@ -21,10 +21,15 @@ from configs import arguments, builders
 
 def get_config(arg: str | None = None):
   """Args: arg: the argument string above ('' or None: 8 experts, tiny, shakespeare)."""
-  args = arguments.parse_arg(arg, {
-      "size": arguments.SIZE_ARG, "data": arguments.DATA_ARG,
-      "experts": arguments.Arg(8, kind=int, minimum=2),
-      "dispatch": arguments.Arg(arguments.DISPATCH_ARG.default, ("gather", "einsum"))})
+  args = arguments.parse_arg(
+      arg,
+      {
+          "size": arguments.SIZE_ARG,
+          "data": arguments.DATA_ARG,
+          "experts": arguments.Arg(8, kind=int, minimum=2),
+          "dispatch": arguments.Arg(arguments.DISPATCH_ARG.default, ("gather", "einsum")),
+      },
+  )
   cd = builders.expert_choice_config(args["size"], args["data"], experts=args["experts"])
   cd.model.moe.dispatch = args["dispatch"]
   return cd

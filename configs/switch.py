@@ -19,10 +19,16 @@ from configs import arguments, builders
 
 def get_config(arg: str | None = None):
   """Args: arg: the argument string above ('' or None: switch-8 tiny on shakespeare)."""
-  args = arguments.parse_arg(arg, {
-      "size": arguments.SIZE_ARG, "data": arguments.DATA_ARG,
-      "experts": arguments.Arg(8, kind=int, minimum=1),
-      "dispatch": arguments.DISPATCH_ARG})
-  cd = builders.switch_config(args["size"], args["data"], experts=args["experts"],
-                             dispatch=args["dispatch"])
+  args = arguments.parse_arg(
+      arg,
+      {
+          "size": arguments.SIZE_ARG,
+          "data": arguments.DATA_ARG,
+          "experts": arguments.Arg(8, kind=int, minimum=1),
+          "dispatch": arguments.DISPATCH_ARG,
+      },
+  )
+  cd = builders.switch_config(
+      args["size"], args["data"], experts=args["experts"], dispatch=args["dispatch"]
+  )
   return cd

@@ -18,10 +18,16 @@ from configs import arguments, builders
 
 def get_config(arg: str | None = None):
   """Args: arg: the argument string above ('' or None: top-2 of 8 experts, tiny, shakespeare)."""
-  args = arguments.parse_arg(arg, {
-      "size": arguments.SIZE_ARG, "data": arguments.DATA_ARG,
-      "experts": arguments.Arg(8, kind=int, minimum=2),
-      "dispatch": arguments.DISPATCH_ARG})
-  cd = builders.top2_config(args["size"], args["data"], experts=args["experts"],
-                           dispatch=args["dispatch"])
+  args = arguments.parse_arg(
+      arg,
+      {
+          "size": arguments.SIZE_ARG,
+          "data": arguments.DATA_ARG,
+          "experts": arguments.Arg(8, kind=int, minimum=2),
+          "dispatch": arguments.DISPATCH_ARG,
+      },
+  )
+  cd = builders.top2_config(
+      args["size"], args["data"], experts=args["experts"], dispatch=args["dispatch"]
+  )
   return cd

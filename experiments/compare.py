@@ -40,6 +40,7 @@ def eval_curve(workdir: pathlib.Path) -> tuple[list[int], list[float]]:
 def plot(curves: dict[str, tuple[list[int], list[float]]], path: pathlib.Path) -> None:
   """Validation loss against steps, one line per run, to a PNG (written atomically)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -60,14 +61,30 @@ def plot(curves: dict[str, tuple[list[int], list[float]]], path: pathlib.Path) -
 
 def table(rows: list[dict]) -> str:
   """The comparison as a Markdown table."""
-  header = ("run", "total params", "active params", "train GFLOPs/token", "val loss", "val ppl",
-            "tokens/s", "train time", "wall (this call)")
+  header = (
+      "run",
+      "total params",
+      "active params",
+      "train GFLOPs/token",
+      "val loss",
+      "val ppl",
+      "tokens/s",
+      "train time",
+      "wall (this call)",
+  )
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in rows:
-    cells = (r["name"], f"{r['total_params'] / 1e6:.2f}M", f"{r['active_params'] / 1e6:.2f}M",
-             f"{r['train_flops_per_token'] / 1e9:.4f}", f"{r['eval_loss']:.4f}",
-             f"{r['eval_perplexity']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['train_time_s']:.1f} s",
-             f"{r['wall_s']:.1f} s")
+    cells = (
+        r["name"],
+        f"{r['total_params'] / 1e6:.2f}M",
+        f"{r['active_params'] / 1e6:.2f}M",
+        f"{r['train_flops_per_token'] / 1e9:.4f}",
+        f"{r['eval_loss']:.4f}",
+        f"{r['eval_perplexity']:.2f}",
+        f"{r['tokens_per_s']:,.0f}",
+        f"{r['train_time_s']:.1f} s",
+        f"{r['wall_s']:.1f} s",
+    )
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -89,14 +106,22 @@ def main(argv):
     start = time.perf_counter()
     final = train.train_and_evaluate(cfg, str(workdir))
     counts = accounting.param_counts(cfg.model)
-    rows.append(dict(
-        name=cfg.name, workdir=str(workdir), steps=final["step"], total_params=counts.total,
-        active_params=counts.active,
-        train_flops_per_token=accounting.flops_per_token(cfg.model, cfg.train.seq_len).total,
-        eval_loss=final.get("eval_loss", float("nan")),
-        eval_perplexity=final.get("eval_perplexity", float("nan")),
-        tokens_per_s=final["tokens_per_s"], train_time_s=final["train_time_s"],
-        compile_time_s=final["compile_time_s"], wall_s=time.perf_counter() - start))
+    rows.append(
+        dict(
+            name=cfg.name,
+            workdir=str(workdir),
+            steps=final["step"],
+            total_params=counts.total,
+            active_params=counts.active,
+            train_flops_per_token=accounting.flops_per_token(cfg.model, cfg.train.seq_len).total,
+            eval_loss=final.get("eval_loss", float("nan")),
+            eval_perplexity=final.get("eval_perplexity", float("nan")),
+            tokens_per_s=final["tokens_per_s"],
+            train_time_s=final["train_time_s"],
+            compile_time_s=final["compile_time_s"],
+            wall_s=time.perf_counter() - start,
+        )
+    )
     curves[cfg.name] = eval_curve(workdir)
   plot(curves, root / "val_loss.png")
   files.atomic_write(root / "comparison.json", json.dumps(rows, indent=2) + "\n")

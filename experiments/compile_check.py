@@ -20,13 +20,16 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (path[:arg]).", lock_config=True
+)
 _MESH = flags.DEFINE_string("mesh", None, "Mesh fields, e.g. 'data=2,expert=4,rules=expert'.")
-_FAKE_DEVICES = flags.DEFINE_integer("fake_devices", 0,
-                                     "Compile for this many fake CPU devices (0: the real devices).")
-_DEVICE_MEMORY_GB = flags.DEFINE_float("device_memory_gb", None,
-                                       "Memory per device to check against (default: as reported).")
+_FAKE_DEVICES = flags.DEFINE_integer(
+    "fake_devices", 0, "Compile for this many fake CPU devices (0: the real devices)."
+)
+_DEVICE_MEMORY_GB = flags.DEFINE_float(
+    "device_memory_gb", None, "Memory per device to check against (default: as reported)."
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -43,6 +46,7 @@ def parse_mesh(text: str) -> dict:
 def _bytes_per_device(tree, devices) -> dict:
   """Bytes each device holds of the arrays (ShapeDtypeStructs with shardings) in `tree`."""
   import jax  # pylint: disable=g-import-not-at-top
+
   totals = {d: 0 for d in devices}
   for leaf in jax.tree.leaves(tree):
     for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
@@ -55,10 +59,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _FAKE_DEVICES.value:  # Before the first device query creates the backend.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={_FAKE_DEVICES.value}")
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={_FAKE_DEVICES.value}"
+    )
   import jax  # pylint: disable=g-import-not-at-top
   from moe import config_dict, sharding, steps  # pylint: disable=g-import-not-at-top
+
   if _FAKE_DEVICES.value:
     jax.config.update("jax_platforms", "cpu")
 
@@ -68,17 +75,23 @@ def main(argv):
     mesh_cfg = dataclasses.replace(mesh_cfg, **parse_mesh(_MESH.value))
   mesh = sharding.make_mesh(mesh_cfg)
   rules = sharding.logical_rules(mesh_cfg.rules)
-  sharding.check_divisibility(mesh, mesh_cfg, cfg.model, cfg.train.global_batch_size,
-                             cfg.train.seq_len)
+  sharding.check_divisibility(
+      mesh, mesh_cfg, cfg.model, cfg.train.global_batch_size, cfg.train.seq_len
+  )
 
-  graphdef, rest, tx, state, state_sharding = steps.init_train_state(cfg, mesh, rules, abstract=True)
+  graphdef, rest, tx, state, state_sharding = steps.init_train_state(
+      cfg, mesh, rules, abstract=True
+  )
   batch_sharding = sharding.batch_sharding(mesh)
   shape = (cfg.train.global_batch_size, cfg.train.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-           for k, dtype in (("inputs", "int32"), ("targets", "int32"), ("weights", "float32"))}
+  batch = {
+      k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+      for k, dtype in (("inputs", "int32"), ("targets", "int32"), ("weights", "float32"))
+  }
   with sharding.use_mesh(mesh, rules):
-    step = steps.make_train_step(graphdef, rest, cfg, tx, state_sharding=state_sharding,
-                                 batch_sharding=batch_sharding)
+    step = steps.make_train_step(
+        graphdef, rest, cfg, tx, state_sharding=state_sharding, batch_sharding=batch_sharding
+    )
     compiled = step.lower(state, batch).compile()
 
   devices = list(mesh.devices.flat)
@@ -88,11 +101,16 @@ def main(argv):
   temp = stats.temp_size_in_bytes if stats is not None else 0
   # Arguments (state and batch) + outputs not aliased to a donated argument + temporaries: what the
   # compiled program needs on each device at its peak.
-  other = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-           if stats is not None else 0)
+  other = (
+      stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+      if stats is not None
+      else 0
+  )
   gib = lambda b: b / 2**30
-  print(f"{cfg.name}: mesh {dict(mesh.shape)} ({mesh_cfg.rules.value} rules), "
-        f"{jax.devices()[0].device_kind}, batch {shape[0]} x {shape[1]}")
+  print(
+      f"{cfg.name}: mesh {dict(mesh.shape)} ({mesh_cfg.rules.value} rules), "
+      f"{jax.devices()[0].device_kind}, batch {shape[0]} x {shape[1]}"
+  )
   print(f"{'device':>8}{'params GiB':>12}{'opt GiB':>10}{'temp GiB':>10}{'total GiB':>11}")
   limit = _DEVICE_MEMORY_GB.value
   if limit is None and not _FAKE_DEVICES.value:

@@ -16,24 +16,37 @@ from ml_collections import config_flags
 
 from moe import config_dict, sharding, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0, for multi-process runs.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (path[:arg]).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and config.json."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-_CPU_COLLECTIVES = flags.DEFINE_bool("cpu_collectives", False,
-                                     "Use gloo collectives between CPU processes.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, num_processes)."
+)
+_CPU_COLLECTIVES = flags.DEFINE_bool(
+    "cpu_collectives", False, "Use gloo collectives between CPU processes."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cfg = config_dict.experiment_from_config_dict(_CONFIG.value)  # Validates before anything compiles.
-  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                  cpu_collectives=_CPU_COLLECTIVES.value)
+  cfg = config_dict.experiment_from_config_dict(
+      _CONFIG.value
+  )  # Validates before anything compiles.
+  sharding.initialize_distributed(
+      _COORDINATOR.value,
+      _NUM_PROCESSES.value,
+      _PROCESS_ID.value,
+      cpu_collectives=_CPU_COLLECTIVES.value,
+  )
   train.train_and_evaluate(cfg, _WORKDIR.value)
 
 

@@ -7,5 +7,13 @@ implementations in `moe.dispatch`, expert FFNs in `moe.ffn`.
 from moe.config import Activation, Dispatch, MoEConfig, Priority, RouterKind, capacity
 from moe.layer import MoEAux, MoEFeedForward
 
-__all__ = ["Activation", "Dispatch", "MoEConfig", "Priority", "RouterKind", "capacity", "MoEAux",
-           "MoEFeedForward"]
+__all__ = [
+    "Activation",
+    "Dispatch",
+    "MoEConfig",
+    "Priority",
+    "RouterKind",
+    "capacity",
+    "MoEAux",
+    "MoEFeedForward",
+]

@@ -37,10 +37,19 @@ from moe.config import Activation, Dispatch, ModelConfig, RouterKind
 # Dense bf16 peak FLOP/s per device, by `device_kind` substring (first match wins: "v5 lite" before
 # "v5", "H100 PCIe" before "H100"). H200 has the H100 SXM's compute. float32 models run their matmuls
 # at half these rates (TF32 on NVIDIA, bf16 passes on TPU), see `peak_flops_per_device`.
-PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
-              ("TPU v4", 275e12),
-              ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
-              ("TPU v6 lite", 918e12), ("TPU v6e", 918e12))
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v6e", 918e12),
+)
 
 
 def peak_flops_per_device(device_kind: str, dtype: str) -> float | None:
@@ -108,7 +117,9 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
   n_sparse = cfg.num_sparse_layers
   n_dense = n_layers - n_sparse
   embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-  attention = n_layers * (2 * d * cfg.num_heads * cfg.head_dim + 2 * d * cfg.num_kv_heads * cfg.head_dim)
+  attention = n_layers * (
+      2 * d * cfg.num_heads * cfg.head_dim + 2 * d * cfg.num_kv_heads * cfg.head_dim
+  )
   norms = n_layers * 2 * d + d
   dense_ffn = n_dense * ffn_matrices(cfg.activation) * d * cfg.mlp_hidden
   router = experts = shared = active_experts = 0
@@ -120,9 +131,17 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     active_experts = n_sparse * moe.top_k * per_expert
     shared = n_sparse * ffn_matrices(moe.activation) * d * moe.shared_expert_hidden
   dense_part = embedding + attention + norms + dense_ffn + router + shared
-  return ParamCounts(total=dense_part + experts, active=dense_part + active_experts,
-                     embedding=embedding, attention=attention, norms=norms, dense_ffn=dense_ffn,
-                     router=router, experts=experts, shared_expert=shared)
+  return ParamCounts(
+      total=dense_part + experts,
+      active=dense_part + active_experts,
+      embedding=embedding,
+      attention=attention,
+      norms=norms,
+      dense_ffn=dense_ffn,
+      router=router,
+      experts=experts,
+      shared_expert=shared,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +237,10 @@ def _flop_counts(cfg: ModelConfig, seq_len: int, *, train: bool, model: bool) ->
       attention_proj=n_layers * 2 * (2 * d * h * dh + 2 * d * hkv * dh),
       attention_scores=n_layers * 2 * 2 * seq_len * h * dh,  # PaLM App. B: full L, not L / 2.
       dense_ffn=n_dense * 2 * ffn_matrices(cfg.activation) * d * cfg.mlp_hidden,
-      experts=0.0, router=0.0, dispatch=0.0, shared_expert=0.0,
+      experts=0.0,
+      router=0.0,
+      dispatch=0.0,
+      shared_expert=0.0,
       logits=2 * d * cfg.vocab_size,
   )
   slots = expert_slots_per_token(cfg, seq_len, train=train)
@@ -234,7 +256,9 @@ def _flop_counts(cfg: ModelConfig, seq_len: int, *, train: bool, model: bool) ->
       # token. Every token row meets every slot, so this grows with the group size S (GShard Sec. 3.2).
       s = routing_group_size(cfg, seq_len)
       fwd["dispatch"] = n_sparse * 2 * 2 * moe.num_experts * moe.capacity(s, train) * d
-    fwd["shared_expert"] = n_sparse * 2 * ffn_matrices(moe.activation) * d * moe.shared_expert_hidden
+    fwd["shared_expert"] = (
+        n_sparse * 2 * ffn_matrices(moe.activation) * d * moe.shared_expert_hidden
+    )
   scale = 3 if train else 1  # Backward = 2 x forward (Kaplan et al. 2020, Sec. 2.1).
   counts = {k: float(scale * v) for k, v in fwd.items()}
   return FlopCounts(**counts, total=sum(counts.values()), expert_slots=float(slots), train=train)
@@ -244,5 +268,7 @@ def summary(cfg: ModelConfig, seq_len: int) -> str:
   """One line for logs: total / active / non-embedding parameters and training GFLOPs per token."""
   p = param_counts(cfg)
   f = flops_per_token(cfg, seq_len, train=True)
-  return (f"params total {p.total / 1e6:.2f}M, active {p.active / 1e6:.2f}M, non-embedding total "
-          f"{p.non_embedding_total / 1e6:.2f}M; train {f.total / 1e9:.4f} GFLOPs/token at L={seq_len}")
+  return (
+      f"params total {p.total / 1e6:.2f}M, active {p.active / 1e6:.2f}M, non-embedding total "
+      f"{p.non_embedding_total / 1e6:.2f}M; train {f.total / 1e9:.4f} GFLOPs/token at L={seq_len}"
+  )

@@ -31,11 +31,32 @@ ACT_MLP = "activation_mlp"
 ACT_HEADS = "activation_heads"
 ACT_VOCAB = "activation_vocab"
 GROUP = "activation_group"  # Routing groups on the token side (split like the batch).
-EXPERT_GROUP = "activation_expert_group"  # Routing groups on the expert side (batch split less 'expert').
+EXPERT_GROUP = (
+    "activation_expert_group"  # Routing groups on the expert side (batch split less 'expert').
+)
 ACT_EXPERT = "activation_expert"  # The expert axis of dispatched [G, E, C, d] buffers.
 
-ALL = (VOCAB, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, EXPERT, ROUTER_EXPERTS, LAYERS, NORM, BATCH,
-       LENGTH, ACT_EMBED, ACT_MLP, ACT_HEADS, ACT_VOCAB, GROUP, EXPERT_GROUP, ACT_EXPERT)
+ALL = (
+    VOCAB,
+    EMBED,
+    MLP,
+    HEADS,
+    KV_HEADS,
+    HEAD_DIM,
+    EXPERT,
+    ROUTER_EXPERTS,
+    LAYERS,
+    NORM,
+    BATCH,
+    LENGTH,
+    ACT_EMBED,
+    ACT_MLP,
+    ACT_HEADS,
+    ACT_VOCAB,
+    GROUP,
+    EXPERT_GROUP,
+    ACT_EXPERT,
+)
 
 
 def logical_to_spec(logical: Sequence[str | None], rules=None) -> jax.P:

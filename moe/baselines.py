@@ -27,8 +27,9 @@ def _measure(cfg: ModelConfig, seq_len: int, match: str) -> float:
   return counts.total if match == "total_params" else counts.active
 
 
-def matched_dense(cd: ml_collections.ConfigDict, match: str = "active_flops", *,
-                  multiple: int = 8) -> ml_collections.ConfigDict:
+def matched_dense(
+    cd: ml_collections.ConfigDict, match: str = "active_flops", *, multiple: int = 8
+) -> ml_collections.ConfigDict:
   """The dense baseline of a sparse config: same everything, `model.moe=None`, a new `mlp_hidden`.
 
   Held fixed: width, depth, heads, vocabulary, embeddings, the dense activation (`model.activation`,

@@ -35,16 +35,23 @@ def make_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
   """An asynchronous CheckpointManager keeping the `keep` latest checkpoints."""
   _quiet_orbax()
   return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                      enable_async_checkpointing=True))
+      directory,
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=keep, create=True, enable_async_checkpointing=True
+      ),
+  )
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_it) -> None:
   """Starts saving `state` (a TrainState) and the iterator at `step`; returns once the arrays are
   copied off the device."""
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(nnx.as_pure(state)),
-      data=grain.checkpoint.CheckpointSave(data_it)))
+  manager.save(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(nnx.as_pure(state)),
+          data=grain.checkpoint.CheckpointSave(data_it),
+      ),
+  )
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: Any, data_it) -> tuple[int, Any, Any]:
@@ -59,8 +66,12 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any, data_it) -> tuple
   if not start:
     return 0, state, data_it
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.as_pure(state))
-  restored = manager.restore(start, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_it)))
+  restored = manager.restore(
+      start,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_it)
+      ),
+  )
   state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(restored["state"]))
   if int(state.step) != start:
     raise RuntimeError(f"checkpoint {start} holds step {int(state.step)}")

@@ -21,15 +21,21 @@ class RouterKind(enum.Enum):
   """Who chooses: tokens choose their top-k experts, or experts choose their top-C tokens."""
 
   TOKENS_CHOOSE = "tokens_choose"  # Switch (k=1), GShard (k=2).
-  EXPERTS_CHOOSE = "experts_choose"  # Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing".
+  EXPERTS_CHOOSE = (
+      "experts_choose"  # Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing".
+  )
 
 
 class Dispatch(enum.Enum):
   """How tokens reach their experts. All three compute the same function (tests prove it)."""
 
-  EINSUM = "einsum"  # One-hot [G, S, E, C] dispatch/combine tensors and einsums (GShard, flaxformer).
+  EINSUM = (
+      "einsum"  # One-hot [G, S, E, C] dispatch/combine tensors and einsums (GShard, flaxformer).
+  )
   GATHER = "gather"  # Sort claims by expert, gather into [G, E, C, d] buffers, gather back.
-  DROPLESS = "dropless"  # Every assignment; tokens grouped by expert and a grouped matmul (megablocks).
+  DROPLESS = (
+      "dropless"  # Every assignment; tokens grouped by expert and a grouped matmul (megablocks).
+  )
 
 
 class Activation(enum.Enum):
@@ -41,7 +47,9 @@ class Priority(enum.Enum):
   """Which claims win buffer slots within one choice rank (first choices always beat second choices)."""
 
   INDEX = "index"  # Tokens in sequence order (GShard, flaxformer default).
-  BATCH_PRIORITIZED = "batch_prioritized"  # Highest top-1 probability first (Switch, Tutel, flaxformer BPR).
+  BATCH_PRIORITIZED = (
+      "batch_prioritized"  # Highest top-1 probability first (Switch, Tutel, flaxformer BPR).
+  )
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -59,8 +67,16 @@ def is_dropless(capacity_factor: float | None) -> bool:
   return capacity_factor is None
 
 
-def check_number(field: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+def check_number(
+    field: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
   """Raises one line naming `field` and its allowed range unless `value` is a finite number in it.
 
   NaN and infinities are always refused (`nan < 0` is False, so a plain comparison lets NaN through).
@@ -69,8 +85,11 @@ def check_number(field: str, value: Any, *, low: float | None = None, high: floa
   lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
   hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
   allowed = f"{kind} {lo}{' and ' if lo and hi else ''}{hi}".rstrip()
-  ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(
-      value, bool) and math.isfinite(value)
+  ok = (
+      (isinstance(value, int) if integer else isinstance(value, (int, float)))
+      and not isinstance(value, bool)
+      and math.isfinite(value)
+  )
   ok = ok and (low is None or (value > low if low_open else value >= low))
   ok = ok and (high is None or (value < high if high_open else value <= high))
   if not ok:
@@ -131,7 +150,9 @@ class MoEConfig:
   allow_noncausal_routing: bool = False
 
   def __post_init__(self):
-    set_ = lambda name, value: object.__setattr__(self, name, value)  # frozen: normalise once, here.
+    set_ = lambda name, value: object.__setattr__(
+        self, name, value
+    )  # frozen: normalise once, here.
     set_("router", as_enum(RouterKind, self.router, "moe.router"))
     set_("dispatch", as_enum(Dispatch, self.dispatch, "moe.dispatch"))
     set_("priority", as_enum(Priority, self.priority, "moe.priority"))
@@ -141,13 +162,18 @@ class MoEConfig:
       raise ValueError(f"moe.num_experts={self.num_experts!r} must be an integer >= 1")
     if not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):
       raise ValueError(
-          f"moe.top_k={self.top_k!r} must be an integer in [1, moe.num_experts={self.num_experts}]")
+          f"moe.top_k={self.top_k!r} must be an integer in [1, moe.num_experts={self.num_experts}]"
+      )
     if not (isinstance(self.expert_hidden, int) and self.expert_hidden >= 1):
       raise ValueError(f"moe.expert_hidden={self.expert_hidden!r} must be an integer >= 1")
     if not (isinstance(self.min_capacity, int) and self.min_capacity >= 0):
       raise ValueError(f"moe.min_capacity={self.min_capacity!r} must be an integer >= 0")
-    if self.group_size is not None and not (isinstance(self.group_size, int) and self.group_size >= 1):
-      raise ValueError(f"moe.group_size={self.group_size!r} must be None (per sequence) or an integer >= 1")
+    if self.group_size is not None and not (
+        isinstance(self.group_size, int) and self.group_size >= 1
+    ):
+      raise ValueError(
+          f"moe.group_size={self.group_size!r} must be None (per sequence) or an integer >= 1"
+      )
     check_number("moe.shared_expert_hidden", self.shared_expert_hidden, low=0, integer=True)
     check_number("moe.jitter_eps", self.jitter_eps, low=0, high=1, high_open=True)
     for name in ("balance_loss_weight", "z_loss_weight"):
@@ -159,18 +185,21 @@ class MoEConfig:
       if self.router is RouterKind.EXPERTS_CHOOSE:
         raise ValueError(
             "moe.dispatch='dropless' is not allowed with moe.router='experts_choose': experts choose a "
-            "fixed number of tokens each; use moe.dispatch in ('einsum', 'gather')")
+            "fixed number of tokens each; use moe.dispatch in ('einsum', 'gather')"
+        )
       for name in ("train_capacity_factor", "eval_capacity_factor"):
         if not is_dropless(getattr(self, name)):
           raise ValueError(
               f"moe.{name}={getattr(self, name)!r} must be None with moe.dispatch='dropless' (it computes "
-              "every assignment); use 'einsum' or 'gather' for a capacity")
+              "every assignment); use 'einsum' or 'gather' for a capacity"
+          )
     if self.router is RouterKind.EXPERTS_CHOOSE:
       for name in ("train_capacity_factor", "eval_capacity_factor"):
         if is_dropless(getattr(self, name)):
           raise ValueError(
               f"moe.{name}={getattr(self, name)!r}: experts choose needs a capacity factor > 0 (each "
-              "expert takes C = ceil(cf * k * S / E) tokens)")
+              "expert takes C = ceil(cf * k * S / E) tokens)"
+          )
 
   @property
   def compute_dtype(self):
@@ -201,7 +230,8 @@ class MoEConfig:
     if self.group_size is not None and (batch * length) % self.group_size:
       raise ValueError(
           f"moe.group_size={self.group_size} must divide the tokens per batch "
-          f"(batch {batch} x length {length} = {batch * length}); use a divisor or None (per sequence)")
+          f"(batch {batch} x length {length} = {batch * length}); use a divisor or None (per sequence)"
+      )
 
   def group_shape(self, batch: int, length: int) -> tuple[int, int]:
     """(G, S): number of routing groups and tokens per group for a [batch, length] block."""
@@ -211,12 +241,18 @@ class MoEConfig:
 
   def capacity(self, group_size: int, train: bool) -> int:
     """Buffer slots per expert per group. See `capacity` (module function) for the formula."""
-    return capacity(group_size, self.num_experts, self.top_k, self.capacity_factor(train),
-                    self.min_capacity)
+    return capacity(
+        group_size, self.num_experts, self.top_k, self.capacity_factor(train), self.min_capacity
+    )
 
 
-def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float | None,
-             min_capacity: int = 4) -> int:
+def capacity(
+    group_size: int,
+    num_experts: int,
+    top_k: int,
+    capacity_factor: float | None,
+    min_capacity: int = 4,
+) -> int:
   """Expert capacity C: how many tokens one expert processes per routing group.
 
     C = min(S, max(ceil(cf * k * S / E), min_capacity)),      C = S when cf is None (dropless)
@@ -239,8 +275,13 @@ def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: flo
   return int(min(c, group_size))
 
 
-def sparse_layer_mask(num_layers: int, *, sparse_every: int = 1, first_dense: int = 0,
-                      sparse_layers: tuple[int, ...] | None = None) -> tuple[bool, ...]:
+def sparse_layer_mask(
+    num_layers: int,
+    *,
+    sparse_every: int = 1,
+    first_dense: int = 0,
+    sparse_layers: tuple[int, ...] | None = None,
+) -> tuple[bool, ...]:
   """Which layers hold a MoE feed-forward block (True) instead of a dense one.
 
   An explicit `sparse_layers` list wins. Otherwise the first `first_dense` layers are dense and, after
@@ -251,16 +292,22 @@ def sparse_layer_mask(num_layers: int, *, sparse_every: int = 1, first_dense: in
   if sparse_layers is not None:
     bad = [i for i in sparse_layers if not 0 <= i < num_layers]
     if bad:
-      raise ValueError(f"model.sparse_layers={tuple(sparse_layers)} has layers outside "
-                       f"[0, model.num_layers={num_layers}): {bad}")
+      raise ValueError(
+          f"model.sparse_layers={tuple(sparse_layers)} has layers outside "
+          f"[0, model.num_layers={num_layers}): {bad}"
+      )
     chosen = set(sparse_layers)
     return tuple(i in chosen for i in range(num_layers))
   if sparse_every < 1:
     raise ValueError(f"model.sparse_every={sparse_every} must be >= 1")
   if not 0 <= first_dense <= num_layers:
-    raise ValueError(f"model.first_dense={first_dense} must be in [0, model.num_layers={num_layers}]")
-  return tuple(i >= first_dense and (i - first_dense) % sparse_every == sparse_every - 1
-               for i in range(num_layers))
+    raise ValueError(
+        f"model.first_dense={first_dense} must be in [0, model.num_layers={num_layers}]"
+    )
+  return tuple(
+      i >= first_dense and (i - first_dense) % sparse_every == sparse_every - 1
+      for i in range(num_layers)
+  )
 
 
 class Remat(enum.Enum):
@@ -330,23 +377,40 @@ class ModelConfig:
       set_("num_kv_heads", self.num_heads)
     if self.head_dim is None:
       if self.num_heads < 1 or self.d_model % self.num_heads:
-        raise ValueError(f"model.num_heads={self.num_heads} must divide model.d_model={self.d_model} "
-                         "(or set model.head_dim)")
+        raise ValueError(
+            f"model.num_heads={self.num_heads} must divide model.d_model={self.d_model} "
+            "(or set model.head_dim)"
+        )
       set_("head_dim", self.d_model // self.num_heads)
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_hidden", "max_len",
-                 "head_dim", "num_kv_heads"):
+    for name in (
+        "vocab_size",
+        "d_model",
+        "num_layers",
+        "num_heads",
+        "mlp_hidden",
+        "max_len",
+        "head_dim",
+        "num_kv_heads",
+    ):
       value = getattr(self, name)
       if not (isinstance(value, int) and value >= 1):
         raise ValueError(f"model.{name}={value!r} must be an integer >= 1")
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide "
-                       f"model.num_heads={self.num_heads}")
+      raise ValueError(
+          f"model.num_kv_heads={self.num_kv_heads} must divide " f"model.num_heads={self.num_heads}"
+      )
     check_number("model.rope_theta", self.rope_theta, low=1, low_open=True)
     check_number("model.norm_eps", self.norm_eps, low=0, low_open=True)
     if self.head_dim % 2:
-      raise ValueError(f"model.head_dim={self.head_dim} must be even (rotary embeddings rotate pairs)")
-    sparse_layer_mask(self.num_layers, sparse_every=self.sparse_every, first_dense=self.first_dense,
-                      sparse_layers=self.sparse_layers)  # Raises on a bad layout.
+      raise ValueError(
+          f"model.head_dim={self.head_dim} must be even (rotary embeddings rotate pairs)"
+      )
+    sparse_layer_mask(
+        self.num_layers,
+        sparse_every=self.sparse_every,
+        first_dense=self.first_dense,
+        sparse_layers=self.sparse_layers,
+    )  # Raises on a bad layout.
     if self.moe is not None:
       if not self.moe.routing_is_causal and not self.moe.allow_noncausal_routing:
         m = self.moe
@@ -355,7 +419,8 @@ class ModelConfig:
             f"priority={m.priority.value!r}, dispatch={m.dispatch.value!r}) lets a token's routing "
             "depend on later tokens of its group, which leaks the future in a decoder "
             "(MoEConfig.routing_is_causal). Set model.moe.allow_noncausal_routing=True to acknowledge "
-            "it, or use a causal routing: top_k=1 with priority='index', or dispatch='dropless'")
+            "it, or use a causal routing: top_k=1 with priority='index', or dispatch='dropless'"
+        )
       if self.moe.dtype != self.dtype:
         set_("moe", dataclasses.replace(self.moe, dtype=self.dtype))
 
@@ -368,8 +433,12 @@ class ModelConfig:
     """Per layer: True where the feed-forward block is a MoE layer (all False for a dense model)."""
     if self.moe is None:
       return (False,) * self.num_layers
-    return sparse_layer_mask(self.num_layers, sparse_every=self.sparse_every,
-                             first_dense=self.first_dense, sparse_layers=self.sparse_layers)
+    return sparse_layer_mask(
+        self.num_layers,
+        sparse_every=self.sparse_every,
+        first_dense=self.first_dense,
+        sparse_layers=self.sparse_layers,
+    )
 
   @property
   def num_sparse_layers(self) -> int:
@@ -429,8 +498,15 @@ class TrainConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "schedule", as_enum(Schedule, self.schedule, "train.schedule"))
-    for name in ("steps", "global_batch_size", "seq_len", "log_every", "eval_every",
-                 "checkpoint_every", "keep_checkpoints"):
+    for name in (
+        "steps",
+        "global_batch_size",
+        "seq_len",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+    ):
       value = getattr(self, name)
       if not (isinstance(value, int) and value >= 1):
         raise ValueError(f"train.{name}={value!r} must be an integer >= 1")
@@ -439,7 +515,9 @@ class TrainConfig:
       if not (isinstance(value, int) and value >= 0):
         raise ValueError(f"train.{name}={value!r} must be an integer >= 0")
     if self.warmup_steps > self.steps:
-      raise ValueError(f"train.warmup_steps={self.warmup_steps} must be <= train.steps={self.steps}")
+      raise ValueError(
+          f"train.warmup_steps={self.warmup_steps} must be <= train.steps={self.steps}"
+      )
     check_number("train.learning_rate", self.learning_rate, low=0, low_open=True)
     check_number("train.end_lr_fraction", self.end_lr_fraction, low=0, high=1)
     check_number("train.weight_decay", self.weight_decay, low=0)

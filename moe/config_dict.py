@@ -57,8 +57,9 @@ def section(cls: type, **values: Any) -> ml_collections.ConfigDict:
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - set(fields))
   if unknown:
-    raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
-                     f"allowed: {', '.join(fields)}")
+    raise ValueError(
+        f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; " f"allowed: {', '.join(fields)}"
+    )
   out = {}
   for name, field in fields.items():
     value = values.get(name, field.default)
@@ -85,7 +86,9 @@ def from_dict(cls, values: Any, prefix: str):
   names = [f.name for f in dataclasses.fields(cls)]
   unknown = sorted(set(values) - set(names))
   if unknown:
-    raise ValueError(f"{prefix}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
+    raise ValueError(
+        f"{prefix}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(names)}"
+    )
   return cls(**values)
 
 

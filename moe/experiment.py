@@ -35,7 +35,9 @@ class ExperimentConfig:
 
   def __post_init__(self):
     if self.train.seq_len > self.model.max_len:
-      raise ValueError(f"train.seq_len={self.train.seq_len} must be <= model.max_len="
-                       f"{self.model.max_len} (the longest sequence the model accepts)")
+      raise ValueError(
+          f"train.seq_len={self.train.seq_len} must be <= model.max_len="
+          f"{self.model.max_len} (the longest sequence the model accepts)"
+      )
     if self.model.moe is not None and self.model.num_sparse_layers:
       self.model.moe.check_tokens(self.train.global_batch_size, self.train.seq_len)

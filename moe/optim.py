@@ -32,8 +32,9 @@ from moe.config import Schedule, TrainConfig
 # embedding. Matched against whole components and their `_`-separated words, so `final_norm`,
 # `attn_norm`, `rmsnorm`, `ln1`, `bias`, `b`, `embed`, `embedding`, `tok_embed` and `wte` match, but
 # `unembed` (an untied output projection: a matrix like any other, decayed) and `w_in` do not.
-_NO_DECAY_WORDS = frozenset({"norm", "rmsnorm", "layernorm", "ln", "bias", "embed", "embedding",
-                             "embeddings", "wte"})
+_NO_DECAY_WORDS = frozenset(
+    {"norm", "rmsnorm", "layernorm", "ln", "bias", "embed", "embedding", "embeddings", "wte"}
+)
 _NO_DECAY_COMPONENT = re.compile(r"^(\w*norm|ln\d*|b)$")
 
 
@@ -112,8 +113,14 @@ def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransfo
   Returns:
     An optax transformation over `nnx.as_pure(params)`-structured trees.
   """
-  adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=weight_decay_mask(params))
+  adamw = optax.adamw(
+      learning_rate_schedule(cfg),
+      b1=cfg.b1,
+      b2=cfg.b2,
+      eps=cfg.eps,
+      weight_decay=cfg.weight_decay,
+      mask=weight_decay_mask(params),
+  )
   if cfg.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
   return adamw

@@ -31,8 +31,10 @@ def duration(seconds: float) -> str:
 
 
 def _scalars(metrics: dict) -> dict:
-  return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist())
-          for k, v in metrics.items()}
+  return {
+      k: (float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist())
+      for k, v in metrics.items()
+  }
 
 
 class Progress:
@@ -46,16 +48,23 @@ class Progress:
     peak_flops: peak FLOP/s per device for MFU, or None (no MFU).
   """
 
-  def __init__(self, cfg: ExperimentConfig, start: int, train_time: float, writer: MetricsWriter,
-               peak_flops: float | None):
+  def __init__(
+      self,
+      cfg: ExperimentConfig,
+      start: int,
+      train_time: float,
+      writer: MetricsWriter,
+      peak_flops: float | None,
+  ):
     self.cfg = cfg
     self.writer = writer
     self.train_time = train_time
     self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     # MFU counts model FLOPs (PaLM): independent of the dispatch path and the capacity slack.
     flops = accounting.model_flops_per_token(cfg.model, cfg.train.seq_len, train=True).total
-    self.flops_per_s_at_peak = (None if peak_flops is None else
-                                peak_flops * jax.device_count() / flops)
+    self.flops_per_s_at_peak = (
+        None if peak_flops is None else peak_flops * jax.device_count() / flops
+    )
     self.last = {}  # loss, ce, perplexity of the latest record.
     self._window = (start, train_time)  # (step, train time) at the last record.
     self._mark = None
@@ -76,13 +85,20 @@ class Progress:
     if step % tc.log_every and step != tc.steps:
       return
     values = _scalars(jax.device_get(metrics))
-    tokens_per_s = ((step - self._window[0]) * self.tokens_per_step /
-                    max(self.train_time - self._window[1], 1e-9))
+    tokens_per_s = (
+        (step - self._window[0])
+        * self.tokens_per_step
+        / max(self.train_time - self._window[1], 1e-9)
+    )
     self._window = (step, self.train_time)
     record = {"step": step, "split": "train", "loss": values.pop("loss"), "ce": values.pop("ce")}
     record["perplexity"] = math.exp(min(record["ce"], 700.0))
-    record.update(learning_rate=values.pop("learning_rate"), grad_norm=values.pop("grad_norm"),
-                  tokens_per_s=tokens_per_s, time_s=self.train_time)
+    record.update(
+        learning_rate=values.pop("learning_rate"),
+        grad_norm=values.pop("grad_norm"),
+        tokens_per_s=tokens_per_s,
+        time_s=self.train_time,
+    )
     values.pop("tokens")
     mfu = self.mfu(tokens_per_s)
     if mfu is not None:
@@ -92,6 +108,8 @@ class Progress:
     self.last = {k: record[k] for k in ("loss", "ce", "perplexity")}
     eta = (tc.steps - step) * self.tokens_per_step / max(tokens_per_s, 1e-9)
     shown = "" if mfu is None else f" | MFU {mfu:.1%}"
-    print_line(f"train step {step}/{tc.steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f} | "
-               f"lr {record['learning_rate']:.2e} | {tokens_per_s:,.0f} tok/s{shown} | "
-               f"ETA {duration(eta)}")
+    print_line(
+        f"train step {step}/{tc.steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f} | "
+        f"lr {record['learning_rate']:.2e} | {tokens_per_s:,.0f} tok/s{shown} | "
+        f"ETA {duration(eta)}"
+    )

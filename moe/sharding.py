@@ -62,8 +62,12 @@ _PARAMS = {
     Rules.EXPERT_FSDP: {axes.EXPERT: "expert", axes.EMBED: "fsdp"},
     # K/V projections stay whole: grouped-query models often have fewer kv heads than tensor shards,
     # and the K/V projections are small.
-    Rules.EXPERT_TENSOR: {axes.EXPERT: "expert", axes.MLP: "tensor", axes.HEADS: "tensor",
-                          axes.VOCAB: "tensor"},
+    Rules.EXPERT_TENSOR: {
+        axes.EXPERT: "expert",
+        axes.MLP: "tensor",
+        axes.HEADS: "tensor",
+        axes.VOCAB: "tensor",
+    },
 }
 
 
@@ -71,8 +75,18 @@ def logical_rules(rules: Rules | str) -> tuple[tuple[str, Any], ...]:
   """The full table (every logical name, parameters then activations) for one strategy."""
   rules = as_enum(Rules, rules, "mesh.rules")
   params = _PARAMS[rules]
-  param_names = (axes.VOCAB, axes.EMBED, axes.MLP, axes.HEADS, axes.KV_HEADS, axes.HEAD_DIM,
-                 axes.EXPERT, axes.ROUTER_EXPERTS, axes.LAYERS, axes.NORM)
+  param_names = (
+      axes.VOCAB,
+      axes.EMBED,
+      axes.MLP,
+      axes.HEADS,
+      axes.KV_HEADS,
+      axes.HEAD_DIM,
+      axes.EXPERT,
+      axes.ROUTER_EXPERTS,
+      axes.LAYERS,
+      axes.NORM,
+  )
   return tuple((name, params.get(name)) for name in param_names) + _ACTIVATIONS
 
 
@@ -109,13 +123,17 @@ class MeshConfig:
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
       if num_devices % known:
-        raise ValueError(f"mesh {self._show(sizes)} does not fit {num_devices} devices: the fixed axes "
-                         f"({known} devices) must divide the device count")
+        raise ValueError(
+            f"mesh {self._show(sizes)} does not fit {num_devices} devices: the fixed axes "
+            f"({known} devices) must divide the device count"
+        )
       sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-      raise ValueError(f"mesh {self._show(sizes)} needs {math.prod(sizes)} devices, but "
-                       f"{num_devices} are present; make the product of mesh.data, mesh.fsdp, "
-                       "mesh.expert and mesh.tensor equal the device count (or set one to -1)")
+      raise ValueError(
+          f"mesh {self._show(sizes)} needs {math.prod(sizes)} devices, but "
+          f"{num_devices} are present; make the product of mesh.data, mesh.fsdp, "
+          "mesh.expert and mesh.tensor equal the device count (or set one to -1)"
+      )
     return tuple(sizes)
 
   @staticmethod
@@ -129,12 +147,18 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None) -> jax.sharding.Mesh:
   cfg = cfg or MeshConfig()
   devices = jax.devices() if devices is None else devices
   sizes = cfg.axis_sizes(len(devices))
-  return jax.make_mesh(sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(sizes),
-                       devices=devices)
+  return jax.make_mesh(
+      sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(sizes), devices=devices
+  )
 
 
-def check_divisibility(mesh: jax.sharding.Mesh, mesh_cfg: MeshConfig, model_cfg,
-                       global_batch_size: int, seq_len: int | None = None) -> None:
+def check_divisibility(
+    mesh: jax.sharding.Mesh,
+    mesh_cfg: MeshConfig,
+    model_cfg,
+    global_batch_size: int,
+    seq_len: int | None = None,
+) -> None:
   """Raises, before anything compiles, when the batch or the model does not split over the mesh.
 
   Checks every dimension that a parameter rule or an activation rule splits: the batch and the routing
@@ -148,26 +172,34 @@ def check_divisibility(mesh: jax.sharding.Mesh, mesh_cfg: MeshConfig, model_cfg,
     raise ValueError(
         f"train.global_batch_size={global_batch_size} must be divisible by the data-parallel size "
         f"{batch_split} (mesh data x fsdp x expert = {shape['data']} x {shape['fsdp']} x "
-        f"{shape['expert']})")
+        f"{shape['expert']})"
+    )
   moe = model_cfg.moe
   if moe is not None and seq_len is not None and model_cfg.num_sparse_layers:
     groups, _ = moe.group_shape(global_batch_size, seq_len)
     if groups % batch_split:
       raise ValueError(
           f"model.moe.group_size={moe.group_size} gives {groups} routing groups per batch, which must "
-          f"be divisible by the data-parallel size {batch_split}; use a smaller group size")
+          f"be divisible by the data-parallel size {batch_split}; use a smaller group size"
+      )
   if moe is not None and model_cfg.num_sparse_layers and moe.num_experts % shape["expert"]:
-    raise ValueError(f"model.moe.num_experts={moe.num_experts} must be divisible by the expert axis "
-                     f"(mesh.expert={shape['expert']})")
+    raise ValueError(
+        f"model.moe.num_experts={moe.num_experts} must be divisible by the expert axis "
+        f"(mesh.expert={shape['expert']})"
+    )
   table = dict(logical_rules(mesh_cfg.rules))
   if shape["tensor"] > 1 and "tensor" not in _PARAMS[mesh_cfg.rules].values():
-    raise ValueError(f"mesh.tensor={shape['tensor']} needs rules that split over it "
-                     f"(mesh.rules='expert_tensor'), not mesh.rules={mesh_cfg.rules.value!r}")
-  widths = {axes.EMBED: [("model.d_model", model_cfg.d_model)],
-            axes.MLP: [("model.mlp_hidden", model_cfg.mlp_hidden)],
-            axes.HEADS: [("model.num_heads", model_cfg.num_heads)],
-            axes.KV_HEADS: [("model.num_kv_heads", model_cfg.num_kv_heads)],
-            axes.VOCAB: [("model.vocab_size", model_cfg.vocab_size)]}
+    raise ValueError(
+        f"mesh.tensor={shape['tensor']} needs rules that split over it "
+        f"(mesh.rules='expert_tensor'), not mesh.rules={mesh_cfg.rules.value!r}"
+    )
+  widths = {
+      axes.EMBED: [("model.d_model", model_cfg.d_model)],
+      axes.MLP: [("model.mlp_hidden", model_cfg.mlp_hidden)],
+      axes.HEADS: [("model.num_heads", model_cfg.num_heads)],
+      axes.KV_HEADS: [("model.num_kv_heads", model_cfg.num_kv_heads)],
+      axes.VOCAB: [("model.vocab_size", model_cfg.vocab_size)],
+  }
   if moe is not None:
     widths[axes.MLP].append(("model.moe.expert_hidden", moe.expert_hidden))
     if moe.shared_expert_hidden:
@@ -176,8 +208,10 @@ def check_divisibility(mesh: jax.sharding.Mesh, mesh_cfg: MeshConfig, model_cfg,
     mesh_axis = table.get(logical)
     for field, value in fields if mesh_axis is not None else ():
       if value % shape[mesh_axis]:
-        raise ValueError(f"{field}={value} must be divisible by mesh.{mesh_axis}={shape[mesh_axis]} "
-                         f"(mesh.rules={mesh_cfg.rules.value} splits it there)")
+        raise ValueError(
+            f"{field}={value} must be divisible by mesh.{mesh_axis}={shape[mesh_axis]} "
+            f"(mesh.rules={mesh_cfg.rules.value} splits it there)"
+        )
 
 
 @contextlib.contextmanager
@@ -191,8 +225,9 @@ def named_shardings(tree, mesh: jax.sharding.Mesh, rules):
   """NamedShardings of an nnx.State (or any tree of Variables) from their logical names."""
   with nnx.logical_axis_rules(rules):
     specs = nnx.get_partition_spec(tree)
-  return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs,
-                      is_leaf=lambda x: isinstance(x, jax.P))
+  return jax.tree.map(
+      lambda s: jax.sharding.NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, jax.P)
+  )
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
@@ -204,8 +239,13 @@ def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.P())
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, *, cpu_collectives: bool = False) -> bool:
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cpu_collectives: bool = False,
+) -> bool:
   """Starts multi-host JAX (`jax.distributed.initialize`) when there is more than one process.
 
   With no arguments, JAX detects TPU pods and SLURM/Open MPI GPU clusters from the environment
@@ -215,13 +255,21 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   processes can run one job (tests, laptops). Returns whether multi-process mode was started.
   """
   explicit = coordinator_address is not None or (num_processes or 1) > 1
-  cluster_env = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                                               "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                                               "MEGASCALE_COORDINATOR_ADDRESS"))
+  cluster_env = any(
+      k in os.environ
+      for k in (
+          "JAX_COORDINATOR_ADDRESS",
+          "SLURM_JOB_ID",
+          "OMPI_COMM_WORLD_SIZE",
+          "TPU_WORKER_HOSTNAMES",
+          "MEGASCALE_COORDINATOR_ADDRESS",
+      )
+  )
   if not explicit and not cluster_env:
     return False
   if cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
   return jax.process_count() > 1

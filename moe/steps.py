@@ -38,8 +38,15 @@ class TrainState(NamedTuple):
   step: jax.Array  # int32 []: completed optimiser steps.
 
 
-def _forward(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch, *,
-             train: bool, rng: jax.Array | None):
+def _forward(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    rest: nnx.State,
+    batch: Batch,
+    *,
+    train: bool,
+    rng: jax.Array | None,
+):
   """Weighted CE sum, weight sum and the MoE aux (None when dense) of one batch."""
   model = nnx.merge(graphdef, params, rest)
   logits_BLV, aux = model(batch["inputs"], train=train, rng=rng)
@@ -50,13 +57,22 @@ def _forward(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: 
 
 def _router_metrics(aux) -> dict[str, jax.Array]:
   """Per sparse layer statistics: dropped_fraction [n, k], expert_load [n, E], router_entropy [n]."""
-  return dict(dropped_fraction=aux.stats.dropped_fraction, expert_load=aux.stats.expert_load,
-              router_entropy=aux.stats.router_entropy)
+  return dict(
+      dropped_fraction=aux.stats.dropped_fraction,
+      expert_load=aux.stats.expert_load,
+      router_entropy=aux.stats.router_entropy,
+  )
 
 
-def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, cfg: ExperimentConfig,
-                    tx: optax.GradientTransformation, *, state_sharding: Any = None,
-                    batch_sharding: Any = None) -> Callable[[TrainState, Batch], tuple]:
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    cfg: ExperimentConfig,
+    tx: optax.GradientTransformation,
+    *,
+    state_sharding: Any = None,
+    batch_sharding: Any = None,
+) -> Callable[[TrainState, Batch], tuple]:
   """Builds the jitted train step `(state, batch) -> (new state, metrics)`; `state` is donated.
 
   Loss = weighted mean token cross-entropy + moe.balance_loss_weight * mean over sparse layers of the
@@ -101,21 +117,29 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, cfg: ExperimentConf
     new_pure = optax.apply_updates(pure_params, updates)
     # Same leaves in the same order: put the new arrays back into the nnx.Param variables.
     params = jax.tree.unflatten(jax.tree.structure(state.params), jax.tree.leaves(new_pure))
-    metrics.update(loss=loss, grad_norm=optim.global_norm(pure_grads),
-                   learning_rate=schedule(state.step))
+    metrics.update(
+        loss=loss, grad_norm=optim.global_norm(pure_grads), learning_rate=schedule(state.step)
+    )
     return TrainState(params, opt_state, state.step + 1), metrics
 
   kwargs = {}
   if batch_sharding is not None:  # Sharded: the state and the batch are placed, metrics replicated.
     # Metrics are replicated: every process can read them (a split metric is not addressable).
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.P())
-    kwargs = dict(in_shardings=(state_sharding, batch_sharding),
-                  out_shardings=(state_sharding, replicated))
+    kwargs = dict(
+        in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated)
+    )
   return jax.jit(train_step, donate_argnames=("state",), **kwargs)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, cfg: ExperimentConfig, *,
-                   params_sharding: Any = None, batch_sharding: Any = None) -> Callable:
+def make_eval_step(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    cfg: ExperimentConfig,
+    *,
+    params_sharding: Any = None,
+    batch_sharding: Any = None,
+) -> Callable:
   """Builds the jitted eval step `(params, batch) -> sums` (eval capacity factor, no jitter).
 
   Returns sums to be added over batches: ce_sum, tokens and, for a sparse model, the per-layer
@@ -137,8 +161,9 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, cfg: ExperimentConfi
   return jax.jit(eval_step, **kwargs)
 
 
-def init_train_state(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules, *,
-                     abstract: bool = False):
+def init_train_state(
+    cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules, *, abstract: bool = False
+):
   """Builds the model under the mesh, the optimiser and the train state, placed by the logical rules.
 
   Parameters are initialised inside one `jax.jit` whose out_shardings come from their logical axis
@@ -163,8 +188,12 @@ def init_train_state(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules, *,
     params_sharding = sharding.named_shardings(abstract_params, mesh, rules)
     tx = optim.make_optimizer(cfg.train, abstract_params)
     opt_sharding = optax.tree_map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, nnx.as_pure(abstract_params)),
-        nnx.as_pure(params_sharding), transform_non_params=lambda _: replicated)
+        tx,
+        lambda _, s: s,
+        jax.eval_shape(tx.init, nnx.as_pure(abstract_params)),
+        nnx.as_pure(params_sharding),
+        transform_non_params=lambda _: replicated,
+    )
     state_sharding = TrainState(params_sharding, opt_sharding, replicated)
 
     def init() -> TrainState:
@@ -172,8 +201,11 @@ def init_train_state(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules, *,
       return TrainState(params, tx.init(nnx.as_pure(params)), jnp.zeros((), jnp.int32))
 
     if abstract:
-      state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                           jax.eval_shape(init), state_sharding)
+      state = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          jax.eval_shape(init),
+          state_sharding,
+      )
     else:
       state = jax.jit(init, out_shardings=state_sharding)()
   return graphdef, rest, tx, state, state_sharding
@@ -187,8 +219,10 @@ def to_device(batch: Batch, batch_sharding: Any = None) -> Batch:
   global arrays with `jax.make_array_from_process_local_data`.
   """
   if batch_sharding is not None and jax.process_count() > 1:
-    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-            for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+        for k, v in batch.items()
+    }
   return {k: jax.device_put(np.asarray(v), batch_sharding) for k, v in batch.items()}
 
 

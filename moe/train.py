@@ -29,11 +29,14 @@ def _check(cfg: ExperimentConfig):
   destroy a run for a config that cannot start). Returns (mesh, rules)."""
   data_vocab = data_lib.vocab_size(cfg.data)
   if data_vocab > cfg.model.vocab_size:
-    raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
-                     f"({data_vocab}, {cfg.data.tokenizer.value} tokenizer)")
+    raise ValueError(
+        f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+        f"({data_vocab}, {cfg.data.tokenizer.value} tokenizer)"
+    )
   mesh = sharding.make_mesh(cfg.mesh)
-  sharding.check_divisibility(mesh, cfg.mesh, cfg.model, cfg.train.global_batch_size,
-                              cfg.train.seq_len)
+  sharding.check_divisibility(
+      mesh, cfg.mesh, cfg.model, cfg.train.global_batch_size, cfg.train.seq_len
+  )
   return mesh, sharding.logical_rules(cfg.mesh.rules)
 
 
@@ -42,6 +45,7 @@ def _prepare_workdir(cfg: ExperimentConfig, workdir: pathlib.Path) -> None:
     workdir_lib.prepare_workdir(cfg, workdir)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices("moe.train.prepare_workdir")
 
 
@@ -49,29 +53,43 @@ def _data(cfg: ExperimentConfig):
   """(train iterator, eval batches or None) of this process."""
   tc = cfg.train
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_it = data_lib.train_iterator(cfg.data, seq_len=tc.seq_len,
-                                     global_batch_size=tc.global_batch_size, **proc)
-  eval_data = (data_lib.eval_batches(cfg.data, seq_len=tc.seq_len,
-                                     global_batch_size=tc.global_batch_size,
-                                     num_batches=tc.eval_batches, **proc)
-               if tc.eval_batches else None)
+  train_it = data_lib.train_iterator(
+      cfg.data, seq_len=tc.seq_len, global_batch_size=tc.global_batch_size, **proc
+  )
+  eval_data = (
+      data_lib.eval_batches(
+          cfg.data,
+          seq_len=tc.seq_len,
+          global_batch_size=tc.global_batch_size,
+          num_batches=tc.eval_batches,
+          **proc,
+      )
+      if tc.eval_batches
+      else None
+  )
   return train_it, eval_data
 
 
 def _previous_train_time(workdir: pathlib.Path, start: int) -> float:
   """Train seconds spent before `start`, from the last train record (0 for a new run)."""
-  records = [r for r in workdir_lib.read_metrics(workdir / workdir_lib.METRICS)
-             if r.get("split") == "train" and r.get("step", 0) <= start]
+  records = [
+      r
+      for r in workdir_lib.read_metrics(workdir / workdir_lib.METRICS)
+      if r.get("split") == "train" and r.get("step", 0) <= start
+  ]
   return records[-1].get("time_s", 0.0) if (start and records) else 0.0
 
 
-def _final(workdir: pathlib.Path, progress: Progress, evaluated: dict, done: int,
-           compile_time: float) -> dict:
+def _final(
+    workdir: pathlib.Path, progress: Progress, evaluated: dict, done: int, compile_time: float
+) -> dict:
   """The returned metrics: this call's last records, else (a run that was already complete) the
   workdir's."""
   records = workdir_lib.read_metrics(workdir / workdir_lib.METRICS)
-  last = {split: next((r for r in reversed(records) if r.get("split") == split), None)
-          for split in ("train", "eval")}
+  last = {
+      split: next((r for r in reversed(records) if r.get("split") == split), None)
+      for split in ("train", "eval")
+  }
   final = dict(progress.last)
   train_time = progress.train_time
   if last["train"] is not None:
@@ -80,8 +98,12 @@ def _final(workdir: pathlib.Path, progress: Progress, evaluated: dict, done: int
   if last["eval"] is not None and not evaluated:
     evaluated = dict(eval_loss=last["eval"]["loss"], eval_perplexity=last["eval"]["perplexity"])
   final.update(evaluated)
-  final.update(step=done, train_time_s=train_time, compile_time_s=compile_time,
-               tokens_per_s=done * progress.tokens_per_step / max(train_time, 1e-9))
+  final.update(
+      step=done,
+      train_time_s=train_time,
+      compile_time_s=compile_time,
+      tokens_per_s=done * progress.tokens_per_step / max(train_time, 1e-9),
+  )
   mfu = progress.mfu(final["tokens_per_s"])
   if mfu is not None:
     final["mfu"] = mfu
@@ -111,22 +133,27 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
   start, state, data_it = checkpoints.restore_latest(manager, state, data_it)
   if start:
     print_line(f"Resumed from {manager.directory} at step {start}")
-  writer = workdir_lib.MetricsWriter(path, start, [i for i, s in enumerate(cfg.model.sparse_mask) if s])
-  peak = tc.peak_flops_per_device or peak_flops_per_device(jax.devices()[0].device_kind,
-                                                           cfg.model.dtype)
+  writer = workdir_lib.MetricsWriter(
+      path, start, [i for i, s in enumerate(cfg.model.sparse_mask) if s]
+  )
+  peak = tc.peak_flops_per_device or peak_flops_per_device(
+      jax.devices()[0].device_kind, cfg.model.dtype
+  )
   progress = Progress(cfg, start, _previous_train_time(path, start), writer, peak)
   evaluated: dict[str, Any] = {}
   with sharding.use_mesh(mesh, rules):  # The steps trace under the mesh: constraints apply.
-    eval_step = steps.make_eval_step(graphdef, rest, cfg, params_sharding=state_sharding.params,
-                                     batch_sharding=batch_sharding)
+    eval_step = steps.make_eval_step(
+        graphdef, rest, cfg, params_sharding=state_sharding.params, batch_sharding=batch_sharding
+    )
 
   def evaluate(step: int) -> None:
     with sharding.use_mesh(mesh, rules):
       result = steps.evaluate(eval_step, state.params, eval_data, batch_sharding)
     writer.write({"step": step, "split": "eval", **result})
     evaluated.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
-    print_line(f"eval  step {step} | loss {result['loss']:.4f} | perplexity "
-               f"{result['perplexity']:.2f}")
+    print_line(
+        f"eval  step {step} | loss {result['loss']:.4f} | perplexity " f"{result['perplexity']:.2f}"
+    )
 
   compile_time = 0.0
   try:
@@ -134,11 +161,23 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
       t0 = time.perf_counter()
       batch = steps.to_device(next(data_it), batch_sharding)
       with sharding.use_mesh(mesh, rules):
-        train_step = steps.make_train_step(graphdef, rest, cfg, tx, state_sharding=state_sharding,
-                                           batch_sharding=batch_sharding).lower(state, batch).compile()
+        train_step = (
+            steps.make_train_step(
+                graphdef,
+                rest,
+                cfg,
+                tx,
+                state_sharding=state_sharding,
+                batch_sharding=batch_sharding,
+            )
+            .lower(state, batch)
+            .compile()
+        )
       compile_time = time.perf_counter() - t0
-      print_line(f"{cfg.name}: {summary(cfg.model, tc.seq_len)}; mesh {dict(mesh.shape)} "
-                 f"({cfg.mesh.rules.value} rules); compiled the train step in {compile_time:.1f} s")
+      print_line(
+          f"{cfg.name}: {summary(cfg.model, tc.seq_len)}; mesh {dict(mesh.shape)} "
+          f"({cfg.mesh.rules.value} rules); compiled the train step in {compile_time:.1f} s"
+      )
       progress.resume()
       pending = None  # (step, metrics) of the step in flight: metrics are pulled one step behind.
       for done in range(start + 1, tc.steps + 1):

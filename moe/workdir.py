@@ -36,9 +36,19 @@ from moe.experiment import ExperimentConfig
 # devices; sums are then reordered, so equal up to rounding). `train.eval_batches` may not change: eval
 # numbers of the two halves of a run would not be comparable. `train.steps` changes the schedule (a
 # cosine decays over it): see `STEPS_FIELD`.
-RESUMABLE_FIELDS = ("name", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                    "train.keep_checkpoints", "train.peak_flops_per_device", "train.overwrite",
-                    "train.allow_steps_change", "data.cache_dir", "data.tfds_data_dir", "mesh")
+RESUMABLE_FIELDS = (
+    "name",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.peak_flops_per_device",
+    "train.overwrite",
+    "train.allow_steps_change",
+    "data.cache_dir",
+    "data.tfds_data_dir",
+    "mesh",
+)
 # Resumable only with train.allow_steps_change=True, an explicit choice that is recorded.
 STEPS_FIELD = "train.steps"
 CONFIG = "config.json"
@@ -61,13 +71,18 @@ def config_differences(old: dict, new: dict, resumable: tuple[str, ...] = ()) ->
   old_flat, new_flat = _flatten(old), _flatten(new)
   skip = lambda key: any(key == f or key.startswith(f + ".") for f in resumable)
   missing = object()
-  return [f"{key}: {old_flat.get(key, missing)!r} -> {new_flat.get(key, missing)!r}".replace(
-              repr(missing), "<absent>")
-          for key in sorted(set(old_flat) | set(new_flat))
-          if not skip(key) and old_flat.get(key, missing) != new_flat.get(key, missing)]
+  return [
+      f"{key}: {old_flat.get(key, missing)!r} -> {new_flat.get(key, missing)!r}".replace(
+          repr(missing), "<absent>"
+      )
+      for key in sorted(set(old_flat) | set(new_flat))
+      if not skip(key) and old_flat.get(key, missing) != new_flat.get(key, missing)
+  ]
 
 
-def _refusal(cfg: ExperimentConfig, old: dict | None, new: dict, workdir: pathlib.Path) -> list[str]:
+def _refusal(
+    cfg: ExperimentConfig, old: dict | None, new: dict, workdir: pathlib.Path
+) -> list[str]:
   """Why the run in `workdir` cannot be resumed with `cfg` (empty: it can)."""
   if old is None:
     outputs = [workdir / "checkpoints", workdir / METRICS, workdir / "tensorboard"]
@@ -77,8 +92,10 @@ def _refusal(cfg: ExperimentConfig, old: dict | None, new: dict, workdir: pathli
   refused = config_differences(old, new, RESUMABLE_FIELDS + (STEPS_FIELD,))
   old_steps = _flatten(old).get(STEPS_FIELD)
   if old_steps != cfg.train.steps and not cfg.train.allow_steps_change:
-    refused.append(f"{STEPS_FIELD}: {old_steps!r} -> {cfg.train.steps!r} (changes the learning-rate "
-                   "schedule of the run; set train.allow_steps_change=True to extend or shorten it)")
+    refused.append(
+        f"{STEPS_FIELD}: {old_steps!r} -> {cfg.train.steps!r} (changes the learning-rate "
+        "schedule of the run; set train.allow_steps_change=True to extend or shorten it)"
+    )
   return refused
 
 
@@ -96,11 +113,18 @@ def prepare_workdir(cfg: ExperimentConfig, workdir: pathlib.Path) -> None:
   if refused:
     if not cfg.train.overwrite:
       raise ValueError(
-          f"workdir {workdir} holds a run with a different config:\n  " + "\n  ".join(refused) +
-          "\nUse another --workdir, or set train.overwrite=True to delete its checkpoints and metrics "
-          f"(fields that may differ on resume: {', '.join(RESUMABLE_FIELDS)}).")
+          f"workdir {workdir} holds a run with a different config:\n  "
+          + "\n  ".join(refused)
+          + "\nUse another --workdir, or set train.overwrite=True to delete its checkpoints and metrics "
+          f"(fields that may differ on resume: {', '.join(RESUMABLE_FIELDS)})."
+      )
     logging.warning("train.overwrite: clearing %s (%s)", workdir, "; ".join(refused))
-    for p in (workdir / "checkpoints", workdir / METRICS, workdir / "tensorboard", workdir / HISTORY):
+    for p in (
+        workdir / "checkpoints",
+        workdir / METRICS,
+        workdir / "tensorboard",
+        workdir / HISTORY,
+    ):
       if p.is_dir():
         shutil.rmtree(p)
       elif p.exists():
@@ -110,8 +134,11 @@ def prepare_workdir(cfg: ExperimentConfig, workdir: pathlib.Path) -> None:
     return  # Nothing to record: a plain resume leaves the workdir as it was.
   workdir.mkdir(parents=True, exist_ok=True)
   if old is not None:
-    change = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "changes": config_differences(old, new), "previous": old}
+    change = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "changes": config_differences(old, new),
+        "previous": old,
+    }
     with open(workdir / HISTORY, "a") as f:
       f.write(json.dumps(change) + "\n")
   files.atomic_write(config_path, json.dumps(new, indent=2, sort_keys=True) + "\n")

@@ -23,8 +23,15 @@ def tiny(**kw) -> ModelConfig:
 
 def switch(**kw) -> MoEConfig:
   # Counting does not depend on causality: acknowledge it so every routing is accepted.
-  base = dict(num_experts=4, top_k=1, expert_hidden=16, dispatch="gather", train_capacity_factor=1.25,
-              eval_capacity_factor=2.0, allow_noncausal_routing=True)
+  base = dict(
+      num_experts=4,
+      top_k=1,
+      expert_hidden=16,
+      dispatch="gather",
+      train_capacity_factor=1.25,
+      eval_capacity_factor=2.0,
+      allow_noncausal_routing=True,
+  )
   base.update(kw)
   return MoEConfig(**base)
 
@@ -108,7 +115,8 @@ def test_top2_einsum():
   assert f.dispatch == 3 * 2 * (2 * 16 * 4 * 10 * 8 + 2 * 16 * 4 * 10 * 8) / 16
   assert f.router == 3 * 2 * (2 * 8 * 4)
   assert f.total == pytest.approx(
-      3 * (1024 + scores_fwd(16) + 2 * 2.5 * 512 + 2 * 64 + 2 * (4 * 40 * 8) + 176))
+      3 * (1024 + scores_fwd(16) + 2 * 2.5 * 512 + 2 * 64 + 2 * (4 * 40 * 8) + 176)
+  )
 
 
 def test_group_size_and_min_capacity():
@@ -116,16 +124,24 @@ def test_group_size_and_min_capacity():
   cfg = tiny(moe=switch(top_k=2, train_capacity_factor=0.5, group_size=8, min_capacity=4))
   assert accounting.flops_per_token(cfg, 32).expert_slots == 4 * 4 / 8
   # Dropless: exactly k evaluations per token, whatever the group.
-  cfg = tiny(moe=switch(top_k=2, dispatch="dropless", train_capacity_factor=None,
-                        eval_capacity_factor=None))
+  cfg = tiny(
+      moe=switch(
+          top_k=2, dispatch="dropless", train_capacity_factor=None, eval_capacity_factor=None
+      )
+  )
   f = accounting.flops_per_token(cfg, 32)
   assert f.expert_slots == 2
   assert f.experts == 3 * 2 * 2 * 2 * 256
 
 
 def test_experts_choose():
-  moe = switch(router="experts_choose", top_k=2, train_capacity_factor=1.0, eval_capacity_factor=1.0,
-               allow_noncausal_routing=True)
+  moe = switch(
+      router="experts_choose",
+      top_k=2,
+      train_capacity_factor=1.0,
+      eval_capacity_factor=1.0,
+      allow_noncausal_routing=True,
+  )
   cfg = tiny(moe=moe, sparse_every=2)
   # Each expert takes C = ceil(1.0 * 2 * 16 / 4) = 8 of 16 tokens: 32 evaluations for 16 tokens.
   f = accounting.flops_per_token(cfg, 16, train=False)
@@ -177,18 +193,30 @@ def test_shared_expert():
   assert f.shared_expert == 2 * 128
 
 
-@pytest.mark.parametrize("name,cfg", [
-    ("dense", tiny()),
-    ("switch", tiny(moe=switch(), sparse_every=2)),
-    ("top2_einsum_swiglu", tiny(moe=switch(top_k=2, dispatch="einsum", activation="swiglu"))),
-    ("gqa_untied_shared", tiny(num_heads=4, num_kv_heads=2, tie_embeddings=False,
-                               moe=switch(shared_expert_hidden=8), sparse_every=2)),
-    ("scan_off", tiny(moe=switch(), sparse_every=2, scan_layers=False, num_layers=4)),
-])
+@pytest.mark.parametrize(
+    "name,cfg",
+    [
+        ("dense", tiny()),
+        ("switch", tiny(moe=switch(), sparse_every=2)),
+        ("top2_einsum_swiglu", tiny(moe=switch(top_k=2, dispatch="einsum", activation="swiglu"))),
+        (
+            "gqa_untied_shared",
+            tiny(
+                num_heads=4,
+                num_kv_heads=2,
+                tie_embeddings=False,
+                moe=switch(shared_expert_hidden=8),
+                sparse_every=2,
+            ),
+        ),
+        ("scan_off", tiny(moe=switch(), sparse_every=2, scan_layers=False, num_layers=4)),
+    ],
+)
 def test_total_matches_built_model(name, cfg):
   import jax
   from flax import nnx
   from moe import model as model_lib
+
   with nnx.use_eager_sharding(False):
     model = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
@@ -216,19 +244,26 @@ def test_model_flops_do_not_depend_on_the_dispatch_path(top_k):
   def model_flops(dispatch, cf):
     moe = switch(top_k=top_k, dispatch=dispatch, train_capacity_factor=cf, eval_capacity_factor=cf)
     return accounting.model_flops_per_token(tiny(moe=moe, sparse_every=2), 16).total
+
   einsum = model_flops("einsum", 1.25)
   assert einsum == model_flops("gather", 1.25) == model_flops("gather", 2.0)
   assert einsum == model_flops("dropless", None)
   # ...which the hardware count does: EINSUM computes the one-hot einsums, cf 2.0 more slots.
   hardware = lambda d, cf: accounting.flops_per_token(
-      tiny(moe=switch(top_k=top_k, dispatch=d, train_capacity_factor=cf, eval_capacity_factor=cf),
-           sparse_every=2), 16).total
+      tiny(
+          moe=switch(top_k=top_k, dispatch=d, train_capacity_factor=cf, eval_capacity_factor=cf),
+          sparse_every=2,
+      ),
+      16,
+  ).total
   assert hardware("einsum", 1.25) > hardware("gather", 1.25) > hardware("dropless", None)
 
 
 def test_model_flops_experts_choose_count_every_slot():
   # EC-CF2: C = 8 of 16 tokens per expert, 4 experts: 2 slots per token, all filled.
-  moe = switch(router="experts_choose", top_k=2, train_capacity_factor=1.0, eval_capacity_factor=1.0)
+  moe = switch(
+      router="experts_choose", top_k=2, train_capacity_factor=1.0, eval_capacity_factor=1.0
+  )
   cfg = tiny(moe=moe, sparse_every=2)
   assert accounting.model_flops_per_token(cfg, 16).experts == 3 * 2.0 * 2 * 256
 

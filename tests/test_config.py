@@ -25,9 +25,17 @@ CASES = [
 
 
 def moe(router, top_k, priority, dispatch, train_cf, eval_cf, **kw) -> MoEConfig:
-  return MoEConfig(num_experts=4, expert_hidden=8, router=router, top_k=top_k, priority=priority,
-                   dispatch=dispatch, train_capacity_factor=train_cf, eval_capacity_factor=eval_cf,
-                   **kw)
+  return MoEConfig(
+      num_experts=4,
+      expert_hidden=8,
+      router=router,
+      top_k=top_k,
+      priority=priority,
+      dispatch=dispatch,
+      train_capacity_factor=train_cf,
+      eval_capacity_factor=eval_cf,
+      **kw,
+  )
 
 
 def decoder(moe_cfg: MoEConfig) -> ModelConfig:
@@ -44,7 +52,9 @@ def test_decoder_refuses_noncausal_routing_unless_acknowledged(case, causal):
   if causal:
     decoder(moe(*case))
   else:
-    with pytest.raises(ValueError, match=r"model.moe routing .* model.moe.allow_noncausal_routing=True"):
+    with pytest.raises(
+        ValueError, match=r"model.moe routing .* model.moe.allow_noncausal_routing=True"
+    ):
       decoder(moe(*case))
   assert decoder(moe(*case, allow_noncausal_routing=True)).moe.allow_noncausal_routing
 
@@ -91,7 +101,9 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("field,value,named", BAD_VALUES, ids=[f"{f}={v}" for f, v, _ in BAD_VALUES])
+@pytest.mark.parametrize(
+    "field,value,named", BAD_VALUES, ids=[f"{f}={v}" for f, v, _ in BAD_VALUES]
+)
 def test_bad_values_are_refused_naming_the_field(field, value, named):
   import configs.switch
   from moe.config_dict import experiment_from_config_dict

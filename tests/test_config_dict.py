@@ -12,10 +12,16 @@ from moe.data.config import DataConfig
 from moe.sharding import MeshConfig
 
 
-@pytest.mark.parametrize("cls,required", [
-    (MoEConfig, dict(num_experts=4, expert_hidden=8)),
-    (ModelConfig, dict(vocab_size=16, d_model=8, num_layers=2, num_heads=2, mlp_hidden=8)),
-    (TrainConfig, {}), (DataConfig, {}), (MeshConfig, {})])
+@pytest.mark.parametrize(
+    "cls,required",
+    [
+        (MoEConfig, dict(num_experts=4, expert_hidden=8)),
+        (ModelConfig, dict(vocab_size=16, d_model=8, num_layers=2, num_heads=2, mlp_hidden=8)),
+        (TrainConfig, {}),
+        (DataConfig, {}),
+        (MeshConfig, {}),
+    ],
+)
 def test_section_round_trips_to_the_dataclass(cls, required):
   cd = config_dict.section(cls, **required)
   assert set(cd.keys()) == {f.name for f in dataclasses.fields(cls)}
@@ -23,8 +29,9 @@ def test_section_round_trips_to_the_dataclass(cls, required):
 
 
 def test_none_fields_hold_typed_placeholders_that_accept_overrides():
-  cd = config_dict.section(ModelConfig, vocab_size=16, d_model=8, num_layers=2, num_heads=2,
-                           mlp_hidden=8)
+  cd = config_dict.section(
+      ModelConfig, vocab_size=16, d_model=8, num_layers=2, num_heads=2, mlp_hidden=8
+  )
   cd.num_kv_heads = 1  # A placeholder of type int: an int is accepted...
   with pytest.raises(TypeError):
     cd.head_dim = "wide"  # ...a string is not.

@@ -36,12 +36,15 @@ def test_every_file_and_size_is_accepted(name, size):
   assert exp.train.seq_len == SIZES[size].seq_len <= exp.model.max_len
   assert (exp.model.moe is None) == (name == "dense")
   from moe import data
+
   assert exp.model.vocab_size == data.vocab_size(exp.data) == 256 + 2  # Bytes, EOS, PAD.
 
 
 def test_default_args_and_data():
   assert load("switch").get_config().name == "switch8_tiny"
-  assert load("switch").get_config(None).to_dict() == load("switch").get_config("size=tiny").to_dict()
+  assert (
+      load("switch").get_config(None).to_dict() == load("switch").get_config("size=tiny").to_dict()
+  )
   exp = experiment_from_config_dict(load("dense").get_config("data=python_stdlib"))
   assert exp.data.source.value == "python_stdlib"
   # TFDS corpora use a 32k SentencePiece vocabulary; the model table is that size.
@@ -74,19 +77,30 @@ def test_size_table_is_about_switch_base_and_large():
   layer = 4 * 768 * 768 + 2 * 768 * 3072 + 2 * 768
   assert accounting.param_counts(base).total == 12 * layer + 32768 * 768 + 768
   large = model_from_config_dict(load("dense").get_config("size=large,data=c4").model)
-  assert (large.num_layers, large.d_model, large.num_heads, large.mlp_hidden) == (24, 1024, 16, 4096)
+  assert (large.num_layers, large.d_model, large.num_heads, large.mlp_hidden) == (
+      24,
+      1024,
+      16,
+      4096,
+  )
   assert 300e6 < accounting.param_counts(large).total < 400e6
 
 
 def test_absl_overrides():
   from absl import flags
   from ml_collections import config_flags
+
   argv = [
-      "prog", f"--config={ROOT / 'configs' / 'switch.py'}:size=smoke",
-      "--config.model.moe.num_experts=16", "--config.model.moe.dispatch=einsum",
-      "--config.model.moe.train_capacity_factor=1.5", "--config.model.moe.group_size=32",
-      "--config.model.num_kv_heads=1", "--config.model.sparse_layers=(0,1)",
-      "--config.train.peak_flops_per_device=1e15", "--config.train.steps=7",
+      "prog",
+      f"--config={ROOT / 'configs' / 'switch.py'}:size=smoke",
+      "--config.model.moe.num_experts=16",
+      "--config.model.moe.dispatch=einsum",
+      "--config.model.moe.train_capacity_factor=1.5",
+      "--config.model.moe.group_size=32",
+      "--config.model.num_kv_heads=1",
+      "--config.model.sparse_layers=(0,1)",
+      "--config.train.peak_flops_per_device=1e15",
+      "--config.train.steps=7",
       "--config.data.cache_dir=/tmp/moe_cache",
   ]
   fv = flags.FlagValues()
@@ -101,19 +115,22 @@ def test_absl_overrides():
   assert exp.data.cache_dir == "/tmp/moe_cache"
 
 
-@pytest.mark.parametrize("name,arg,key", [
-    ("switch", "size=huge", "size"),
-    ("switch", "experts=eight", "experts"),
-    ("switch", "experts=0", "experts"),
-    ("switch", "colour=blue", "colour"),
-    ("switch", "dispatch=scatter", "dispatch"),
-    ("top2", "data=wikipedia", "data"),
-    ("dense", "match=switch7", "match"),
-    ("expert_choice", "dispatch=dropless", "dispatch"),
-    ("ablations", "family=colour", "family"),
-    ("ablations", "family=experts,member=7", "member"),
-    ("ablations", "", "family"),
-])
+@pytest.mark.parametrize(
+    "name,arg,key",
+    [
+        ("switch", "size=huge", "size"),
+        ("switch", "experts=eight", "experts"),
+        ("switch", "experts=0", "experts"),
+        ("switch", "colour=blue", "colour"),
+        ("switch", "dispatch=scatter", "dispatch"),
+        ("top2", "data=wikipedia", "data"),
+        ("dense", "match=switch7", "match"),
+        ("expert_choice", "dispatch=dropless", "dispatch"),
+        ("ablations", "family=colour", "family"),
+        ("ablations", "family=experts,member=7", "member"),
+        ("ablations", "", "family"),
+    ],
+)
 def test_bad_args_name_the_key(name, arg, key):
   with pytest.raises(ValueError, match=key):
     load(name).get_config(arg)
@@ -144,10 +161,17 @@ def test_expert_choice_acknowledges_noncausal_routing():
 
 
 # family -> the MoE field its member sets, and how to read the member.
-_KNOBS = {"experts": ("num_experts", int), "capacity": ("train_capacity_factor", float),
-          "dispatch": ("dispatch", str), "priority": ("priority", str),
-          "zloss": ("z_loss_weight", float), "balance": ("balance_loss_weight", float),
-          "topk": ("top_k", int), "jitter": ("jitter_eps", float), "router": ("router", str)}
+_KNOBS = {
+    "experts": ("num_experts", int),
+    "capacity": ("train_capacity_factor", float),
+    "dispatch": ("dispatch", str),
+    "priority": ("priority", str),
+    "zloss": ("z_loss_weight", float),
+    "balance": ("balance_loss_weight", float),
+    "topk": ("top_k", int),
+    "jitter": ("jitter_eps", float),
+    "router": ("router", str),
+}
 
 
 def test_ablation_members_change_one_knob():

@@ -13,9 +13,12 @@ from moe.sharding import MeshConfig
 def experiment(model_kw=None, **train_kw) -> ExperimentConfig:
   model = dict(vocab_size=258, d_model=8, num_layers=2, num_heads=2, mlp_hidden=8, max_len=64)
   model.update(model_kw or {})
-  return ExperimentConfig(name="x", model=ModelConfig(**model),
-                          train=TrainConfig(**dict(dict(seq_len=64, global_batch_size=4), **train_kw)),
-                          data=DataConfig())
+  return ExperimentConfig(
+      name="x",
+      model=ModelConfig(**model),
+      train=TrainConfig(**dict(dict(seq_len=64, global_batch_size=4), **train_kw)),
+      data=DataConfig(),
+  )
 
 
 def test_sections_are_typed_and_the_mesh_defaults_to_data_parallel():

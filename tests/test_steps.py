@@ -19,16 +19,20 @@ def one_step(cd):
   graphdef, rest, tx, state, _ = steps.init_train_state(cfg, mesh, rules)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 256, (cfg.train.global_batch_size, cfg.train.seq_len + 1), np.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "weights": np.ones(tokens[:, 1:].shape, np.float32)}
+  batch = {
+      "inputs": tokens[:, :-1],
+      "targets": tokens[:, 1:],
+      "weights": np.ones(tokens[:, 1:].shape, np.float32),
+  }
   with sharding.use_mesh(mesh, rules):
     step = steps.make_train_step(graphdef, rest, cfg, tx)
     _, metrics = step(state, steps.to_device(batch))
   return cfg, jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("module,balance_logged", [(configs.switch, True),
-                                                    (configs.expert_choice, False)])
+@pytest.mark.parametrize(
+    "module,balance_logged", [(configs.switch, True), (configs.expert_choice, False)]
+)
 def test_balance_loss_is_logged_only_when_tokens_choose(module, balance_logged):
   """Experts choose has no balance loss (every expert is full by construction): nothing is logged,
   rather than a constant (flaxformer reports 0.0)."""
@@ -37,6 +41,11 @@ def test_balance_loss_is_logged_only_when_tokens_choose(module, balance_logged):
   moe = cfg.model.moe
   balance = metrics["balance_loss"] if balance_logged else 0.0
   assert float(metrics["loss"]) == pytest.approx(
-      float(metrics["ce"]) + moe.balance_loss_weight * balance + moe.z_loss_weight *
-      float(metrics["z_loss"]), rel=1e-6)
-  assert {"z_loss", "dropped_fraction", "expert_load", "router_entropy", "grad_norm"} <= set(metrics)
+      float(metrics["ce"])
+      + moe.balance_loss_weight * balance
+      + moe.z_loss_weight * float(metrics["z_loss"]),
+      rel=1e-6,
+  )
+  assert {"z_loss", "dropped_fraction", "expert_load", "router_entropy", "grad_norm"} <= set(
+      metrics
+  )

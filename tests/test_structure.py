@@ -38,7 +38,9 @@ def _imports(path: pathlib.Path, modules: frozenset[str] = frozenset()) -> set[s
 def _graph() -> dict[str, set[str]]:
   modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
   names = frozenset(modules)
-  return {name: {m for m in _imports(path, names) if m in modules} for name, path in modules.items()}
+  return {
+      name: {m for m in _imports(path, names) if m in modules} for name, path in modules.items()
+  }
 
 
 def test_no_import_cycle_in_moe():
@@ -50,7 +52,7 @@ def test_no_import_cycle_in_moe():
     state[node] = "open"
     for dep in sorted(graph[node]):
       if state.get(dep) == "open":
-        cycle = stack[stack.index(dep):] + [dep]
+        cycle = stack[stack.index(dep) :] + [dep]
         pytest.fail("import cycle: " + " -> ".join(cycle))
       if dep not in state:
         visit(dep, stack + [dep])
@@ -65,11 +67,19 @@ def test_moe_does_not_depend_on_configs():
   for path in PACKAGE.rglob("*.py"):
     assert not any(m == "configs" or m.startswith("configs.") for m in _imports(path)), path
     tree = ast.parse(path.read_text())
-    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
-                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
-    strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
-               and isinstance(n.value, str) and id(n) not in docstrings]
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
+    strings = [
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+    ]
     assert not any("configs" in s for s in strings), (path, [s for s in strings if "configs" in s])
 
 
@@ -78,19 +88,39 @@ def test_compare_runs_from_a_non_editable_install(tmp_path):
   """`pip install .` (a wheel: only `moe` is packaged), then the main job from a directory that holds
   experiments/ and configs/ but no moe/: the library must come from site-packages."""
   site = tmp_path / "site"
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
-                  str(ROOT)], check=True, capture_output=True, text=True)
+  subprocess.run(
+      [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(ROOT)],
+      check=True,
+      capture_output=True,
+      text=True,
+  )
   assert (site / "moe" / "train.py").exists() and not (site / "configs").exists()
   work = tmp_path / "work"
   for name in ("experiments", "configs"):
     shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
   env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu", XLA_FLAGS="")
   out = subprocess.run(
-      [sys.executable, "-c", "import moe; print(moe.__file__)"], cwd=work, env=env,
-      capture_output=True, text=True, check=True).stdout
+      [sys.executable, "-c", "import moe; print(moe.__file__)"],
+      cwd=work,
+      env=env,
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout
   assert out.strip().startswith(str(site))
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.compare", "--size=smoke", "--steps=1",
-       f"--workdir_root={tmp_path / 'runs'}"], cwd=work, env=env, capture_output=True, text=True)
+      [
+          sys.executable,
+          "-m",
+          "experiments.compare",
+          "--size=smoke",
+          "--steps=1",
+          f"--workdir_root={tmp_path / 'runs'}",
+      ],
+      cwd=work,
+      env=env,
+      capture_output=True,
+      text=True,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "switch8_smoke" in result.stdout and (tmp_path / "runs" / "comparison.json").exists()

@@ -31,8 +31,7 @@ def smoke(name: str = "switch", **train_overrides):
 
 
 def records(workdir, split="train") -> list[dict]:
-  return [r for r in read_metrics(pathlib.Path(workdir) / "metrics.jsonl")
-          if r["split"] == split]
+  return [r for r in read_metrics(pathlib.Path(workdir) / "metrics.jsonl") if r["split"] == split]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -58,7 +57,8 @@ def test_smoke_switch_loss_falls(tmp_path):
   for r in recs:
     assert r["loss"] == pytest.approx(
         r["ce"] + moe.balance_loss_weight * r["balance_loss"] + moe.z_loss_weight * r["z_loss"],
-        rel=1e-6)
+        rel=1e-6,
+    )
     assert r["learning_rate"] == pytest.approx(float(schedule(r["step"] - 1)), rel=1e-6)
     assert np.shape(r["dropped_fraction"]) == (n_sparse, moe.top_k)
     assert np.shape(r["expert_load"]) == (n_sparse, moe.num_experts)
@@ -76,7 +76,8 @@ def test_smoke_switch_loss_falls(tmp_path):
   assert model_flops == 790_272
   for r in recs:
     assert r["mfu"] == pytest.approx(
-        r["tokens_per_s"] * model_flops / (1e12 * jax.device_count()), rel=1e-9)
+        r["tokens_per_s"] * model_flops / (1e12 * jax.device_count()), rel=1e-9
+    )
   assert [r["step"] for r in records(tmp_path, "eval")] == [30]
   assert json.loads((tmp_path / "config.json").read_text())["model"]["moe"]["num_experts"] == 8
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -96,8 +97,9 @@ def test_resume_is_bit_identical(tmp_path):
   final = train.train_and_evaluate(cfg, str(tmp_path))
   resumed = records(tmp_path) + records(tmp_path, "eval")
   assert [r["step"] for r in records(tmp_path)] == list(range(1, 11))
-  drop_timing = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time_s")}
-                            for r in rs]
+  drop_timing = lambda rs: [
+      {k: v for k, v in r.items() if k not in ("tokens_per_s", "time_s")} for r in rs
+  ]
   assert drop_timing(resumed) == drop_timing(uninterrupted)  # Exact float equality, every field.
   assert final["loss"] == uninterrupted[9]["loss"]
 
@@ -111,7 +113,8 @@ def test_workdir_with_another_config_is_refused(tmp_path):
   assert json.loads((tmp_path / "config.json").read_text())["train"]["learning_rate"] == 0.003
 
   overwrite = experiment_from_config_dict(
-      smoke("dense", steps=2, eval_batches=1, learning_rate=1e-3, overwrite=True))
+      smoke("dense", steps=2, eval_batches=1, learning_rate=1e-3, overwrite=True)
+  )
   train.train_and_evaluate(overwrite, str(tmp_path))
   # The old run (3 steps) is gone: otherwise its step-3 checkpoint would have been "resumed".
   assert [r["step"] for r in records(tmp_path)] == [1, 2]
@@ -125,7 +128,14 @@ def test_workdir_with_another_config_is_refused(tmp_path):
   longer.train.allow_steps_change = True
   assert train.train_and_evaluate(experiment_from_config_dict(longer), str(tmp_path))["step"] == 3
   assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]
-  history = [json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()]
-  assert [h["changes"] for h in history] == [["train.allow_steps_change: False -> True",
-                                              "train.overwrite: True -> False", "train.steps: 2 -> 3"]]
+  history = [
+      json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()
+  ]
+  assert [h["changes"] for h in history] == [
+      [
+          "train.allow_steps_change: False -> True",
+          "train.overwrite: True -> False",
+          "train.steps: 2 -> 3",
+      ]
+  ]
   assert history[0]["previous"]["train"]["steps"] == 2  # The original schedule stays on record.

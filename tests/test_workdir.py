@@ -27,12 +27,17 @@ def test_config_differences_ignores_the_named_fields():
   new["mesh"]["expert"] = 2
   assert workdir.config_differences(old, new, workdir.RESUMABLE_FIELDS) == []
   assert workdir.config_differences(old, new) == [
-      "mesh.expert: 1 -> 2", "name: 'switch8_smoke' -> 'renamed'", "train.log_every: 5 -> 7",
-      "train.overwrite: False -> True"]
+      "mesh.expert: 1 -> 2",
+      "name: 'switch8_smoke' -> 'renamed'",
+      "train.log_every: 5 -> 7",
+      "train.overwrite: False -> True",
+  ]
   new["model"]["moe"]["num_experts"] = 4
   del new["train"]["seed"]
   assert workdir.config_differences(old, new, workdir.RESUMABLE_FIELDS) == [
-      "model.moe.num_experts: 8 -> 4", "train.seed: 0 -> <absent>"]
+      "model.moe.num_experts: 8 -> 4",
+      "train.seed: 0 -> <absent>",
+  ]
 
 
 def test_relaunch_with_the_same_config_writes_nothing(tmp_path):
@@ -50,7 +55,9 @@ def test_resumable_changes_are_recorded_with_the_previous_config(tmp_path):
   workdir.prepare_workdir(smoke_cfg(log_every=3, eval_every=4), tmp_path)
   history = [json.loads(line) for line in (tmp_path / workdir.HISTORY).read_text().splitlines()]
   assert [h["changes"] for h in history] == [
-      ["train.log_every: 5 -> 2"], ["train.eval_every: 10 -> 4", "train.log_every: 2 -> 3"]]
+      ["train.log_every: 5 -> 2"],
+      ["train.eval_every: 10 -> 4", "train.log_every: 2 -> 3"],
+  ]
   assert [h["previous"]["train"]["log_every"] for h in history] == [5, 2]
   assert json.loads((tmp_path / workdir.CONFIG).read_text())["train"]["log_every"] == 3
 

@@ -55,29 +55,31 @@ _INFINITE = 1 << 62  # "Forever" in batches, still a valid range().
 
 
 def _cache_dir(cfg: DataConfig) -> pathlib.Path:
-  return (pathlib.Path(cfg.cache_dir) if cfg.cache_dir
-          else corpora.default_cache_dir())
+  return pathlib.Path(cfg.cache_dir) if cfg.cache_dir else corpora.default_cache_dir()
 
 
 def _tag(s: str) -> str:
-  return re.sub(r'[^A-Za-z0-9_.-]', '_', s)
+  return re.sub(r"[^A-Za-z0-9_.-]", "_", s)
 
 
-def _check_batching(seq_len: int, global_batch_size: int, process_index: int,
-                    process_count: int) -> int:
+def _check_batching(
+    seq_len: int, global_batch_size: int, process_index: int, process_count: int
+) -> int:
   """Validates the batching arguments; returns local_batch."""
-  for name, v, lo in (('seq_len', seq_len, 1),
-                      ('global_batch_size', global_batch_size, 1),
-                      ('process_count', process_count, 1)):
+  for name, v, lo in (
+      ("seq_len", seq_len, 1),
+      ("global_batch_size", global_batch_size, 1),
+      ("process_count", process_count, 1),
+  ):
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-      raise ValueError(f'{name} must be an int >= {lo}, got {v!r}.')
+      raise ValueError(f"{name} must be an int >= {lo}, got {v!r}.")
   if not isinstance(process_index, int) or not 0 <= process_index < process_count:
-    raise ValueError(f'process_index must be in [0, {process_count}), got '
-                     f'{process_index!r}.')
+    raise ValueError(f"process_index must be in [0, {process_count}), got " f"{process_index!r}.")
   if global_batch_size % process_count:
     raise ValueError(
-        f'global_batch_size ({global_batch_size}) must be divisible by '
-        f'process_count ({process_count}).')
+        f"global_batch_size ({global_batch_size}) must be divisible by "
+        f"process_count ({process_count})."
+    )
   return global_batch_size // process_count
 
 
@@ -87,7 +89,7 @@ def _make_batch(rows: np.ndarray, weights: np.ndarray | None = None) -> Batch:
   targets = np.ascontiguousarray(rows[:, 1:], dtype=np.int32)
   if weights is None:
     weights = np.ones(inputs.shape, np.float32)
-  return {'inputs': inputs, 'targets': targets, 'weights': weights}
+  return {"inputs": inputs, "targets": targets, "weights": weights}
 
 
 # ------------------------------------------------------------- tokenizers
@@ -103,8 +105,8 @@ def tokenizer_for(cfg: DataConfig) -> tok_lib.Tokenizer:
   if cfg.source == Source.TFDS:
     return _tfds_tokenizer(cfg)
   return corpora.corpus_sentencepiece(
-      cfg.source, _cache_dir(cfg), vocab_size=cfg.sp_vocab_size,
-      max_bytes=cfg.sp_train_bytes)
+      cfg.source, _cache_dir(cfg), vocab_size=cfg.sp_vocab_size, max_bytes=cfg.sp_train_bytes
+  )
 
 
 def vocab_size(cfg: DataConfig) -> int:
@@ -118,7 +120,7 @@ def _tfds_prepared(cfg: DataConfig, *splits: str) -> tfds_source.PreparedDataset
 
 
 def _getitems(src, indices: Sequence[int]) -> list:
-  if hasattr(src, '__getitems__'):  # One batched array_record read.
+  if hasattr(src, "__getitems__"):  # One batched array_record read.
     return list(src.__getitems__(list(indices)))
   return [src[i] for i in indices]
 
@@ -127,17 +129,20 @@ def _text(example, key: str):
   try:
     return example[key]
   except (KeyError, TypeError) as e:
-    keys = list(example) if hasattr(example, 'keys') else type(example)
-    raise KeyError(f'data.tfds_text_key={key!r} is not a feature of the '
-                   f'dataset; features: {keys}.') from e
+    keys = list(example) if hasattr(example, "keys") else type(example)
+    raise KeyError(
+        f"data.tfds_text_key={key!r} is not a feature of the " f"dataset; features: {keys}."
+    ) from e
 
 
 def _tfds_tokenizer(cfg: DataConfig) -> tok_lib.SentencePieceTokenizer:
   prepared = _tfds_prepared(cfg, cfg.tfds_train_split)
   cache = tfds_source.moe_cache_dir(prepared, _cache_dir(cfg))
-  path = cache / (f'spm-{_tag(cfg.tfds_train_split)}-{_tag(cfg.tfds_text_key)}'
-                  f'-v{cfg.sp_vocab_size}-b{cfg.sp_train_bytes}'
-                  f'-{prepared.fingerprint}.model')
+  path = cache / (
+      f"spm-{_tag(cfg.tfds_train_split)}-{_tag(cfg.tfds_text_key)}"
+      f"-v{cfg.sp_vocab_size}-b{cfg.sp_train_bytes}"
+      f"-{prepared.fingerprint}.model"
+  )
 
   def texts():
     src = tfds_source.open_split(prepared, cfg.tfds_train_split)
@@ -150,7 +155,8 @@ def _tfds_tokenizer(cfg: DataConfig) -> tok_lib.SentencePieceTokenizer:
         yield _text(ex, cfg.tfds_text_key)
 
   return tok_lib.load_or_train_sentencepiece(
-      path, texts, vocab_size=cfg.sp_vocab_size, max_bytes=cfg.sp_train_bytes)
+      path, texts, vocab_size=cfg.sp_vocab_size, max_bytes=cfg.sp_train_bytes
+  )
 
 
 class _EncodeDoc:
@@ -161,20 +167,25 @@ class _EncodeDoc:
 
   def __call__(self, example) -> dict[str, np.ndarray]:
     ids = self._tok.encode(_text(example, self._key))
-    return {'tokens': np.append(ids, self._tok.eos_id).astype(np.int32)}
+    return {"tokens": np.append(ids, self._tok.eos_id).astype(np.int32)}
 
 
 def _stack_rows(rows: tuple[dict[str, np.ndarray], ...]) -> Batch:
-  return _make_batch(np.stack([r['tokens'] for r in rows]))
+  return _make_batch(np.stack([r["tokens"] for r in rows]))
 
 
-def _tfds_train_dataset(cfg: DataConfig, tok: tok_lib.Tokenizer, seq_len: int,
-                        global_batch_size: int, process_index: int,
-                        local_batch: int) -> grain.IterDataset:
+def _tfds_train_dataset(
+    cfg: DataConfig,
+    tok: tok_lib.Tokenizer,
+    seq_len: int,
+    global_batch_size: int,
+    process_index: int,
+    local_batch: int,
+) -> grain.IterDataset:
   prepared = _tfds_prepared(cfg, cfg.tfds_train_split)
   src = tfds_source.open_split(prepared, cfg.tfds_train_split)
   if len(src) == 0:
-    raise ValueError(f'Split {cfg.tfds_train_split!r} of {prepared.name} is empty.')
+    raise ValueError(f"Split {cfg.tfds_train_split!r} of {prepared.name} is empty.")
   # shuffle() before repeat(): a new document order every epoch.
   docs = grain.MapDataset.source(src).shuffle(seed=cfg.seed).repeat()
   encode = _EncodeDoc(tok, cfg.tfds_text_key)
@@ -182,18 +193,24 @@ def _tfds_train_dataset(cfg: DataConfig, tok: tok_lib.Tokenizer, seq_len: int,
   rows = []
   for r in range(first, first + local_batch):
     row_docs = docs[r::global_batch_size].map(encode).to_iter_dataset(_NO_THREADS)
-    rows.append(grain.experimental.ConcatThenSplitIterDataset(
-        row_docs, length_struct={'tokens': seq_len + 1}))
+    rows.append(
+        grain.experimental.ConcatThenSplitIterDataset(
+            row_docs, length_struct={"tokens": seq_len + 1}
+        )
+    )
   return grain.experimental.ZipIterDataset(rows).map(_stack_rows)
 
 
-def _tfds_eval_stream(cfg: DataConfig, tok: tok_lib.Tokenizer,
-                      need_tokens: int | None) -> np.ndarray:
+def _tfds_eval_stream(
+    cfg: DataConfig, tok: tok_lib.Tokenizer, need_tokens: int | None
+) -> np.ndarray:
   """Validation documents in order, packed; the whole split is cached."""
   prepared = _tfds_prepared(cfg, cfg.tfds_eval_split)
   cache = tfds_source.moe_cache_dir(prepared, _cache_dir(cfg))
-  path = cache / (f'stream-{_tag(cfg.tfds_eval_split)}-{_tag(cfg.tfds_text_key)}'
-                  f'-{tok.fingerprint}-{prepared.fingerprint}.npy')
+  path = cache / (
+      f"stream-{_tag(cfg.tfds_eval_split)}-{_tag(cfg.tfds_text_key)}"
+      f"-{tok.fingerprint}-{prepared.fingerprint}.npy"
+  )
   if path.exists():
     return corpora.load_stream(path)
   src = tfds_source.open_split(prepared, cfg.tfds_eval_split)
@@ -204,8 +221,7 @@ def _tfds_eval_stream(cfg: DataConfig, tok: tok_lib.Tokenizer,
     total += len(chunks[-1])
     if need_tokens is not None and total >= need_tokens:
       return np.concatenate(chunks)  # Only a prefix: not cached.
-  stream = (np.concatenate(chunks) if chunks
-            else np.zeros(0, tok_lib.stream_dtype(tok.vocab_size)))
+  stream = np.concatenate(chunks) if chunks else np.zeros(0, tok_lib.stream_dtype(tok.vocab_size))
   corpora.save_stream(path, stream)
   return stream
 
@@ -214,17 +230,19 @@ def _tfds_eval_stream(cfg: DataConfig, tok: tok_lib.Tokenizer,
 def token_stream(cfg: DataConfig, split: str) -> np.ndarray:
   """Packed token stream of a built-in corpus split ('train'/'validation')."""
   if cfg.source == Source.TFDS:
-    raise ValueError('token_stream is for the built-in corpora; TFDS documents '
-                     'are packed lazily by train_iterator.')
-  return corpora.corpus_stream(cfg.source, split, tokenizer_for(cfg),
-                               _cache_dir(cfg))
+    raise ValueError(
+        "token_stream is for the built-in corpora; TFDS documents "
+        "are packed lazily by train_iterator."
+    )
+  return corpora.corpus_stream(cfg.source, split, tokenizer_for(cfg), _cache_dir(cfg))
 
 
 def _num_windows(stream: np.ndarray, seq_len: int, what: str) -> int:
   n = (len(stream) - 1) // seq_len
   if n < 1:
-    raise ValueError(f'The {what} stream has {len(stream)} tokens: fewer than '
-                     f'seq_len + 1 = {seq_len + 1}.')
+    raise ValueError(
+        f"The {what} stream has {len(stream)} tokens: fewer than " f"seq_len + 1 = {seq_len + 1}."
+    )
   return n
 
 
@@ -260,7 +278,7 @@ class _ShuffledWindowIds:
     perm = self._perms.get(epoch)
     if perm is None:
       bits = np.random.PCG64(np.random.SeedSequence([self._seed, epoch]))
-      perm = np.argsort(bits.random_raw(self._n), kind='stable')
+      perm = np.argsort(bits.random_raw(self._n), kind="stable")
       # Keep the current and next epoch only (a batch may straddle them).
       self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
       self._perms[epoch] = perm
@@ -275,18 +293,22 @@ class _ShuffledWindowIds:
     return out
 
 
-def _stream_train_dataset(stream: np.ndarray, seq_len: int, seed: int,
-                          process_index: int, process_count: int,
-                          local_batch: int) -> grain.IterDataset:
-  n = _num_windows(stream, seq_len, 'training')
+def _stream_train_dataset(
+    stream: np.ndarray,
+    seq_len: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    local_batch: int,
+) -> grain.IterDataset:
+  n = _num_windows(stream, seq_len, "training")
   # Local batch j holds rows [j*lb, (j+1)*lb) of the shuffled window order:
   # global batch i is local batches i*P .. i*P+P-1, so process p's share of it
   # is local batch i*P+p, i.e. local_batches[p::P] (and p computes only it).
   local_batches = grain.MapDataset.range(_INFINITE)[process_index::process_count]
   gather = _GatherWindows(stream, seq_len)
   window_ids = _ShuffledWindowIds(n, seed, local_batch)
-  return (local_batches.map(lambda j: gather(window_ids(j)))
-          .to_iter_dataset(_NO_THREADS))
+  return local_batches.map(lambda j: gather(window_ids(j))).to_iter_dataset(_NO_THREADS)
 
 
 # ------------------------------------------------------------- public API
@@ -318,21 +340,23 @@ def train_iterator(
     rows [p*lb, (p+1)*lb) of global batch i, independent of process_count.
     Epochs repeat forever, reshuffled deterministically from cfg.seed.
   """
-  local_batch = _check_batching(seq_len, global_batch_size, process_index,
-                                process_count)
+  local_batch = _check_batching(seq_len, global_batch_size, process_index, process_count)
   tok = tokenizer_for(cfg)
   if cfg.source == Source.TFDS:
-    ds = _tfds_train_dataset(cfg, tok, seq_len, global_batch_size,
-                             process_index, local_batch)
+    ds = _tfds_train_dataset(cfg, tok, seq_len, global_batch_size, process_index, local_batch)
     prefetch = _TFDS_DEFAULT_PREFETCH if prefetch is None else prefetch
   else:
-    ds = _stream_train_dataset(token_stream(cfg, corpora.TRAIN), seq_len,
-                               cfg.seed, process_index, process_count,
-                               local_batch)
+    ds = _stream_train_dataset(
+        token_stream(cfg, corpora.TRAIN),
+        seq_len,
+        cfg.seed,
+        process_index,
+        process_count,
+        local_batch,
+    )
     prefetch = prefetch or 0
   if prefetch:
-    ds = grain.experimental.ThreadPrefetchIterDataset(
-        ds, prefetch_buffer_size=prefetch)
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
   it = iter(ds)
   if prefetch:
     _PREFETCHING.add(it)
@@ -359,11 +383,19 @@ class EvalBatches(Sequence):
   of pad ids and weight 0; every process sees the same number of batches.
   """
 
-  def __init__(self, stream: np.ndarray, *, seq_len: int, global_batch_size: int,
-               num_batches: int | None, process_index: int, local_batch: int,
-               pad_id: int):
+  def __init__(
+      self,
+      stream: np.ndarray,
+      *,
+      seq_len: int,
+      global_batch_size: int,
+      num_batches: int | None,
+      process_index: int,
+      local_batch: int,
+      pad_id: int,
+  ):
     self._stream = stream
-    self._n_windows = _num_windows(stream, seq_len, 'validation')
+    self._n_windows = _num_windows(stream, seq_len, "validation")
     total = math.ceil(self._n_windows / global_batch_size)
     self._len = total if num_batches is None else min(num_batches, total)
     self._gather = _GatherWindows(stream, seq_len)
@@ -385,14 +417,14 @@ class EvalBatches(Sequence):
     if i < 0:
       i += self._len
     if not 0 <= i < self._len:
-      raise IndexError(f'eval batch {i} out of range [0, {self._len}).')
+      raise IndexError(f"eval batch {i} out of range [0, {self._len}).")
     ids = i * self._global + self._first_row + np.arange(self._local)
     valid = ids < self._n_windows
     batch = self._gather(np.where(valid, ids, 0))
     if not valid.all():
-      for k in ('inputs', 'targets'):
+      for k in ("inputs", "targets"):
         batch[k][~valid] = self._pad_id
-      batch['weights'][~valid] = 0.0
+      batch["weights"][~valid] = 0.0
     return batch
 
 
@@ -424,42 +456,49 @@ def eval_batches(
     same row slicing rule; 'weights' is 0 on padding rows of the last batch.
     Note: for TFDS every process reads the (prefix of the) split, eval only.
   """
-  local_batch = _check_batching(seq_len, global_batch_size, process_index,
-                                process_count)
-  if num_batches is not None and (not isinstance(num_batches, int)
-                                  or num_batches < 1):
-    raise ValueError(f'num_batches must be None or an int >= 1, got '
-                     f'{num_batches!r}.')
+  local_batch = _check_batching(seq_len, global_batch_size, process_index, process_count)
+  if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+    raise ValueError(f"num_batches must be None or an int >= 1, got " f"{num_batches!r}.")
   tok = tokenizer_for(cfg)
   if cfg.source == Source.TFDS:
     need = None if num_batches is None else num_batches * global_batch_size * seq_len + 1
     stream = _tfds_eval_stream(cfg, tok, need)
   else:
     stream = token_stream(cfg, corpora.VALIDATION)
-  return EvalBatches(stream, seq_len=seq_len, global_batch_size=global_batch_size,
-                     num_batches=num_batches, process_index=process_index,
-                     local_batch=local_batch, pad_id=tok.pad_id)
+  return EvalBatches(
+      stream,
+      seq_len=seq_len,
+      global_batch_size=global_batch_size,
+      num_batches=num_batches,
+      process_index=process_index,
+      local_batch=local_batch,
+      pad_id=tok.pad_id,
+  )
 
 
 def describe(cfg: DataConfig) -> str:
   """One line for logs: source, tokenizer, vocab, train/validation sizes."""
   tok = tokenizer_for(cfg)
-  tok_desc = f'{cfg.tokenizer.value} tokenizer (vocab {tok.vocab_size})'
+  tok_desc = f"{cfg.tokenizer.value} tokenizer (vocab {tok.vocab_size})"
   if cfg.source == Source.TFDS:
     prepared = _tfds_prepared(cfg, cfg.tfds_train_split)
+
     def docs(split):
-      base = [s.split('[')[0] for s in split.split('+')]
+      base = [s.split("[")[0] for s in split.split("+")]
       if all(b in prepared.split_lengths for b in base):
-        if '[' in split:
-          return f'{split}: {len(tfds_source.open_split(prepared, split)):,} docs'
-        return f'{split}: {sum(prepared.split_lengths[b] for b in base):,} docs'
-      return f'{split}: missing'
-    return (f'tfds {prepared.name} ({prepared.data_dir}): '
-            f'{docs(cfg.tfds_train_split)}, {docs(cfg.tfds_eval_split)}; '
-            f'{tok_desc}')
+        if "[" in split:
+          return f"{split}: {len(tfds_source.open_split(prepared, split)):,} docs"
+        return f"{split}: {sum(prepared.split_lengths[b] for b in base):,} docs"
+      return f"{split}: missing"
+
+    return (
+        f"tfds {prepared.name} ({prepared.data_dir}): "
+        f"{docs(cfg.tfds_train_split)}, {docs(cfg.tfds_eval_split)}; "
+        f"{tok_desc}"
+    )
   parts = []
   for split in corpora.SPLITS:
     n_docs = len(corpora.corpus_documents(cfg.source, split))
     n_tok = len(token_stream(cfg, split))
-    parts.append(f'{split} {n_tok / 1e6:.2f}M tokens ({n_docs} docs)')
+    parts.append(f"{split} {n_tok / 1e6:.2f}M tokens ({n_docs} docs)")
   return f'{cfg.source.value}: {", ".join(parts)}; {tok_desc}'

@@ -36,11 +36,11 @@ import re
 import shutil
 import sys
 
-TEXT_FILES = 'text_files'
-TEXT_FILES_VERSION = '1.0.0'
-_VERSION_RE = re.compile(r'^\d+\.\d+\.\d+$')
-_NAME_RE = re.compile(r'^[a-z0-9][a-z0-9_]*$')
-_DOC_PER = ('file', 'line')
+TEXT_FILES = "text_files"
+TEXT_FILES_VERSION = "1.0.0"
+_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+_DOC_PER = ("file", "line")
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -49,20 +49,19 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 def default_data_dir() -> pathlib.Path:
   """TFDS's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
-  return pathlib.Path(os.environ.get(
-      'TFDS_DATA_DIR', os.path.join(os.path.expanduser('~'),
-                                    'tensorflow_datasets')))
+  return pathlib.Path(
+      os.environ.get("TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+  )
 
 
 def parse_name(name: str) -> tuple[str, str | None, str | None]:
   """'c4/en:3.1.0' -> ('c4', 'en', '3.1.0'); 'lm1b' -> ('lm1b', None, None)."""
   version = None
-  if ':' in name:
-    name, version = name.rsplit(':', 1)
-  parts = name.strip('/').split('/')
-  if len(parts) > 2 or not parts[0] or '=' in name:
-    raise ValueError(
-        f'data.tfds_name must be "name[/config][:version]", got {name!r}.')
+  if ":" in name:
+    name, version = name.rsplit(":", 1)
+  parts = name.strip("/").split("/")
+  if len(parts) > 2 or not parts[0] or "=" in name:
+    raise ValueError(f'data.tfds_name must be "name[/config][:version]", got {name!r}.')
   return parts[0], (parts[1] if len(parts) == 2 else None), version
 
 
@@ -70,12 +69,13 @@ def prepare_command(name: str, data_dir: str | os.PathLike) -> str:
   """The shell command that prepares `name` in `data_dir` as array_record."""
   base, config, _ = parse_name(name)
   if base == TEXT_FILES:
-    return (f'python -m moe.data.tfds_source --name={config or "NAME"} '
-            f"--train='/path/to/train/*.txt' "
-            f"[--validation='/path/to/valid/*.txt'] --data_dir={data_dir}"
-            '  (or moe.data.build_text_files_dataset(...) from Python)')
-  return (f'tfds build {name} --data_dir={data_dir} '
-          '--file_format=array_record')
+    return (
+        f'python -m moe.data.tfds_source --name={config or "NAME"} '
+        f"--train='/path/to/train/*.txt' "
+        f"[--validation='/path/to/valid/*.txt'] --data_dir={data_dir}"
+        "  (or moe.data.build_text_files_dataset(...) from Python)"
+    )
+  return f"tfds build {name} --data_dir={data_dir} " "--file_format=array_record"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +91,12 @@ class PreparedDataset:
 
 def _split_bases(split: str) -> list[str]:
   """'train[:90%]+validation' -> ['train', 'validation']."""
-  return [s.split('[')[0].strip() for s in split.split('+')]
+  return [s.split("[")[0].strip() for s in split.split("+")]
 
 
-def locate_prepared(name: str, data_dir: str | os.PathLike | None,
-                    splits: Sequence[str] = ()) -> PreparedDataset:
+def locate_prepared(
+    name: str, data_dir: str | os.PathLike | None, splits: Sequence[str] = ()
+) -> PreparedDataset:
   """Finds `name` prepared as array_record in `data_dir`, or fails fast.
 
   Only looks at local files: never builds, downloads or contacts a server.
@@ -111,9 +112,10 @@ def locate_prepared(name: str, data_dir: str | os.PathLike | None,
   """
   data_dir = pathlib.Path(data_dir) if data_dir else default_data_dir()
   base, config, version = parse_name(name)
-  unversioned = base if config is None else f'{base}/{config}'
-  how = ('Prepare it once (the preparation may need internet) with:\n  '
-         + prepare_command(unversioned, data_dir))
+  unversioned = base if config is None else f"{base}/{config}"
+  how = "Prepare it once (the preparation may need internet) with:\n  " + prepare_command(
+      unversioned, data_dir
+  )
   ds_dir = data_dir / base / config if config else data_dir / base
   if version:
     candidates = [ds_dir / version]
@@ -121,47 +123,54 @@ def locate_prepared(name: str, data_dir: str | os.PathLike | None,
     found = ds_dir.iterdir() if ds_dir.is_dir() else []
     candidates = sorted(
         (p for p in found if _VERSION_RE.match(p.name)),
-        key=lambda p: tuple(int(x) for x in p.name.split('.')), reverse=True)
-  candidates = [p for p in candidates if (p / 'dataset_info.json').is_file()]
+        key=lambda p: tuple(int(x) for x in p.name.split(".")),
+        reverse=True,
+    )
+  candidates = [p for p in candidates if (p / "dataset_info.json").is_file()]
   if not candidates:
-    hint = ''
+    hint = ""
     if config is None and ds_dir.is_dir():
-      configs = sorted(p.name for p in ds_dir.iterdir() if p.is_dir()
-                       and not _VERSION_RE.match(p.name))
+      configs = sorted(
+          p.name for p in ds_dir.iterdir() if p.is_dir() and not _VERSION_RE.match(p.name)
+      )
       if configs:
-        hint = (f'\nConfigs present under {ds_dir}: {configs}; name one, e.g. '
-                f"'{base}/{configs[0]}'.")
+        hint = (
+            f"\nConfigs present under {ds_dir}: {configs}; name one, e.g. "
+            f"'{base}/{configs[0]}'."
+        )
     raise DatasetNotPreparedError(
         f"TFDS dataset '{name}' is not prepared in {data_dir} (no "
-        f"{ds_dir}/<version>/dataset_info.json).{hint}\n{how}")
+        f"{ds_dir}/<version>/dataset_info.json).{hint}\n{how}"
+    )
   version_dir = candidates[0]
-  info_text = (version_dir / 'dataset_info.json').read_text()
+  info_text = (version_dir / "dataset_info.json").read_text()
   info = json.loads(info_text)
-  formats = [info.get('fileFormat', 'tfrecord')] + list(
-      info.get('alternativeFileFormats', []))
-  if 'array_record' not in formats:
+  formats = [info.get("fileFormat", "tfrecord")] + list(info.get("alternativeFileFormats", []))
+  if "array_record" not in formats:
     raise DatasetNotPreparedError(
         f"TFDS dataset '{name}' in {version_dir} is stored as {formats}, but "
-        'random access without TensorFlow needs array_record. Rebuild it:\n  '
-        + prepare_command(unversioned, data_dir))
+        "random access without TensorFlow needs array_record. Rebuild it:\n  "
+        + prepare_command(unversioned, data_dir)
+    )
   lengths = {
-      s['name']: sum(int(n) for n in s.get('shardLengths', []))
-      for s in info.get('splits', [])
+      s["name"]: sum(int(n) for n in s.get("shardLengths", [])) for s in info.get("splits", [])
   }
-  file_base = info.get('name', base)
+  file_base = info.get("name", base)
   for spec in splits:
     for split in _split_bases(spec):
       if split not in lengths:
         raise DatasetNotPreparedError(
             f"Split '{split}' (from '{spec}') is not in TFDS dataset '{name}' "
-            f'at {version_dir}; available splits: {sorted(lengths)}.')
-      shards = list(version_dir.glob(f'{file_base}-{split}.array_record-*'))
+            f"at {version_dir}; available splits: {sorted(lengths)}."
+        )
+      shards = list(version_dir.glob(f"{file_base}-{split}.array_record-*"))
       if not shards:
         raise DatasetNotPreparedError(
             f"No array_record shards for split '{split}' in {version_dir}; "
-            f'the preparation looks incomplete. {how}')
+            f"the preparation looks incomplete. {how}"
+        )
   return PreparedDataset(
-      name=f'{unversioned}:{version_dir.name}',
+      name=f"{unversioned}:{version_dir.name}",
       data_dir=data_dir,
       version_dir=version_dir,
       split_lengths=lengths,
@@ -174,40 +183,43 @@ def open_split(prepared: PreparedDataset, split: str) -> Sequence[dict]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   try:
-    return tfds.data_source(prepared.name, split=split,
-                            data_dir=os.fspath(prepared.data_dir),
-                            download=False)
+    return tfds.data_source(
+        prepared.name, split=split, data_dir=os.fspath(prepared.data_dir), download=False
+    )
   except Exception as e:  # pylint: disable=broad-except
     # A registered builder whose code version differs from the version on
     # disk refuses to load; the generic reader only needs the files.
-    logging.warning('tfds.data_source(%s) failed (%s); reading %s directly.',
-                    prepared.name, e, prepared.version_dir)
+    logging.warning(
+        "tfds.data_source(%s) failed (%s); reading %s directly.",
+        prepared.name,
+        e,
+        prepared.version_dir,
+    )
     builder = tfds.builder_from_directory(os.fspath(prepared.version_dir))
     return builder.as_data_source(split=split)
 
 
-def moe_cache_dir(prepared: PreparedDataset,
-                  fallback: pathlib.Path) -> pathlib.Path:
+def moe_cache_dir(prepared: PreparedDataset, fallback: pathlib.Path) -> pathlib.Path:
   """Where tokenizers / eval streams of this dataset are cached.
 
   Next to the data (`<version_dir>/moe_cache`) so every host sharing the data
   directory reuses them; `fallback` if that directory is read-only.
   """
-  d = prepared.version_dir / 'moe_cache'
+  d = prepared.version_dir / "moe_cache"
   try:
     d.mkdir(exist_ok=True)
     if os.access(d, os.W_OK):
       return d
   except OSError:
     pass
-  safe = re.sub(r'[^A-Za-z0-9_.-]', '_', prepared.name)
-  return fallback / 'tfds' / f'{safe}-{prepared.fingerprint}'
+  safe = re.sub(r"[^A-Za-z0-9_.-]", "_", prepared.name)
+  return fallback / "tfds" / f"{safe}-{prepared.fingerprint}"
 
 
 # ------------------------------------------------------------ text_files builder
 def _is_validation(key: str, fraction: float) -> bool:
-  digest = hashlib.sha1(key.encode('utf-8')).digest()
-  return int.from_bytes(digest[:8], 'big') < fraction * 2**64
+  digest = hashlib.sha1(key.encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
 def _expand(patterns: Sequence[str | os.PathLike] | str) -> list[pathlib.Path]:
@@ -217,9 +229,8 @@ def _expand(patterns: Sequence[str | os.PathLike] | str) -> list[pathlib.Path]:
   for pat in patterns:
     matches = glob.glob(os.fspath(pat), recursive=True)
     if not matches:
-      raise FileNotFoundError(f'No file matches {os.fspath(pat)!r}.')
-    files.update(pathlib.Path(m).resolve() for m in matches
-                 if os.path.isfile(m))
+      raise FileNotFoundError(f"No file matches {os.fspath(pat)!r}.")
+    files.update(pathlib.Path(m).resolve() for m in matches if os.path.isfile(m))
   return sorted(files)
 
 
@@ -234,7 +245,7 @@ def _text_files_builder_cls():
     """Plain text files, one document per file or per non-empty line."""
 
     VERSION = tfds.core.Version(TEXT_FILES_VERSION)
-    RELEASE_NOTES = {TEXT_FILES_VERSION: 'Initial release.'}
+    RELEASE_NOTES = {TEXT_FILES_VERSION: "Initial release."}
 
     def __init__(self, *, examples: dict[str, list], **kwargs):
       self._examples = examples  # split -> [(key, path, line_no or None)]
@@ -243,33 +254,33 @@ def _text_files_builder_cls():
     def _info(self):
       return tfds.core.DatasetInfo(
           builder=self,
-          description='User text files (moe.data.build_text_files_dataset).',
-          features=tfds.features.FeaturesDict({
-              'text': tfds.features.Text(),
-              'id': tfds.features.Text(),
-          }),
+          description="User text files (moe.data.build_text_files_dataset).",
+          features=tfds.features.FeaturesDict(
+              {
+                  "text": tfds.features.Text(),
+                  "id": tfds.features.Text(),
+              }
+          ),
       )
 
     def _split_generators(self, dl_manager):
       del dl_manager  # Nothing to download.
-      return {s: self._generate_examples(items)
-              for s, items in self._examples.items()}
+      return {s: self._generate_examples(items) for s, items in self._examples.items()}
 
     def _generate_examples(self, items):
       for key, path, line_no in items:
         if line_no is None:
-          text = pathlib.Path(path).read_bytes().decode('utf-8', 'replace')
+          text = pathlib.Path(path).read_bytes().decode("utf-8", "replace")
         else:
           text = _read_line(path, line_no)
-        yield key, {'text': text, 'id': key}
+        yield key, {"text": text, "id": key}
 
   return TextFiles
 
 
 @functools.lru_cache(maxsize=4)
 def _file_lines(path: str) -> tuple[str, ...]:
-  return tuple(pathlib.Path(path).read_bytes().decode('utf-8', 'replace')
-               .split('\n'))
+  return tuple(pathlib.Path(path).read_bytes().decode("utf-8", "replace").split("\n"))
 
 
 def _read_line(path: str, line_no: int) -> str:
@@ -282,7 +293,7 @@ def build_text_files_dataset(
     train_files: Sequence[str | os.PathLike] | str,
     validation_files: Sequence[str | os.PathLike] | str | None = None,
     data_dir: str | os.PathLike | None = None,
-    doc_per: str = 'file',
+    doc_per: str = "file",
     validation_fraction: float = 0.05,
     overwrite: bool = False,
 ) -> str:
@@ -306,77 +317,95 @@ def build_text_files_dataset(
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   if not _NAME_RE.match(name):
-    raise ValueError(f'name must match {_NAME_RE.pattern}, got {name!r}.')
+    raise ValueError(f"name must match {_NAME_RE.pattern}, got {name!r}.")
   if doc_per not in _DOC_PER:
-    raise ValueError(f'doc_per must be one of {list(_DOC_PER)}, got {doc_per!r}.')
+    raise ValueError(f"doc_per must be one of {list(_DOC_PER)}, got {doc_per!r}.")
   if validation_files is None and not 0.0 < validation_fraction < 1.0:
-    raise ValueError(f'validation_fraction must be in (0, 1), got '
-                     f'{validation_fraction}.')
+    raise ValueError(f"validation_fraction must be in (0, 1), got " f"{validation_fraction}.")
   data_dir = pathlib.Path(data_dir) if data_dir else default_data_dir()
-  tfds_name = f'{TEXT_FILES}/{name}'
+  tfds_name = f"{TEXT_FILES}/{name}"
   version_dir = data_dir / TEXT_FILES / name / TEXT_FILES_VERSION
-  if (version_dir / 'dataset_info.json').is_file() and not overwrite:
+  if (version_dir / "dataset_info.json").is_file() and not overwrite:
     return tfds_name
 
   train = _expand(train_files)
   valid = _expand(validation_files) if validation_files is not None else []
   root = pathlib.Path(os.path.commonpath([p.parent for p in train + valid]))
-  examples: dict[str, list] = {'train': [], 'validation': []}
+  examples: dict[str, list] = {"train": [], "validation": []}
 
   def add(paths, split):
     for p in paths:
       rel = p.relative_to(root).as_posix()
-      if doc_per == 'file':
+      if doc_per == "file":
         keys = [(rel, None)]
       else:
-        keys = [(f'{rel}:{i + 1}', i) for i, line in
-                enumerate(_file_lines(os.fspath(p))) if line.strip()]
+        keys = [
+            (f"{rel}:{i + 1}", i)
+            for i, line in enumerate(_file_lines(os.fspath(p)))
+            if line.strip()
+        ]
       for key, line_no in keys:
-        s = split or ('validation' if _is_validation(key, validation_fraction)
-                      else 'train')
+        s = split or ("validation" if _is_validation(key, validation_fraction) else "train")
         examples[s].append((key, os.fspath(p), line_no))
 
-  add(train, 'train' if validation_files is not None else None)
-  add(valid, 'validation')
+  add(train, "train" if validation_files is not None else None)
+  add(valid, "validation")
   for split, items in examples.items():
     if not items:
       raise ValueError(
           f"Split '{split}' of {tfds_name} would be empty; pass "
-          'validation_files or a larger validation_fraction / more files.')
+          "validation_files or a larger validation_fraction / more files."
+      )
   builder = _text_files_builder_cls()(
-      examples=examples, config=tfds.core.BuilderConfig(name=name),
-      data_dir=os.fspath(data_dir), file_format='array_record')
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False, download_mode=mode))
+      examples=examples,
+      config=tfds.core.BuilderConfig(name=name),
+      data_dir=os.fspath(data_dir),
+      file_format="array_record",
+  )
+  mode = (
+      tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+      if overwrite
+      else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  )
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False, download_mode=mode)
+  )
   if overwrite:  # Tokenizers/streams cached from the old content are stale.
-    shutil.rmtree(version_dir / 'moe_cache', ignore_errors=True)
+    shutil.rmtree(version_dir / "moe_cache", ignore_errors=True)
   return tfds_name
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   """CLI for `build_text_files_dataset`."""
   p = argparse.ArgumentParser(
-      prog='python -m moe.data.tfds_source',
-      description='Write text files as the TFDS dataset text_files/NAME '
-      '(array_record), for DataConfig(source="tfds", tfds_name="text_files/NAME").')
-  p.add_argument('--name', required=True)
-  p.add_argument('--train', action='append', required=True,
-                 help='file or glob (repeatable)')
-  p.add_argument('--validation', action='append', default=None,
-                 help='file or glob (repeatable); default: hash split')
-  p.add_argument('--data_dir', default=None)
-  p.add_argument('--doc_per', choices=_DOC_PER, default='file')
-  p.add_argument('--validation_fraction', type=float, default=0.05)
-  p.add_argument('--overwrite', action='store_true')
+      prog="python -m moe.data.tfds_source",
+      description="Write text files as the TFDS dataset text_files/NAME "
+      '(array_record), for DataConfig(source="tfds", tfds_name="text_files/NAME").',
+  )
+  p.add_argument("--name", required=True)
+  p.add_argument("--train", action="append", required=True, help="file or glob (repeatable)")
+  p.add_argument(
+      "--validation",
+      action="append",
+      default=None,
+      help="file or glob (repeatable); default: hash split",
+  )
+  p.add_argument("--data_dir", default=None)
+  p.add_argument("--doc_per", choices=_DOC_PER, default="file")
+  p.add_argument("--validation_fraction", type=float, default=0.05)
+  p.add_argument("--overwrite", action="store_true")
   a = p.parse_args(argv)
   name = build_text_files_dataset(
-      a.name, train_files=a.train, validation_files=a.validation,
-      data_dir=a.data_dir, doc_per=a.doc_per,
-      validation_fraction=a.validation_fraction, overwrite=a.overwrite)
-  print(f'Prepared {name} in {a.data_dir or default_data_dir()}')
+      a.name,
+      train_files=a.train,
+      validation_files=a.validation,
+      data_dir=a.data_dir,
+      doc_per=a.doc_per,
+      validation_fraction=a.validation_fraction,
+      overwrite=a.overwrite,
+  )
+  print(f"Prepared {name} in {a.data_dir or default_data_dir()}")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main(sys.argv[1:])

@@ -51,7 +51,7 @@ def _concat_with_eos(parts: list[np.ndarray], eos_id: int, dtype) -> np.ndarray:
   out = np.empty(total, dtype=dtype)
   pos = 0
   for p in parts:
-    out[pos:pos + len(p)] = p
+    out[pos : pos + len(p)] = p
     pos += len(p)
     out[pos] = eos_id
     pos += 1
@@ -67,20 +67,17 @@ class ByteTokenizer:
   eos_id: int = 256
   pad_id: int = 257
   vocab_size: int = 258
-  fingerprint: str = 'byte-v1'
+  fingerprint: str = "byte-v1"
 
   def encode(self, text: str | bytes) -> np.ndarray:
     """Returns int32 ids [len(utf8 bytes)] (no EOS appended)."""
-    data = text.encode('utf-8') if isinstance(text, str) else bytes(text)
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
     return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
   def encode_documents(self, docs: Iterable[str | bytes]) -> np.ndarray:
     """Returns the packed stream [d0, EOS, d1, EOS, ...] as uint16."""
     parts = [
-        np.frombuffer(
-            d.encode('utf-8') if isinstance(d, str) else bytes(d), np.uint8
-        )
-        for d in docs
+        np.frombuffer(d.encode("utf-8") if isinstance(d, str) else bytes(d), np.uint8) for d in docs
     ]
     return _concat_with_eos(parts, self.eos_id, np.uint16)
 
@@ -88,7 +85,7 @@ class ByteTokenizer:
     """Drops special ids; invalid UTF-8 (e.g. a cut multi-byte char) -> U+FFFD."""
     arr = np.asarray(ids).reshape(-1)
     arr = arr[(arr >= 0) & (arr < 256)].astype(np.uint8)
-    return arr.tobytes().decode('utf-8', errors='replace')
+    return arr.tobytes().decode("utf-8", errors="replace")
 
 
 # SentencePiece special ids. bos is disabled: documents are separated by EOS.
@@ -107,7 +104,7 @@ class SentencePieceTokenizer:
     self.vocab_size: int = int(self._sp.vocab_size())
     self.eos_id: int = int(self._sp.eos_id())
     self.pad_id: int = int(self._sp.pad_id())
-    self.fingerprint: str = 'spm-' + hashlib.sha1(model_proto).hexdigest()[:16]
+    self.fingerprint: str = "spm-" + hashlib.sha1(model_proto).hexdigest()[:16]
 
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
@@ -115,8 +112,7 @@ class SentencePieceTokenizer:
 
   @staticmethod
   def _as_str(text: str | bytes) -> str:
-    return text if isinstance(text, str) else bytes(text).decode(
-        'utf-8', errors='replace')
+    return text if isinstance(text, str) else bytes(text).decode("utf-8", errors="replace")
 
   def encode(self, text: str | bytes) -> np.ndarray:
     """Returns int32 ids (no EOS appended)."""
@@ -132,8 +128,7 @@ class SentencePieceTokenizer:
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     arr = np.asarray(ids).reshape(-1)
-    keep = (arr >= 0) & (arr < self.vocab_size) & (arr != self.pad_id) & (
-        arr != self.eos_id)
+    keep = (arr >= 0) & (arr < self.vocab_size) & (arr != self.pad_id) & (arr != self.eos_id)
     return self._sp.decode([int(i) for i in arr[keep]])
 
 
@@ -146,19 +141,17 @@ def _training_lines(texts: Iterable[str | bytes], max_bytes: int):
   budget = max_bytes
   for text in texts:
     if isinstance(text, bytes):
-      text = text.decode('utf-8', errors='replace')
-    for line in text.split('\n'):
+      text = text.decode("utf-8", errors="replace")
+    for line in text.split("\n"):
       if not line.strip():
         continue
       yield line
-      budget -= len(line.encode('utf-8')) + 1
+      budget -= len(line.encode("utf-8")) + 1
       if budget <= 0:
         return
 
 
-def train_sentencepiece(
-    texts: Iterable[str | bytes], *, vocab_size: int, max_bytes: int
-) -> bytes:
+def train_sentencepiece(texts: Iterable[str | bytes], *, vocab_size: int, max_bytes: int) -> bytes:
   """Trains a unigram SentencePiece model; returns the serialized proto.
 
   Args:
@@ -178,17 +171,17 @@ def train_sentencepiece(
       sentence_iterator=_training_lines(texts, max_bytes),
       model_writer=writer,
       vocab_size=vocab_size,
-      model_type='unigram',
+      model_type="unigram",
       pad_id=SP_PAD_ID,
       unk_id=SP_UNK_ID,
       eos_id=SP_EOS_ID,
       bos_id=-1,
-      normalization_rule_name='identity',
+      normalization_rule_name="identity",
       remove_extra_whitespaces=False,
       add_dummy_prefix=False,
       allow_whitespace_only_pieces=True,
       split_digits=True,
-      user_defined_symbols=['\n'],
+      user_defined_symbols=["\n"],
       byte_fallback=vocab_size >= _BYTE_FALLBACK_MIN_VOCAB,
       character_coverage=1.0 if vocab_size < 4096 else 0.9995,
       hard_vocab_limit=False,  # Tiny corpora may not support the full size.
@@ -217,8 +210,7 @@ def load_or_train_sentencepiece(
   """
   path = pathlib.Path(path)
   if not path.exists():
-    proto = train_sentencepiece(
-        texts_fn(), vocab_size=vocab_size, max_bytes=max_bytes)
+    proto = train_sentencepiece(texts_fn(), vocab_size=vocab_size, max_bytes=max_bytes)
     files.atomic_write(path, proto)
   return _load_sentencepiece(os.fspath(path))
 
@@ -228,5 +220,3 @@ def _load_sentencepiece(path: str) -> SentencePieceTokenizer:
   # Model files are never rewritten under the same name (the name encodes the
   # data and settings), so caching by path within a process is safe.
   return SentencePieceTokenizer.from_file(path)
-
-
