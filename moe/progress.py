@@ -66,6 +66,7 @@ class Progress:
         None if peak_flops is None else peak_flops * jax.device_count() / flops
     )
     self.last = {}  # loss, ce, perplexity of the latest record.
+    self.compile_time = 0.0  # Seconds this call spent compiling the train step.
     self._window = (start, train_time)  # (step, train time) at the last record.
     self._mark = None
 

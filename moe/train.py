@@ -10,9 +10,10 @@ and metrics files in `moe.workdir`, checkpoints in `moe.checkpoints`, timing and
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -80,9 +81,7 @@ def _previous_train_time(workdir: pathlib.Path, start: int) -> float:
   return records[-1].get("time_s", 0.0) if (start and records) else 0.0
 
 
-def _final(
-    workdir: pathlib.Path, progress: Progress, evaluated: dict, done: int, compile_time: float
-) -> dict:
+def _final(workdir: pathlib.Path, progress: Progress, evaluated: dict, done: int) -> dict:
   """The returned metrics: this call's last records, else (a run that was already complete) the
   workdir's."""
   records = workdir_lib.read_metrics(workdir / workdir_lib.METRICS)
@@ -101,13 +100,89 @@ def _final(
   final.update(
       step=done,
       train_time_s=train_time,
-      compile_time_s=compile_time,
+      compile_time_s=progress.compile_time,
       tokens_per_s=done * progress.tokens_per_step / max(train_time, 1e-9),
   )
   mfu = progress.mfu(final["tokens_per_s"])
   if mfu is not None:
     final["mfu"] = mfu
   return final
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the loop needs besides the train state: fixed for the run, except the data iterator."""
+
+  cfg: ExperimentConfig
+  mesh: jax.sharding.Mesh
+  rules: Any
+  batch_sharding: jax.sharding.NamedSharding
+  manager: Any  # orbax CheckpointManager
+  writer: workdir_lib.MetricsWriter
+  progress: Progress
+  data_it: Any  # grain iterator, restored with the checkpoint
+  eval_data: Any  # eval batches, or None
+  eval_step: Callable
+  evaluated: dict  # eval_loss and eval_perplexity of this call's last evaluation
+
+  def next_batch(self) -> steps.Batch:
+    return steps.to_device(next(self.data_it), self.batch_sharding)
+
+  def evaluate(self, state: steps.TrainState, step: int) -> None:
+    with sharding.use_mesh(self.mesh, self.rules):
+      result = steps.evaluate(self.eval_step, state.params, self.eval_data, self.batch_sharding)
+    self.writer.write({"step": step, "split": "eval", **result})
+    self.evaluated.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
+    print_line(
+        f"eval  step {step} | loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}"
+    )
+
+
+def _compile_train_step(run: _Run, graphdef, rest, tx, state, state_sharding, batch) -> Callable:
+  """The train step, lowered and compiled for `state` and `batch` (logs the compile time)."""
+  t0 = time.perf_counter()
+  with sharding.use_mesh(run.mesh, run.rules):
+    step = steps.make_train_step(
+        graphdef,
+        rest,
+        run.cfg,
+        tx,
+        state_sharding=state_sharding,
+        batch_sharding=run.batch_sharding,
+    )
+    compiled = step.lower(state, batch).compile()
+  run.progress.compile_time = time.perf_counter() - t0
+  print_line(
+      f"{run.cfg.name}: {summary(run.cfg.model, run.cfg.train.seq_len)}; mesh {dict(run.mesh.shape)}"
+      f" ({run.cfg.mesh.rules.value} rules); compiled the train step in "
+      f"{run.progress.compile_time:.1f} s"
+  )
+  return compiled
+
+
+def _train(run: _Run, train_step: Callable, state, batch, start: int) -> None:
+  """Steps start+1 .. train.steps; evaluates and checkpoints on their periods and at the end."""
+  tc = run.cfg.train
+  run.progress.resume()
+  pending = None  # (step, metrics) of the step in flight: metrics are pulled one step behind.
+  for done in range(start + 1, tc.steps + 1):
+    state, metrics = train_step(state, batch)
+    if pending is not None:
+      run.progress.finish(*pending)
+    pending = (done, metrics)
+    evaluate_now = run.eval_data is not None and (done % tc.eval_every == 0 or done == tc.steps)
+    checkpoint_now = done % tc.checkpoint_every == 0 or done == tc.steps
+    if evaluate_now or checkpoint_now:
+      run.progress.finish(*pending)
+      pending = None
+      # Evaluate first: a crash between the two then only loses work that the resumed run redoes.
+      if evaluate_now:
+        run.evaluate(state, done)
+      if checkpoint_now:
+        checkpoints.save(run.manager, done, state, run.data_it)  # Async: returns once off device.
+      run.progress.resume()  # Evaluation and checkpointing are not training time.
+    if done < tc.steps:
+      batch = run.next_batch()
 
 
 def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
@@ -139,67 +214,31 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
   peak = tc.peak_flops_per_device or peak_flops_per_device(
       jax.devices()[0].device_kind, cfg.model.dtype
   )
-  progress = Progress(cfg, start, _previous_train_time(path, start), writer, peak)
-  evaluated: dict[str, Any] = {}
   with sharding.use_mesh(mesh, rules):  # The steps trace under the mesh: constraints apply.
     eval_step = steps.make_eval_step(
         graphdef, rest, cfg, params_sharding=state_sharding.params, batch_sharding=batch_sharding
     )
-
-  def evaluate(step: int) -> None:
-    with sharding.use_mesh(mesh, rules):
-      result = steps.evaluate(eval_step, state.params, eval_data, batch_sharding)
-    writer.write({"step": step, "split": "eval", **result})
-    evaluated.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
-    print_line(
-        f"eval  step {step} | loss {result['loss']:.4f} | perplexity " f"{result['perplexity']:.2f}"
-    )
-
-  compile_time = 0.0
+  progress = Progress(cfg, start, _previous_train_time(path, start), writer, peak)
+  run = _Run(
+      cfg,
+      mesh,
+      rules,
+      batch_sharding,
+      manager,
+      writer,
+      progress,
+      data_it,
+      eval_data,
+      eval_step,
+      evaluated={},
+  )
   try:
     if start < tc.steps:
-      t0 = time.perf_counter()
-      batch = steps.to_device(next(data_it), batch_sharding)
-      with sharding.use_mesh(mesh, rules):
-        train_step = (
-            steps.make_train_step(
-                graphdef,
-                rest,
-                cfg,
-                tx,
-                state_sharding=state_sharding,
-                batch_sharding=batch_sharding,
-            )
-            .lower(state, batch)
-            .compile()
-        )
-      compile_time = time.perf_counter() - t0
-      print_line(
-          f"{cfg.name}: {summary(cfg.model, tc.seq_len)}; mesh {dict(mesh.shape)} "
-          f"({cfg.mesh.rules.value} rules); compiled the train step in {compile_time:.1f} s"
-      )
-      progress.resume()
-      pending = None  # (step, metrics) of the step in flight: metrics are pulled one step behind.
-      for done in range(start + 1, tc.steps + 1):
-        state, metrics = train_step(state, batch)
-        if pending is not None:
-          progress.finish(*pending)
-        pending = (done, metrics)
-        evaluate_now = eval_data is not None and (done % tc.eval_every == 0 or done == tc.steps)
-        checkpoint_now = done % tc.checkpoint_every == 0 or done == tc.steps
-        if evaluate_now or checkpoint_now:
-          progress.finish(*pending)
-          pending = None
-          # Evaluate first: a crash between the two then only loses work that the resumed run redoes.
-          if evaluate_now:
-            evaluate(done)
-          if checkpoint_now:
-            checkpoints.save(manager, done, state, data_it)  # Async: returns once off the device.
-          progress.resume()  # Evaluation and checkpointing are not training time.
-        if done < tc.steps:
-          batch = steps.to_device(next(data_it), batch_sharding)
+      batch = run.next_batch()
+      train_step = _compile_train_step(run, graphdef, rest, tx, state, state_sharding, batch)
+      _train(run, train_step, state, batch, start)
   finally:
     manager.wait_until_finished()  # Never return (or raise) with a save in flight.
     manager.close()
     writer.close()
-  return _final(path, progress, evaluated, max(start, tc.steps), compile_time)
+  return _final(path, progress, run.evaluated, max(start, tc.steps))
