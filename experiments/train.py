@@ -6,15 +6,23 @@ Rerunning with the same --workdir resumes from its latest checkpoint. Override f
 line, e.g. --config.mesh.expert=4 --config.mesh.rules=expert (see moe.sharding), or
 --config.train.steps=2000 --config.train.allow_steps_change=True to extend a run (see moe.workdir).
 
+Exit status: 0 when the run is complete; 75 after a preemption (SIGTERM or SIGINT: the current step is
+finished and saved, rerun the same command to resume; see moe.preemption); 1 with one line saying why
+when the config or the workdir is refused or the run diverged (--verbose shows the traceback).
+
 Several hosts: run the same command on every host. TPU pods and SLURM/Open MPI GPU clusters are
 detected from the environment; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N
 --process_id=I (add --cpu_collectives for CPU-only processes).
 """
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from moe import config_dict, sharding, train
+from moe.preemption import EXIT_CODE, Preempted
+from moe.progress import Diverged
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (path[:arg]).", lock_config=True
@@ -32,22 +40,31 @@ _PROCESS_ID = flags.DEFINE_integer(
 _CPU_COLLECTIVES = flags.DEFINE_bool(
     "cpu_collectives", False, "Use gloo collectives between CPU processes."
 )
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "On a refused config or a diverged run, raise with the traceback."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cfg = config_dict.experiment_from_config_dict(
-      _CONFIG.value
-  )  # Validates before anything compiles.
-  sharding.initialize_distributed(
-      _COORDINATOR.value,
-      _NUM_PROCESSES.value,
-      _PROCESS_ID.value,
-      cpu_collectives=_CPU_COLLECTIVES.value,
-  )
-  train.train_and_evaluate(cfg, _WORKDIR.value)
+  try:
+    cfg = config_dict.experiment_from_config_dict(_CONFIG.value)  # Validates before compiling.
+    sharding.initialize_distributed(
+        _COORDINATOR.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        cpu_collectives=_CPU_COLLECTIVES.value,
+    )
+    train.train_and_evaluate(cfg, _WORKDIR.value)
+  except Preempted:
+    sys.exit(EXIT_CODE)  # The loop printed the step it saved; "requeue me" (moe.preemption).
+  except (ValueError, Diverged) as error:
+    if _VERBOSE.value:
+      raise
+    # A refused config or workdir, or a diverged run: one line, not a traceback.
+    sys.exit(f"experiments.train: {error}")
 
 
 if __name__ == "__main__":

@@ -451,6 +451,13 @@ class Schedule(enum.Enum):
   CONSTANT = "constant"  # Linear warmup, then constant.
 
 
+class NonFinite(enum.Enum):
+  """What a step with a non-finite loss or gradient norm does to the run."""
+
+  STOP = "stop"  # Stop with an error naming the step; no checkpoint after the last finite step.
+  SKIP = "skip"  # Skip the update (optax.apply_if_finite), stop after too many in a row.
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
   """The optimisation and the loop. Loss = cross-entropy + moe.balance_loss_weight x balance loss
@@ -472,6 +479,11 @@ class TrainConfig:
       are deleted first).
     allow_steps_change: allow resuming a run with a different `steps`, which re-stretches the
       learning-rate schedule from the resumed step on (recorded in the workdir's config_history.jsonl).
+    on_nonfinite: a step whose loss or gradient norm is NaN or infinite stops the run ('stop': the
+      error names the step and the non-finite terms, no checkpoint is written after the last finite
+      step) or is skipped ('skip': parameters and optimiser state are left as they were, as PaLM and
+      optax.apply_if_finite do; a skipped step does not advance the optimiser's own schedule count).
+    max_consecutive_skips: with 'skip', the run stops once this many steps in a row were skipped.
   """
 
   seed: int = 0
@@ -495,9 +507,14 @@ class TrainConfig:
   peak_flops_per_device: float | None = None
   overwrite: bool = False
   allow_steps_change: bool = False
+  on_nonfinite: NonFinite | str = NonFinite.STOP
+  max_consecutive_skips: int = 10
 
   def __post_init__(self):
     object.__setattr__(self, "schedule", as_enum(Schedule, self.schedule, "train.schedule"))
+    object.__setattr__(
+        self, "on_nonfinite", as_enum(NonFinite, self.on_nonfinite, "train.on_nonfinite")
+    )
     for name in (
         "steps",
         "global_batch_size",
@@ -506,6 +523,7 @@ class TrainConfig:
         "eval_every",
         "checkpoint_every",
         "keep_checkpoints",
+        "max_consecutive_skips",
     ):
       value = getattr(self, name)
       if not (isinstance(value, int) and value >= 1):

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from moe import axes
-from moe.config import Schedule, TrainConfig
+from moe.config import NonFinite, Schedule, TrainConfig
 
 # A path component (attribute or dict key, lower-cased) that names a norm, a bias or the token
 # embedding. Matched against whole components and their `_`-separated words, so `final_norm`,
@@ -104,7 +104,8 @@ def weight_decay_mask(params: nnx.State) -> nnx.State:
 
 
 def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransformation:
-  """Global-norm clipping (if grad_clip_norm > 0), then AdamW with the schedule and the decay mask.
+  """Global-norm clipping (if grad_clip_norm > 0), then AdamW with the schedule and the decay mask;
+  with `on_nonfinite='skip'`, all of it behind `optax.apply_if_finite`.
 
   Args:
     cfg: the training configuration (learning rate, schedule, Adam moments, decay, clipping).
@@ -121,9 +122,14 @@ def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransfo
       weight_decay=cfg.weight_decay,
       mask=weight_decay_mask(params),
   )
+  tx = adamw
   if cfg.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
-  return adamw
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
+  if cfg.on_nonfinite is NonFinite.SKIP:
+    # A non-finite gradient leaves parameters and moments as they were. The limit that optax would
+    # then apply the update anyway is never reached: the loop stops at max_consecutive_skips.
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=cfg.max_consecutive_skips + 1)
+  return tx
 
 
 def global_norm(tree: Any) -> jax.Array:

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from moe import accounting
+from moe.config import NonFinite
 from moe.experiment import ExperimentConfig
 from moe.workdir import MetricsWriter
 
@@ -28,6 +29,38 @@ def duration(seconds: float) -> str:
   """H:MM:SS."""
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Diverged(RuntimeError):
+  """A step's loss or gradient norm was not finite (and `train.on_nonfinite` says to stop)."""
+
+  def __init__(self, step: int, values: dict, skipped: int = 0):
+    self.step = step
+    self.terms = nonfinite_terms(values)
+    after = f" after {skipped} skipped steps in a row" if skipped else ""
+    super().__init__(
+        f"diverged at step {step}{after}: non-finite {', '.join(self.terms)}; no checkpoint was "
+        "written after the last finite step (lower train.learning_rate, or set "
+        "train.on_nonfinite=skip to skip such steps)"
+    )
+
+
+def nonfinite_terms(values: dict) -> list[str]:
+  """The metrics that are NaN or infinite, per sparse layer where they are lists ('router_entropy
+  [sparse layer 0]'), in the order: loss terms, gradient norm, router statistics."""
+  terms = []
+  for key in ("ce", "z_loss", "balance_loss", "loss", "grad_norm", "router_entropy", "expert_load"):
+    value = values.get(key)
+    if value is None:
+      continue
+    array = np.asarray(value, np.float64)
+    if array.ndim == 0:
+      if not np.isfinite(array):
+        terms.append(key)
+    else:
+      bad = ~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1)
+      terms += [f"{key} [sparse layer {i}]" for i in np.flatnonzero(bad)]
+  return terms
 
 
 def _scalars(metrics: dict) -> dict:
@@ -67,6 +100,7 @@ class Progress:
     )
     self.last = {}  # loss, ce, perplexity of the latest record.
     self.compile_time = 0.0  # Seconds this call spent compiling the train step.
+    self.skipped = 0  # Non-finite steps in a row.
     self._window = (start, train_time)  # (step, train time) at the last record.
     self._mark = None
 
@@ -78,14 +112,27 @@ class Progress:
     return None if self.flops_per_s_at_peak is None else tokens_per_s / self.flops_per_s_at_peak
 
   def finish(self, step: int, metrics: dict) -> None:
-    """Blocks on `step`'s metrics and adds its time; writes a record if `step` is a log step."""
-    jax.block_until_ready(metrics["loss"])
+    """Blocks on `step`'s metrics and adds its time; writes a record if `step` is a log step or not
+    finite. Raises `Diverged` when the step was not finite and the policy says to stop."""
+    loss, grad_norm = jax.device_get((metrics["loss"], metrics["grad_norm"]))  # Blocks.
     now = time.perf_counter()
     self.train_time, self._mark = self.train_time + now - self._mark, now
     tc = self.cfg.train
-    if step % tc.log_every and step != tc.steps:
+    finite = bool(np.isfinite(loss) and np.isfinite(grad_norm))
+    self.skipped = 0 if finite else self.skipped + 1
+    if finite and step % tc.log_every and step != tc.steps:
       return
     values = _scalars(jax.device_get(metrics))
+    if not finite:
+      values["skipped"] = tc.on_nonfinite is NonFinite.SKIP
+      self._record(step, dict(values))
+      if tc.on_nonfinite is NonFinite.STOP or self.skipped >= tc.max_consecutive_skips:
+        raise Diverged(step, values, self.skipped if tc.on_nonfinite is NonFinite.SKIP else 0)
+      return
+    self._record(step, values)
+
+  def _record(self, step: int, values: dict) -> None:
+    tc = self.cfg.train
     tokens_per_s = (
         (step - self._window[0])
         * self.tokens_per_step

@@ -1,4 +1,6 @@
 """The training loop: checks the config, resumes from the workdir, trains, evaluates, checkpoints.
+It stops early, with a checkpoint, on a preemption notice (`moe.preemption`), and without one at a
+non-finite step (`moe.progress.Diverged`, `train.on_nonfinite`).
 
     metrics = train_and_evaluate(cfg, workdir)      # cfg: moe.experiment.ExperimentConfig
 
@@ -22,6 +24,7 @@ from moe import data as data_lib
 from moe import workdir as workdir_lib
 from moe.accounting import peak_flops_per_device, summary
 from moe.experiment import ExperimentConfig
+from moe.preemption import Preempted, PreemptionWatch
 from moe.progress import Progress, print_line
 
 
@@ -160,8 +163,13 @@ def _compile_train_step(run: _Run, graphdef, rest, tx, state, state_sharding, ba
   return compiled
 
 
-def _train(run: _Run, train_step: Callable, state, batch, start: int) -> None:
-  """Steps start+1 .. train.steps; evaluates and checkpoints on their periods and at the end."""
+def _train(run: _Run, train_step: Callable, state, batch, start: int, watch: PreemptionWatch):
+  """Steps start+1 .. train.steps; evaluates and checkpoints on their periods and at the end.
+
+  Raises:
+    Preempted: after saving the step at which a preemption notice was seen (`moe.preemption`).
+    Diverged: at a non-finite step, before any checkpoint of it (`moe.progress`).
+  """
   tc = run.cfg.train
   run.progress.resume()
   pending = None  # (step, metrics) of the step in flight: metrics are pulled one step behind.
@@ -170,16 +178,22 @@ def _train(run: _Run, train_step: Callable, state, batch, start: int) -> None:
     if pending is not None:
       run.progress.finish(*pending)
     pending = (done, metrics)
+    preempted = watch.reached(done)  # Asked at every step: several processes agree on the step.
     evaluate_now = run.eval_data is not None and (done % tc.eval_every == 0 or done == tc.steps)
-    checkpoint_now = done % tc.checkpoint_every == 0 or done == tc.steps
+    checkpoint_now = done % tc.checkpoint_every == 0 or done == tc.steps or preempted
     if evaluate_now or checkpoint_now:
-      run.progress.finish(*pending)
+      run.progress.finish(*pending)  # Raises Diverged before a non-finite step is saved.
       pending = None
       # Evaluate first: a crash between the two then only loses work that the resumed run redoes.
       if evaluate_now:
         run.evaluate(state, done)
       if checkpoint_now:
         checkpoints.save(run.manager, done, state, run.data_it)  # Async: returns once off device.
+      if preempted:
+        run.manager.wait_until_finished()
+        error = Preempted(done, watch.signal_name)
+        print_line(str(error))
+        raise error
       run.progress.resume()  # Evaluation and checkpointing are not training time.
     if done < tc.steps:
       batch = run.next_batch()
@@ -233,10 +247,11 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
       evaluated={},
   )
   try:
-    if start < tc.steps:
-      batch = run.next_batch()
-      train_step = _compile_train_step(run, graphdef, rest, tx, state, state_sharding, batch)
-      _train(run, train_step, state, batch, start)
+    with PreemptionWatch() as watch:
+      if start < tc.steps:
+        batch = run.next_batch()
+        train_step = _compile_train_step(run, graphdef, rest, tx, state, state_sharding, batch)
+        _train(run, train_step, state, batch, start, watch)
   finally:
     manager.wait_until_finished()  # Never return (or raise) with a save in flight.
     manager.close()

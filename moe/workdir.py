@@ -6,7 +6,9 @@ Layout:
                            whole previous config (so e.g. the original schedule of an extended run stays
                            on record)
     checkpoints/<s>/       orbax (`moe.checkpoints`)
-    metrics.jsonl          one JSON object per line, split 'train' or 'eval'; per sparse layer lists
+    metrics.jsonl          one JSON object per line, split 'train' or 'eval'; per sparse layer lists;
+                           strict JSON: NaN and infinities as the strings "NaN", "Infinity",
+                           "-Infinity" (`read_metrics` reads them back as floats)
     tensorboard/           tensorboardX event files (scalars; per-layer values as separate tags)
 
 A workdir whose config.json matches the config restarts from its latest checkpoint; the fields in
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import pathlib
 import shutil
 from typing import Any
@@ -99,7 +102,21 @@ def _refusal(
   return refused
 
 
+class WorkdirError(ValueError):
+  """The workdir cannot be used: another run's, or not writable."""
+
+
 def prepare_workdir(cfg: ExperimentConfig, workdir: pathlib.Path) -> None:
+  """`_prepare`, with a filesystem error said as what it is: the workdir cannot be written."""
+  try:
+    _prepare(cfg, workdir)
+  except OSError as error:
+    raise WorkdirError(
+        f"workdir {workdir} cannot be written ({error.strerror or error}): use another --workdir"
+    ) from error
+
+
+def _prepare(cfg: ExperimentConfig, workdir: pathlib.Path) -> None:
   """Checks that `workdir` is empty or holds a run of `cfg`, then records the config. Process 0 only.
 
   A run with a different config is refused (with every differing field), unless `train.overwrite`,
@@ -112,7 +129,7 @@ def prepare_workdir(cfg: ExperimentConfig, workdir: pathlib.Path) -> None:
   refused = _refusal(cfg, old, new, workdir)
   if refused:
     if not cfg.train.overwrite:
-      raise ValueError(
+      raise WorkdirError(
           f"workdir {workdir} holds a run with a different config:\n  "
           + "\n  ".join(refused)
           + "\nUse another --workdir, or set train.overwrite=True to delete its checkpoints and metrics "
@@ -144,16 +161,46 @@ def prepare_workdir(cfg: ExperimentConfig, workdir: pathlib.Path) -> None:
   files.atomic_write(config_path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
 
+# metrics.jsonl is strict JSON (which has no NaN or infinities): a non-finite number is written as
+# one of these strings, and `read_metrics` turns it back into a float.
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _json_safe(value: Any) -> Any:
+  if isinstance(value, float) and not math.isfinite(value):
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  return value
+
+
+def _from_json_safe(value: Any) -> Any:
+  if isinstance(value, str) and value in _NONFINITE:
+    return _NONFINITE[value]
+  if isinstance(value, list):
+    return [_from_json_safe(v) for v in value]
+  return value
+
+
+def metrics_line(record: dict) -> str:
+  """One metrics.jsonl line: strict JSON, non-finite numbers as "NaN", "Infinity", "-Infinity"."""
+  return json.dumps(_json_safe(record), allow_nan=False) + "\n"
+
+
 def read_metrics(path: pathlib.Path) -> list[dict]:
-  """The records of a metrics.jsonl (a torn last line, from a crash mid-write, is skipped)."""
+  """The records of a metrics.jsonl, non-finite values as floats again (a torn last line, from a crash
+  mid-write, is skipped)."""
   if not path.exists():
     return []
   records = []
   for line in path.read_text().splitlines():
     try:
-      records.append(json.loads(line))
+      record = json.loads(line)
     except json.JSONDecodeError:
       continue
+    records.append({k: _from_json_safe(v) for k, v in record.items()})
   return records
 
 
@@ -165,34 +212,45 @@ class MetricsWriter:
     self.path = workdir / METRICS
     self.sparse_layers = sparse_layers
     self.tb = None
+    self._tb_dir, self._start = workdir / "tensorboard", start_step
     if not self.active:
       return
+    # Records after the checkpoint we resume from (a crash wrote them) are dropped, and a torn last
+    # line with them; a relaunch of a finished run leaves the file untouched.
     kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-    files.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    # purge_step hides events a crashed run wrote after the checkpoint we resume from.
-    self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
+    text = "".join(metrics_line(r) for r in kept)
+    if text != (self.path.read_text() if self.path.exists() else ""):
+      files.atomic_write(self.path, text)
+
+  def _tensorboard(self):
+    if self.tb is None:  # Opened on the first record: a run with nothing to log writes nothing.
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+      # purge_step hides events a crashed run wrote after the checkpoint we resume from.
+      self.tb = SummaryWriter(str(self._tb_dir), purge_step=self._start + 1)
+    return self.tb
 
   def write(self, record: dict) -> None:
     if not self.active:
       return
+    tb = self._tensorboard()
     with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")  # One write per line: a crash can only tear the last line.
+      f.write(metrics_line(record))  # One write per line: a crash can only tear the last line.
     step, split = record["step"], record["split"]
     for key, value in record.items():
       if key in ("step", "split"):
         continue
       if isinstance(value, (int, float)):
-        self.tb.add_scalar(f"{split}/{key}", value, step)
+        tb.add_scalar(f"{split}/{key}", value, step)
         continue
       for layer, per_layer in zip(self.sparse_layers, value):
         if isinstance(per_layer, list):
           sub = "rank" if key == "dropped_fraction" else "expert"
           for i, v in enumerate(per_layer):
-            self.tb.add_scalar(f"{split}/{key}/layer{layer}/{sub}{i}", v, step)
+            tb.add_scalar(f"{split}/{key}/layer{layer}/{sub}{i}", v, step)
         else:
-          self.tb.add_scalar(f"{split}/{key}/layer{layer}", per_layer, step)
-    self.tb.flush()
+          tb.add_scalar(f"{split}/{key}/layer{layer}", per_layer, step)
+    tb.flush()
 
   def close(self) -> None:
     if self.tb is not None:
