@@ -32,16 +32,19 @@ def duration(seconds: float) -> str:
 
 
 class Diverged(RuntimeError):
-  """A step's loss or gradient norm was not finite (and `train.on_nonfinite` says to stop)."""
+  """A step's loss or gradient norm was not finite, and `train.on_nonfinite` says to stop.
+
+  Raised before the step is checkpointed: every checkpoint of the run holds a finite state.
+  """
 
   def __init__(self, step: int, values: dict, skipped: int = 0):
     self.step = step
     self.terms = nonfinite_terms(values)
     after = f" after {skipped} skipped steps in a row" if skipped else ""
+    hint = "lower train.learning_rate" + ("" if skipped else ", or set train.on_nonfinite=skip")
     super().__init__(
-        f"diverged at step {step}{after}: non-finite {', '.join(self.terms)}; no checkpoint was "
-        "written after the last finite step (lower train.learning_rate, or set "
-        "train.on_nonfinite=skip to skip such steps)"
+        f"diverged at step {step}{after}: non-finite {', '.join(self.terms)}; step {step} was not "
+        f"saved, every checkpoint holds a finite state ({hint})"
     )
 
 
