@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -141,3 +145,68 @@ def test_workdir_with_another_config_is_refused(tmp_path):
       ]
   ]
   assert history[0]["previous"]["train"]["steps"] == 2  # The original schedule stays on record.
+
+
+# ----------------------------------------------------------------------------------------------------
+# Torture: kill -9 anywhere, resume, end bit-identical.
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TORTURE = [
+    "--config=configs/switch.py:size=smoke",
+    "--config.train.steps=24",
+    "--config.train.checkpoint_every=4",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=8",
+]
+
+
+def _launch(workdir, log_path):
+  return subprocess.Popen(
+      [sys.executable, "-m", "experiments.train", *TORTURE, f"--workdir={workdir}"],
+      cwd=REPO,
+      stdout=open(log_path, "w"),
+      stderr=subprocess.STDOUT,
+      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"),
+  )
+
+
+def _final_state(workdir):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  return ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / "24" / "state")
+
+
+@pytest.mark.timeout(900)
+def test_kill_9_anywhere_then_resume_ends_bit_identical(tmp_path):
+  """SIGKILL at start-up, during compilation, mid-step and around checkpoint saves; every restart
+  resumes, and the last checkpoint and every record equal an uninterrupted run's."""
+  straight = tmp_path / "straight"
+  assert _launch(straight, tmp_path / "s.log").wait(timeout=300) == 0
+  workdir, log = tmp_path / "killed", tmp_path / "k.log"
+  # (text to wait for in the log, extra delay in seconds) before each kill -9.
+  kill_points = [
+      (None, 1.0),
+      ("compiled the train step", 0.0),
+      ("train step 3/", 0.0),
+      ("train step 8/", 0.0),
+      ("Resumed from", 0.0),
+      ("train step 13/", 0.05),
+      ("train step 16/", 0.0),
+  ]
+  for text, delay in kill_points:
+    proc = _launch(workdir, log)
+    deadline = time.monotonic() + 200
+    while text is not None and text not in log.read_text() and proc.poll() is None:
+      assert time.monotonic() < deadline
+      time.sleep(0.02)
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()
+  assert _launch(workdir, log).wait(timeout=300) == 0, log.read_text()[-3000:]
+  a, b = _final_state(straight), _final_state(workdir)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  timeless = lambda rs: [
+      {k: v for k, v in r.items() if k not in ("tokens_per_s", "time_s")} for r in rs
+  ]
+  assert timeless(records(workdir)) == timeless(records(straight))
+  assert timeless(records(workdir, "eval")) == timeless(records(straight, "eval"))
