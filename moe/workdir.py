@@ -18,6 +18,7 @@ difference is refused unless `train.overwrite`. A relaunch with an identical con
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -29,7 +30,10 @@ import jax
 from absl import logging
 
 from moe import files
+from moe.config import ModelConfig, MoEConfig, TrainConfig
 from moe.config_dict import to_json
+from moe.data.config import DataConfig
+from moe.sharding import MeshConfig
 from moe.experiment import ExperimentConfig
 
 # Fields that may differ between a run in a workdir and the config that resumes it. None of them
@@ -83,6 +87,28 @@ def config_differences(old: dict, new: dict, resumable: tuple[str, ...] = ()) ->
   ]
 
 
+def _fields_added_at_default(old: dict, new: dict) -> tuple[str, ...]:
+  """Dotted fields absent from a recorded config and at their default in `new`: the run was recorded
+  before the field existed, and behaved as its default, so resuming with it is no change."""
+  sections = {
+      "train": TrainConfig,
+      "model": ModelConfig,
+      "model.moe": MoEConfig,
+      "data": DataConfig,
+      "mesh": MeshConfig,
+  }
+  recorded, current = _flatten(old), _flatten(new)
+  return tuple(
+      key
+      for prefix, cls in sections.items()
+      for field in dataclasses.fields(cls)
+      if field.default is not dataclasses.MISSING
+      and (key := f"{prefix}.{field.name}") not in recorded
+      and key in current
+      and current[key] == to_json({"v": field.default})["v"]
+  )
+
+
 def _refusal(
     cfg: ExperimentConfig, old: dict | None, new: dict, workdir: pathlib.Path
 ) -> list[str]:
@@ -92,7 +118,8 @@ def _refusal(
     if any(p.exists() for p in outputs):
       return ["config.json is missing but the workdir holds checkpoints or metrics"]
     return []
-  refused = config_differences(old, new, RESUMABLE_FIELDS + (STEPS_FIELD,))
+  allowed = RESUMABLE_FIELDS + (STEPS_FIELD,) + _fields_added_at_default(old, new)
+  refused = config_differences(old, new, allowed)
   old_steps = _flatten(old).get(STEPS_FIELD)
   if old_steps != cfg.train.steps and not cfg.train.allow_steps_change:
     refused.append(

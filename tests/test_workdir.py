@@ -108,3 +108,14 @@ def test_relaunching_a_finished_run_rewrites_no_metrics(tmp_path):
   assert path.stat().st_mtime_ns == before
   workdir.MetricsWriter(tmp_path, 0, sparse_layers=[]).close()  # Resuming from 0 drops step 1.
   assert path.read_text() == ""
+
+
+def test_a_run_recorded_before_a_field_existed_resumes_with_its_default(tmp_path):
+  workdir.prepare_workdir(smoke_cfg(), tmp_path)
+  recorded = json.loads((tmp_path / workdir.CONFIG).read_text())
+  del recorded["train"]["on_nonfinite"], recorded["model"]["moe"]["jitter_eps"]
+  (tmp_path / workdir.CONFIG).write_text(json.dumps(recorded))
+  workdir.prepare_workdir(smoke_cfg(), tmp_path)  # Both at their defaults: accepted.
+  (tmp_path / workdir.CONFIG).write_text(json.dumps(recorded))
+  with pytest.raises(ValueError, match=r"train.on_nonfinite: <absent> -> 'skip'"):
+    workdir.prepare_workdir(smoke_cfg(on_nonfinite="skip"), tmp_path)
