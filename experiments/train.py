@@ -15,6 +15,7 @@ detected from the environment; elsewhere pass --coordinator_address=HOST:PORT --
 --process_id=I (add --cpu_collectives for CPU-only processes).
 """
 
+import re
 import sys
 
 from absl import app, flags
@@ -46,6 +47,27 @@ _VERBOSE = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every error said in one line (absl prints a config file's traceback,
+  and a misspelt `--config.` field raises through three chained tracebacks before "Did you mean").
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # A config file that raised: its exception is the last line of the traceback absl quotes.
+    message = f"{lines[0]} {lines[-1]}" if any("Traceback" in l for l in lines) else " ".join(lines)
+  except (AttributeError, KeyError) as error:  # A --config. override naming no field.
+    text = str(error).replace("\\n", " ").replace("\\'", "")
+    key = re.search(r"(\w+)", text).group(1)
+    given = next(
+        (a.split("=")[0] for a in argv if re.match(rf"--config\.(\w+\.)*{key}[.=]", a)), key
+    )
+    hint = re.search(r'Did you mean "\w+"', text)
+    message = f"{given}: no such config field" + (f". {hint.group(0)}?" if hint else "")
+  sys.exit(f"experiments.train: {message}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -68,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

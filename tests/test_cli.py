@@ -55,3 +55,31 @@ def test_an_unwritable_workdir_says_so(tmp_path):
   assert last.startswith(
       f"experiments.train: workdir {tmp_path / 'file' / 'run'} cannot be written"
   )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--config.train.stpes=3"],
+            '--config.train.stpes: no such config field. Did you mean "steps"?',
+        ),
+        (
+            ["--config.modle.d_model=3"],
+            '--config.modle.d_model: no such config field. Did you mean "model"?',
+        ),
+        (["--config.train.steps=abc"], "flag --config.train.steps=abc: invalid literal for int()"),
+        (
+            ["--config=configs/switch.py:size=huge"],
+            "size must be one of smoke, tiny, small, base, large",
+        ),
+    ],
+)
+def test_a_bad_flag_is_one_line(tmp_path, args, message):
+  result = run(*args, f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert (
+      len(lines) == 1 and lines[0].startswith("experiments.train: ") and message in lines[0]
+  ), lines
+  assert not (tmp_path / "run").exists()
