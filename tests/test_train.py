@@ -85,6 +85,14 @@ def test_smoke_switch_loss_falls(tmp_path):
   assert [r["step"] for r in records(tmp_path, "eval")] == [30]
   assert json.loads((tmp_path / "config.json").read_text())["model"]["moe"]["num_experts"] == 8
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  # Relaunching the finished run reports it and writes nothing (read-only storage works).
+  files = lambda: sorted((p, p.stat().st_mtime_ns, p.stat().st_size) for p in tmp_path.rglob("*"))
+  before = files()
+  again = train.train_and_evaluate(cfg, str(tmp_path))
+  assert files() == before
+  assert {k: again[k] for k in ("step", "loss", "eval_loss")} == {
+      k: final[k] for k in ("step", "loss", "eval_loss")
+  }
 
 
 def test_resume_is_bit_identical(tmp_path):
