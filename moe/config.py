@@ -76,6 +76,7 @@ def check_number(
     low_open: bool = False,
     high_open: bool = False,
     integer: bool = False,
+    hint: str = "",
 ) -> None:
   """Raises one line naming `field` and its allowed range unless `value` is a finite number in it.
 
@@ -93,7 +94,7 @@ def check_number(
   ok = ok and (low is None or (value > low if low_open else value >= low))
   ok = ok and (high is None or (value < high if high_open else value <= high))
   if not ok:
-    raise ValueError(f"{field}={value!r} must be {allowed}")
+    raise ValueError(f"{field}={value!r} must be {allowed}{hint}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -180,7 +181,9 @@ class MoEConfig:
       check_number(f"moe.{name}", getattr(self, name), low=0)
     for name in ("train_capacity_factor", "eval_capacity_factor"):
       if getattr(self, name) is not None:  # None: dropless. A number <= 0 is a typo, not dropless.
-        check_number(f"moe.{name} (None: dropless)", getattr(self, name), low=0, low_open=True)
+        check_number(
+            f"moe.{name}", getattr(self, name), low=0, low_open=True, hint=", or None (dropless)"
+        )
     if self.dispatch is Dispatch.DROPLESS:
       if self.router is RouterKind.EXPERTS_CHOOSE:
         raise ValueError(
@@ -539,7 +542,7 @@ class TrainConfig:
     check_number("train.learning_rate", self.learning_rate, low=0, low_open=True)
     check_number("train.end_lr_fraction", self.end_lr_fraction, low=0, high=1)
     check_number("train.weight_decay", self.weight_decay, low=0)
-    check_number("train.grad_clip_norm (0: no clipping)", self.grad_clip_norm, low=0)
+    check_number("train.grad_clip_norm", self.grad_clip_norm, low=0, hint=" (0: no clipping)")
     for name in ("b1", "b2"):  # Adam's moment decay rates (Kingma & Ba 2015): in [0, 1).
       check_number(f"train.{name}", getattr(self, name), low=0, high=1, high_open=True)
     check_number("train.eps", self.eps, low=0, low_open=True)

@@ -29,7 +29,7 @@ def run(*args) -> subprocess.CompletedProcess:
         ("--config.train.b1=1.5", "train.b1=1.5 must be a number >= 0 and < 1"),
         (
             "--config.model.moe.train_capacity_factor=-1.0",
-            "moe.train_capacity_factor (None: dropless)=-1.0 must be a number > 0",
+            "moe.train_capacity_factor=-1.0 must be a number > 0, or None (dropless)",
         ),
         (
             "--config.train.seq_len=128",

@@ -63,8 +63,16 @@ def test_decoder_refuses_noncausal_routing_unless_acknowledged(case, causal):
 # the text the message must name). Each is refused while the config is built, before anything is
 # traced or compiled.
 BAD_VALUES = [
-    ("model.moe.train_capacity_factor", -1.0, "moe.train_capacity_factor (None: dropless)"),
-    ("model.moe.eval_capacity_factor", 0.0, "moe.eval_capacity_factor (None: dropless)"),
+    (
+        "model.moe.train_capacity_factor",
+        -1.0,
+        "moe.train_capacity_factor=-1.0 must be a number > 0, or None (dropless)",
+    ),
+    (
+        "model.moe.eval_capacity_factor",
+        0.0,
+        "moe.eval_capacity_factor=0.0 must be a number > 0, or None (dropless)",
+    ),
     ("model.moe.train_capacity_factor", float("nan"), "moe.train_capacity_factor"),
     ("model.moe.balance_loss_weight", float("nan"), "moe.balance_loss_weight"),
     ("model.moe.balance_loss_weight", -0.01, "moe.balance_loss_weight"),
