@@ -3,14 +3,18 @@
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     logits_BLV, aux = model(tokens_BL, train=True, rng=key)
 
-Pre-norm blocks (RMSNorm, causal attention with rotary positions and optional grouped-query heads,
-RMSNorm, feed-forward). The feed-forward of layer i is the MoE layer where `cfg.sparse_mask[i]` is True
-and a dense MLP elsewhere; `cfg.moe=None` is the dense model. `aux` is None for a dense model, else a
-`MoEAux` whose leaves are stacked over the sparse layers in layer order.
+Pre-norm blocks (RMSNorm, causal attention with rotary positions and optional grouped-query
+heads, RMSNorm, feed-forward). The feed-forward of layer i is the MoE layer where
+`cfg.sparse_mask[i]` is True and a dense MLP elsewhere; `cfg.moe=None` is the dense model. `aux` is
+None for a dense model, else a `MoEAux` whose leaves are stacked over the sparse layers in layer
+order.
 
-Depth is handled with a scan: the layer pattern is cut into an unrolled prefix and one repeating period
-of layers (`scan_plan`), whose parameters are stacked over a 'layers' axis and applied with `nnx.scan`,
-so compile time does not grow with depth.
+Only `Transformer` (and `make_block`) read the `ModelConfig`; `Attention`, `Block` and `Period` take
+just the widths and sub-modules they use.
+
+Depth is handled with a scan: the layer pattern is cut into an unrolled prefix and one repeating
+period of layers (`scan_plan`), whose parameters are stacked over a 'layers' axis and applied with
+`nnx.scan`, so compile time does not grow with depth.
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ _REMAT_POLICIES = {
 def scan_plan(mask: tuple[bool, ...], scan_layers: bool = True) -> tuple[int, int]:
   """Cuts a layer pattern into an unrolled prefix and a repeating period: (prefix, period).
 
-  Layers [0, prefix) are built one by one; layers [prefix, n) are (n - prefix) // period repetitions of
-  mask[prefix:prefix + period]. Chooses the cut with the fewest distinct layers (prefix + period), then
-  the shortest prefix. `scan_layers=False` unrolls everything: (n, 0).
+  Layers [0, prefix) are built one by one; layers [prefix, n) are (n - prefix) // period
+  repetitions of mask[prefix:prefix + period]. Chooses the cut with the fewest distinct layers
+  (prefix + period), then the shortest prefix. `scan_layers=False` unrolls everything: (n, 0).
   """
   n = len(mask)
   if not scan_layers or n == 0:
@@ -46,8 +50,11 @@ def scan_plan(mask: tuple[bool, ...], scan_layers: bool = True) -> tuple[int, in
   for prefix in range(n):
     rest = mask[prefix:]
     # The shortest period of this rest; longer ones of the same rest are never better.
-    period = next(p for p in range(1, len(rest) + 1)
-                  if len(rest) % p == 0 and rest == rest[:p] * (len(rest) // p))
+    period = next(
+        p
+        for p in range(1, len(rest) + 1)
+        if len(rest) % p == 0 and rest == rest[:p] * (len(rest) // p)
+    )
     candidates.append((prefix + period, prefix, period))
   _, prefix, period = min(candidates)
   return prefix, period
@@ -77,21 +84,43 @@ def rotary(x_BLNH: jax.Array, theta: float) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Causal multi-head attention with rotary positions; grouped-query when num_kv_heads < num_heads."""
+  """Causal multi-head attention with rotary positions; grouped-query when num_kv_heads < num_heads.
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
-                                                out_axis=(1, 2))
-    out_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                    in_axis=(0, 1), out_axis=2)
+  Args:
+    d_model: model width d.
+    num_heads: query heads N.
+    num_kv_heads: key/value heads K; must divide N (each serves N / K query heads).
+    head_dim: per-head width H (even: rotary embeddings rotate pairs).
+    rope_theta: rotary base (Su et al. 2021).
+    dtype: compute dtype; parameters stay float32.
+    rngs: parameter initialisation.
+  """
+
+  def __init__(
+      self,
+      d_model: int,
+      num_heads: int,
+      num_kv_heads: int,
+      head_dim: int,
+      *,
+      rope_theta: float = 10_000.0,
+      dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    d, h, kv, hd = d_model, num_heads, num_kv_heads, head_dim
+    init = jax.nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2)
+    )
+    out_init = jax.nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2
+    )
     p = lambda i, shape, names: nnx.Param(i(rngs.params(), shape, jnp.float32), out_sharding=names)
     self.q = p(init, (d, h, hd), (axes.EMBED, axes.HEADS, axes.HEAD_DIM))
     self.k = p(init, (d, kv, hd), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))
     self.v = p(init, (d, kv, hd), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))
     self.o = p(out_init, (h, hd, d), (axes.HEADS, axes.HEAD_DIM, axes.EMBED))
-    self.theta = cfg.rope_theta
-    self.dtype = cfg.compute_dtype
+    self.theta = rope_theta
+    self.dtype = dtype
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     w = lambda p: p[...].astype(self.dtype)
@@ -104,17 +133,24 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
-  """One pre-norm decoder layer; its feed-forward is a MoE layer when `sparse`."""
+  """One pre-norm decoder layer: x += attention(norm(x)); x += ffn(norm(x)).
 
-  def __init__(self, cfg: ModelConfig, sparse: bool, *, rngs: nnx.Rngs):
-    self.sparse = sparse
-    self.attention_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.attention = Attention(cfg, rngs=rngs)
-    self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    if sparse:
-      self.ffn = MoEFeedForward(cfg.moe, cfg.d_model, rngs=rngs)
-    else:
-      self.ffn = MLP(cfg.d_model, cfg.mlp_hidden, cfg.activation, dtype=cfg.compute_dtype, rngs=rngs)
+  Args:
+    d_model: model width d (of both RMSNorms).
+    attention: the layer's attention.
+    ffn: its feed-forward: a dense `MLP`, or a `MoEFeedForward` (then the layer is sparse and
+      returns its `MoEAux`).
+    norm_eps: RMSNorm epsilon.
+  """
+
+  def __init__(
+      self, d_model: int, attention: Attention, ffn: MLP | MoEFeedForward, *, norm_eps: float = 1e-6
+  ):
+    self.sparse = isinstance(ffn, MoEFeedForward)
+    self.attention_norm = RMSNorm(d_model, eps=norm_eps)
+    self.attention = attention
+    self.ffn_norm = RMSNorm(d_model, eps=norm_eps)
+    self.ffn = ffn
 
   def __call__(self, x_BLD, *, train: bool, rng) -> tuple[jax.Array, MoEAux | None]:
     x_BLD = x_BLD + self.attention(self.attention_norm(x_BLD))
@@ -124,15 +160,43 @@ class Block(nnx.Module):
       y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), train=train, rng=rng)
     else:
       y_BLD = self.ffn(self.ffn_norm(x_BLD))
-    x_BLD = axes.constrain(x_BLD + y_BLD.astype(x_BLD.dtype), (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    x_BLD = axes.constrain(
+        x_BLD + y_BLD.astype(x_BLD.dtype), (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
+    )
     return x_BLD, aux
 
 
-class Period(nnx.Module):
-  """The repeating unit of layers under the scan (e.g. [dense, sparse] for every-other-layer MoE)."""
+def make_block(cfg: ModelConfig, sparse: bool, *, rngs: nnx.Rngs) -> Block:
+  """One layer of `cfg`: its feed-forward is `cfg.moe` when `sparse`, else the dense MLP.
 
-  def __init__(self, cfg: ModelConfig, pattern: tuple[bool, ...], *, rngs: nnx.Rngs):
-    self.layers = nnx.List([Block(cfg, sparse, rngs=rngs) for sparse in pattern])
+  Draws the attention's parameters before the feed-forward's: the initialisation depends on the
+  order of the draws from `rngs`.
+  """
+  attention = Attention(
+      cfg.d_model,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      rope_theta=cfg.rope_theta,
+      dtype=cfg.compute_dtype,
+      rngs=rngs,
+  )
+  if sparse:
+    ffn = MoEFeedForward(cfg.moe, cfg.d_model, rngs=rngs)
+  else:
+    ffn = MLP(cfg.d_model, cfg.mlp_hidden, cfg.activation, dtype=cfg.compute_dtype, rngs=rngs)
+  return Block(cfg.d_model, attention, ffn, norm_eps=cfg.norm_eps)
+
+
+class Period(nnx.Module):
+  """The repeating unit of layers under the scan (e.g. [dense, sparse] for every-other-layer MoE).
+
+  Args:
+    layers: the blocks of one period, in layer order.
+  """
+
+  def __init__(self, layers: list[Block]):
+    self.layers = nnx.List(layers)
 
   def __call__(self, x_BLD, first_layer, *, train: bool, rng):
     auxes = []
@@ -165,22 +229,24 @@ class Transformer(nnx.Module):
     # projection starts with unit-variance logits (as T5 and Gemma do).
     self.embed = nnx.Param(
         jax.random.normal(rngs.params(), (cfg.vocab_size, d), jnp.float32) / math.sqrt(d),
-        out_sharding=(axes.VOCAB, axes.EMBED))
+        out_sharding=(axes.VOCAB, axes.EMBED),
+    )
     if not cfg.tie_embeddings:
       self.unembed = nnx.Param(
           jax.random.normal(rngs.params(), (d, cfg.vocab_size), jnp.float32) / math.sqrt(d),
-          out_sharding=(axes.EMBED, axes.VOCAB))
+          out_sharding=(axes.EMBED, axes.VOCAB),
+      )
     mask = cfg.sparse_mask
     self.prefix_len, self.period_len = scan_plan(mask, cfg.scan_layers)
-    self.prefix = nnx.List([Block(cfg, mask[i], rngs=rngs) for i in range(self.prefix_len)])
+    self.prefix = nnx.List([make_block(cfg, mask[i], rngs=rngs) for i in range(self.prefix_len)])
     self.repeats = (cfg.num_layers - self.prefix_len) // self.period_len if self.period_len else 0
     if self.repeats:
-      pattern = mask[self.prefix_len:self.prefix_len + self.period_len]
+      pattern = mask[self.prefix_len : self.prefix_len + self.period_len]
 
       @nnx.split_rngs(splits=self.repeats)
       @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: axes.LAYERS})
       def make_periods(rngs):
-        return Period(cfg, pattern, rngs=rngs)
+        return Period([make_block(cfg, sparse, rngs=rngs) for sparse in pattern])
 
       self.periods = make_periods(rngs)
     self.final_norm = RMSNorm(d, eps=cfg.norm_eps)
@@ -190,12 +256,26 @@ class Transformer(nnx.Module):
       return fn
     return nnx.remat(fn, policy=_REMAT_POLICIES[self.cfg.remat], static_argnums=(3,))
 
-  def __call__(self, tokens_BL: jax.Array, *, train: bool = False,
-               rng: jax.Array | None = None) -> tuple[jax.Array, MoEAux | None]:
-    """tokens [batch, length] int32 -> (float32 logits [batch, length, vocab], aux or None)."""
+  def __call__(
+      self, tokens_BL: jax.Array, *, train: bool = False, rng: jax.Array | None = None
+  ) -> tuple[jax.Array, MoEAux | None]:
+    """tokens [batch, length] int32 -> (float32 logits [batch, length, vocab], aux or None).
+
+    Raises:
+      ValueError: length > cfg.max_len (positions beyond it were never trained). A static shape
+        check: it fails when traced, before anything is computed.
+    """
     cfg = self.cfg
+    if tokens_BL.shape[1] > cfg.max_len:
+      raise ValueError(
+          f"input length {tokens_BL.shape[1]} exceeds model.max_len={cfg.max_len}, "
+          "the longest sequence the model accepts; cut the input or raise "
+          "model.max_len"
+      )
     x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0) * math.sqrt(cfg.d_model)
-    x_BLD = axes.constrain(x_BLD.astype(cfg.compute_dtype), (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    x_BLD = axes.constrain(
+        x_BLD.astype(cfg.compute_dtype), (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
+    )
 
     def run_block(block, x, key, train):
       return block(x, train=train, rng=key)
@@ -203,7 +283,8 @@ class Transformer(nnx.Module):
     run_block = self._maybe_remat(run_block)
     auxes = []
     for i, block in enumerate(self.prefix):
-      x_BLD, aux = run_block(block, x_BLD, None if rng is None else jax.random.fold_in(rng, i), train)
+      key = None if rng is None else jax.random.fold_in(rng, i)
+      x_BLD, aux = run_block(block, x_BLD, key, train)
       if aux is not None:
         auxes.append(aux)
     prefix_aux = _stack(auxes)
@@ -217,8 +298,11 @@ class Transformer(nnx.Module):
 
       run_period = self._maybe_remat(run_period)
 
-      @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
-                transform_metadata={nnx.PARTITION_NAME: axes.LAYERS})
+      @nnx.scan(
+          in_axes=(0, nnx.Carry, 0),
+          out_axes=(nnx.Carry, 0),
+          transform_metadata={nnx.PARTITION_NAME: axes.LAYERS},
+      )
       def scan_periods(period, x, first_layer):
         return run_period(period, x, first_layer, train)
 
@@ -231,11 +315,19 @@ class Transformer(nnx.Module):
 
     x_BLD = self.final_norm(x_BLD)
     if cfg.tie_embeddings:
-      logits = jnp.einsum("bld,vd->blv", x_BLD, self.embed[...].astype(x_BLD.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = jnp.einsum(
+          "bld,vd->blv",
+          x_BLD,
+          self.embed[...].astype(x_BLD.dtype),
+          preferred_element_type=jnp.float32,
+      )
     else:
-      logits = jnp.einsum("bld,dv->blv", x_BLD, self.unembed[...].astype(x_BLD.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = jnp.einsum(
+          "bld,dv->blv",
+          x_BLD,
+          self.unembed[...].astype(x_BLD.dtype),
+          preferred_element_type=jnp.float32,
+      )
     logits = axes.constrain(logits, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
     return logits, aux
 

@@ -18,8 +18,10 @@ MESHES = {
     "single": (sharding.MeshConfig(data=1), 1),
     "data8": (sharding.MeshConfig(data=8), 8),
     "data2_expert4": (sharding.MeshConfig(data=2, expert=4, rules="expert"), 8),
-    "fsdp2_expert2_tensor2": (sharding.MeshConfig(data=1, fsdp=2, expert=2, tensor=2,
-                                                  rules="expert_tensor"), 8),
+    "fsdp2_expert2_tensor2": (
+        sharding.MeshConfig(data=1, fsdp=2, expert=2, tensor=2, rules="expert_tensor"),
+        8,
+    ),
 }
 
 
@@ -45,29 +47,49 @@ def test_mesh_fill_and_errors():
 
 
 def _model_cfg(**moe_kw):
-  moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=32, train_capacity_factor=1.0,
-                  eval_capacity_factor=1.0, min_capacity=1, **moe_kw)
-  return ModelConfig(vocab_size=64, d_model=16, num_layers=2, num_heads=2, mlp_hidden=32, moe=moe,
-                     sparse_every=1)
+  moe = MoEConfig(
+      num_experts=4,
+      top_k=2,
+      expert_hidden=32,
+      train_capacity_factor=1.0,
+      eval_capacity_factor=1.0,
+      min_capacity=1,
+      allow_noncausal_routing=True,
+      **moe_kw,
+  )
+  return ModelConfig(
+      vocab_size=64, d_model=16, num_layers=2, num_heads=2, mlp_hidden=32, moe=moe, sparse_every=1
+  )
 
 
 def test_divisibility_errors_before_compiling():
   mesh, _ = mesh_for("data2_expert4")
   cfg = MESHES["data2_expert4"][0]
-  with pytest.raises(ValueError, match=r"train.global_batch_size=12 must be divisible by the "
-                                       r"data-parallel size 8"):
+  with pytest.raises(
+      ValueError,
+      match=r"train.global_batch_size=12 must be divisible by the " r"data-parallel size 8",
+  ):
     sharding.check_divisibility(mesh, cfg, _model_cfg(), 12)
   model = _model_cfg()
   bad = dataclasses.replace(model, moe=dataclasses.replace(model.moe, num_experts=6, top_k=1))
-  with pytest.raises(ValueError, match=r"model.moe.num_experts=6 must be divisible by the expert axis"):
+  with pytest.raises(
+      ValueError, match=r"model.moe.num_experts=6 must be divisible by the expert axis"
+  ):
     sharding.check_divisibility(mesh, cfg, bad, 16)
   sharding.check_divisibility(mesh, cfg, model, 16)
 
 
 @pytest.mark.parametrize("dispatch", ["einsum", "gather"])
 def test_routing_and_drops_identical_across_meshes(dispatch):
-  cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden=32, dispatch=dispatch,
-                  train_capacity_factor=0.75, eval_capacity_factor=0.75, min_capacity=1)
+  cfg = MoEConfig(
+      num_experts=4,
+      top_k=2,
+      expert_hidden=32,
+      dispatch=dispatch,
+      train_capacity_factor=0.75,
+      eval_capacity_factor=0.75,
+      min_capacity=1,
+  )
   x = jax.random.normal(jax.random.key(0), (16, 8, 16))
   results = {}
   for name in MESHES:
@@ -93,8 +115,9 @@ def test_parameters_are_created_split_by_their_logical_names():
   with sharding.use_mesh(mesh, rules):
     model = Transformer(_model_cfg(), rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
-  specs = {".".join(map(str, path)): v.get_value().sharding.spec
-           for path, v in nnx.to_flat_state(params)}
+  specs = {
+      ".".join(map(str, path)): v.get_value().sharding.spec for path, v in nnx.to_flat_state(params)
+  }
   experts = [k for k in specs if "experts.w_" in k]
   assert experts
   for key in experts:  # [layers, E, d, f] or [layers, E, f, d]: E over 'expert', f over 'tensor'.
@@ -113,8 +136,11 @@ def test_tensor_axis_errors():
   with pytest.raises(ValueError, match=r"model.vocab_size=63 must be divisible by mesh.tensor=2"):
     sharding.check_divisibility(mesh, tensor_rules, model, 8)
   with pytest.raises(ValueError, match=r"mesh.tensor=2 needs rules that split over it"):
-    sharding.check_divisibility(mesh, sharding.MeshConfig(data=4, tensor=2, rules="expert"),
-                                _model_cfg(), 8)
-  grouped = dataclasses.replace(_model_cfg(), moe=dataclasses.replace(_model_cfg().moe, group_size=32))
+    sharding.check_divisibility(
+        mesh, sharding.MeshConfig(data=4, tensor=2, rules="expert"), _model_cfg(), 8
+    )
+  grouped = dataclasses.replace(
+      _model_cfg(), moe=dataclasses.replace(_model_cfg().moe, group_size=32)
+  )
   with pytest.raises(ValueError, match=r"model.moe.group_size=32 gives 2 routing groups"):
     sharding.check_divisibility(mesh, tensor_rules, grouped, 8, seq_len=8)
