@@ -18,7 +18,8 @@ import ml_collections
 
 from configs.sizes import DATA, SIZES
 from moe import data as data_lib
-from moe.config import ModelConfig, MoEConfig, TrainConfig
+from moe.config import ModelConfig, MoEConfig
+from moe.train_config import TrainConfig
 from moe.config_dict import section
 from moe.data.config import DataConfig
 from moe.sharding import MeshConfig

@@ -98,8 +98,9 @@ def main(argv):
   dense = configs.dense.get_config(f"size={_SIZE.value},match=switch{EXPERTS}")
   rows, curves = [], {}
   for cd in (dense, sparse):
-    if _STEPS.value is not None:
+    if _STEPS.value is not None:  # A shorter run keeps its warmup within it.
       cd.train.steps = _STEPS.value
+      cd.train.warmup_steps = min(cd.train.warmup_steps, _STEPS.value)
     cfg = experiment_from_config_dict(cd)
     workdir = root / cfg.name
     print(f"\n=== {cfg.name} in {workdir}", flush=True)

@@ -21,7 +21,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from moe.config import ModelConfig, MoEConfig, TrainConfig
+from moe.config import ModelConfig, MoEConfig
+from moe.train_config import TrainConfig
 from moe.data.config import DataConfig
 from moe.experiment import ExperimentConfig
 from moe.sharding import MeshConfig

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from moe.config import ModelConfig, TrainConfig
+from moe.config import ModelConfig
+from moe.train_config import TrainConfig
 from moe.data.config import DataConfig
 from moe.sharding import MeshConfig
 

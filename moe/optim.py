@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from moe import axes
-from moe.config import NonFinite, Schedule, TrainConfig
+from moe.train_config import NonFinite, Schedule, TrainConfig
 
 # A path component (attribute or dict key, lower-cased) that names a norm, a bias or the token
 # embedding. Matched against whole components and their `_`-separated words, so `final_norm`,

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from moe import accounting
-from moe.config import NonFinite
+from moe.train_config import NonFinite
 from moe.experiment import ExperimentConfig
 from moe.workdir import MetricsWriter
 

@@ -28,7 +28,7 @@ import jax
 from flax import nnx
 
 from moe import axes
-from moe.enums import as_enum
+from moe.validation import as_enum
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")  # Mesh axes that split the batch outside the MoE layers.

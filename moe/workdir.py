@@ -30,7 +30,8 @@ import jax
 from absl import logging
 
 from moe import files
-from moe.config import ModelConfig, MoEConfig, TrainConfig
+from moe.config import ModelConfig, MoEConfig
+from moe.train_config import TrainConfig
 from moe.config_dict import to_json
 from moe.data.config import DataConfig
 from moe.sharding import MeshConfig

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from moe import config_dict
-from moe.config import ModelConfig, MoEConfig, TrainConfig
+from moe.config import ModelConfig, MoEConfig
+from moe.train_config import TrainConfig
 from moe.data.config import DataConfig
 from moe.sharding import MeshConfig
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from moe.config import ModelConfig, MoEConfig, TrainConfig
+from moe.config import ModelConfig, MoEConfig
+from moe.train_config import TrainConfig
 from moe.data.config import DataConfig
 from moe.experiment import ExperimentConfig
 from moe.sharding import MeshConfig

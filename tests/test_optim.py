@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from moe import optim
-from moe.config import ModelConfig, MoEConfig, TrainConfig
+from moe.config import ModelConfig, MoEConfig
+from moe.train_config import TrainConfig
 from moe.model import build
 
 

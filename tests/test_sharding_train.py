@@ -16,7 +16,8 @@ import pytest
 from flax import nnx
 
 from moe import sharding, steps, train
-from moe.config import Dispatch, ModelConfig, MoEConfig, TrainConfig
+from moe.config import Dispatch, ModelConfig, MoEConfig
+from moe.train_config import TrainConfig
 from moe.data import DataConfig
 from moe.experiment import ExperimentConfig
 from moe.workdir import read_metrics

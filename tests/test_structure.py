@@ -87,9 +87,23 @@ def test_moe_does_not_depend_on_configs():
 def test_compare_runs_from_a_non_editable_install(tmp_path):
   """`pip install .` (a wheel: only `moe` is packaged), then the main job from a directory that holds
   experiments/ and configs/ but no moe/: the library must come from site-packages."""
-  site = tmp_path / "site"
+  site, source = tmp_path / "site", tmp_path / "source"
+  # Built from a copy: pip builds in the source tree, and the checkout must stay as it is.
+  shutil.copytree(ROOT / "moe", source / "moe", ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(ROOT / name, source / name)
   subprocess.run(
-      [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(ROOT)],
+      [
+          sys.executable,
+          "-m",
+          "pip",
+          "install",
+          "-q",
+          "--no-deps",
+          "--target",
+          str(site),
+          str(source),
+      ],
       check=True,
       capture_output=True,
       text=True,

@@ -12,7 +12,7 @@ import enum
 import os
 from typing import Any
 
-from moe.enums import as_enum
+from moe.validation import as_enum
 
 
 class Source(enum.Enum):

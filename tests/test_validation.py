@@ -1,4 +1,4 @@
-"""`moe.enums.as_enum`: the one string -> enum conversion of every config."""
+"""`moe.validation`: the one string -> enum conversion and the range check of every config."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import enum
 
 import pytest
 
-from moe.enums import as_enum
+from moe.validation import as_enum
 
 
 class Colour(enum.Enum):

@@ -1,0 +1,114 @@
+"""The training configuration: optimisation, schedule, loop periods, and what a non-finite step does.
+
+`TrainConfig` is a frozen dataclass validated in `__post_init__` (one line naming the field and its
+range), like the model's configs in `moe.config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from moe.validation import as_enum, check_number
+
+
+class Schedule(enum.Enum):
+  COSINE = "cosine"  # Linear warmup, then cosine decay to `end_lr_fraction` of the peak.
+  RSQRT = "rsqrt"  # Linear warmup, then 1/sqrt(step) (T5, Switch Transformer).
+  CONSTANT = "constant"  # Linear warmup, then constant.
+
+
+class NonFinite(enum.Enum):
+  """What a step with a non-finite loss or gradient norm does to the run."""
+
+  STOP = "stop"  # Stop with an error naming the step; no checkpoint after the last finite step.
+  SKIP = "skip"  # Skip the update (optax.apply_if_finite), stop after too many in a row.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """The optimisation and the loop. Loss = cross-entropy + moe.balance_loss_weight x balance loss
+  (mean over sparse layers) + moe.z_loss_weight x z-loss (mean over sparse layers).
+
+  Attributes:
+    seed: parameters, data order and router jitter all derive from it (the jitter key of step t is
+      fold_in(seed, t), so a resumed run draws the same noise).
+    steps: optimiser steps.
+    global_batch_size / seq_len: sequences per step over all processes, tokens per sequence.
+    learning_rate, warmup_steps, schedule, end_lr_fraction: the learning-rate schedule.
+    weight_decay: AdamW decay, masked off norms, biases and embeddings.
+    b1, b2, eps: Adam moments.
+    grad_clip_norm: global-norm clipping threshold (0 disables it).
+    log_every, eval_every, eval_batches: progress/metrics period, evaluation period and size.
+    checkpoint_every, keep_checkpoints: orbax checkpoint period and how many to keep (plus the last).
+    peak_flops_per_device: for MFU; None looks the accelerator up in a table of known peaks.
+    overwrite: allow a workdir that holds a run with a different config to be reused (its checkpoints
+      are deleted first).
+    allow_steps_change: allow resuming a run with a different `steps`, which re-stretches the
+      learning-rate schedule from the resumed step on (recorded in the workdir's config_history.jsonl).
+    on_nonfinite: a step whose loss or gradient norm is NaN or infinite stops the run ('stop': the
+      error names the step and the non-finite terms, no checkpoint is written after the last finite
+      step) or is skipped ('skip': parameters and optimiser state are left as they were, as PaLM and
+      optax.apply_if_finite do; a skipped step does not advance the optimiser's own schedule count).
+    max_consecutive_skips: with 'skip', the run stops once this many steps in a row were skipped.
+  """
+
+  seed: int = 0
+  steps: int = 1000
+  global_batch_size: int = 32
+  seq_len: int = 256
+  learning_rate: float = 3e-3
+  warmup_steps: int = 100
+  schedule: Schedule | str = Schedule.COSINE
+  end_lr_fraction: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip_norm: float = 1.0
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 8
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 2
+  peak_flops_per_device: float | None = None
+  overwrite: bool = False
+  allow_steps_change: bool = False
+  on_nonfinite: NonFinite | str = NonFinite.STOP
+  max_consecutive_skips: int = 10
+
+  def __post_init__(self):
+    object.__setattr__(self, "schedule", as_enum(Schedule, self.schedule, "train.schedule"))
+    object.__setattr__(
+        self, "on_nonfinite", as_enum(NonFinite, self.on_nonfinite, "train.on_nonfinite")
+    )
+    for name in (
+        "steps",
+        "global_batch_size",
+        "seq_len",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_consecutive_skips",
+    ):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"train.{name}={value!r} must be an integer >= 1")
+    for name in ("warmup_steps", "eval_batches"):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and value >= 0):
+        raise ValueError(f"train.{name}={value!r} must be an integer >= 0")
+    if self.warmup_steps > self.steps:
+      raise ValueError(
+          f"train.warmup_steps={self.warmup_steps} must be <= train.steps={self.steps}"
+      )
+    check_number("train.learning_rate", self.learning_rate, low=0, low_open=True)
+    check_number("train.end_lr_fraction", self.end_lr_fraction, low=0, high=1)
+    check_number("train.weight_decay", self.weight_decay, low=0)
+    check_number("train.grad_clip_norm", self.grad_clip_norm, low=0, hint=" (0: no clipping)")
+    for name in ("b1", "b2"):  # Adam's moment decay rates (Kingma & Ba 2015): in [0, 1).
+      check_number(f"train.{name}", getattr(self, name), low=0, high=1, high_open=True)
+    check_number("train.eps", self.eps, low=0, low_open=True)
+    if self.peak_flops_per_device is not None:
+      check_number("train.peak_flops_per_device", self.peak_flops_per_device, low=0, low_open=True)
