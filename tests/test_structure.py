@@ -100,6 +100,7 @@ def test_compare_runs_from_a_non_editable_install(tmp_path):
           "install",
           "-q",
           "--no-deps",
+          "--no-build-isolation",
           "--target",
           str(site),
           str(source),
