@@ -8,7 +8,8 @@ line, e.g. --config.mesh.expert=4 --config.mesh.rules=expert (see moe.sharding),
 
 Exit status: 0 when the run is complete; 75 after a preemption (SIGTERM or SIGINT: the current step is
 finished and saved, rerun the same command to resume; see moe.preemption); 1 with one line saying why
-when the config or the workdir is refused or the run diverged (--verbose shows the traceback).
+when the config or the workdir is refused, no checkpoint restores, or the run diverged (--verbose
+shows the traceback).
 
 Several hosts: run the same command on every host. TPU pods and SLURM/Open MPI GPU clusters are
 detected from the environment; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N
@@ -22,6 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from moe import config_dict, sharding, train
+from moe.checkpoints import CheckpointsDamaged
 from moe.preemption import EXIT_CODE, Preempted
 from moe.progress import Diverged
 
@@ -82,7 +84,7 @@ def main(argv):
     train.train_and_evaluate(cfg, _WORKDIR.value)
   except Preempted:
     sys.exit(EXIT_CODE)  # The loop printed the step it saved; "requeue me" (moe.preemption).
-  except (ValueError, Diverged) as error:
+  except (ValueError, Diverged, CheckpointsDamaged) as error:
     if _VERBOSE.value:
       raise
     # A refused config or workdir, or a diverged run: one line, not a traceback.
