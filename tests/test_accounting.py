@@ -280,3 +280,75 @@ def test_seq_len_validated():
   with pytest.raises(ValueError, match="seq_len"):
     accounting.flops_per_token(tiny(), 0)
   assert dataclasses.is_dataclass(accounting.param_counts(tiny()))
+
+
+def top2_swiglu(dispatch, cf):
+  # 4 layers, every second sparse (layers 1 and 3): top-2 of 4 SwiGLU experts of width 12; GELU dense.
+  moe = switch(
+      top_k=2,
+      activation="swiglu",
+      expert_hidden=12,
+      dispatch=dispatch,
+      train_capacity_factor=cf,
+      eval_capacity_factor=cf,
+  )
+  return tiny(num_layers=4, sparse_every=2, moe=moe)
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "gather"])
+@pytest.mark.parametrize("cf", [1.0, 2.0])
+def test_model_flops_top2_swiglu_sparse_every_2_by_hand(dispatch, cf):
+  # PaLM App. B: 6 N + 12 n_layers H Dh L, N = the matmul weights one token goes through.
+  n = (
+      8 * 11  # tied output matrix [d, V]
+      + 4 * (8 * 2 * 4 * 3 + 2 * 4 * 8)  # q, k, v [d, H, Dh] and o [H, Dh, d] in each of 4 layers
+      + 2 * (8 * 16 * 2)  # layers 0 and 2: GELU FFN, w_in and w_out
+      + 2
+      * (8 * 4 + 2 * (3 * 8 * 12))  # layers 1 and 3: router [d, E], 2 SwiGLU experts [d, f_e] x 3
+  )
+  assert n == 2840
+  attention = 12 * 4 * 2 * 4 * 16  # L = 16
+  model = accounting.model_flops_per_token(top2_swiglu(dispatch, cf), 16, train=True)
+  assert model.total == 6 * n + attention == 23184
+  assert model.dispatch == 0 and model.expert_slots == 2
+
+
+def test_capacity_slack_and_dispatch_are_hardware_flops_only():
+  # S = 16, E = 4, k = 2. cf 1.0: C = ceil(1.0 * 2 * 16 / 4) = 8, E * C / S = 2 slots per token (no
+  # slack); cf 2.0: C = 16, 4 slots. A SwiGLU expert evaluation: 2 * 3 * 8 * 12 = 576 forward FLOPs.
+  model = lambda d, cf: accounting.model_flops_per_token(top2_swiglu(d, cf), 16).total
+  hardware = lambda d, cf: accounting.flops_per_token(top2_swiglu(d, cf), 16).total
+  assert (
+      model("gather", 1.0) == model("gather", 2.0) == model("einsum", 1.0) == model("einsum", 2.0)
+  )
+  assert hardware("gather", 1.0) == model("gather", 1.0)
+  slack = 3 * 2 * (4 - 2) * 576  # train x 2 sparse layers x 2 extra slots per token
+  assert hardware("gather", 2.0) - model("gather", 2.0) == slack
+  # EINSUM's one-hot dispatch and combine, 2 * S * E * C * d each per group of S: 4 * E * C * d / token.
+  onehot = lambda c: 3 * 2 * 4 * 4 * c * 8
+  assert hardware("einsum", 1.0) - model("einsum", 1.0) == onehot(8)
+  assert hardware("einsum", 2.0) - model("einsum", 2.0) == slack + onehot(16)
+
+
+def test_model_flops_of_the_top2_config_by_hand():
+  # configs/top2.py at smoke size, counted from its dimensions with PaLM's formula.
+  import configs.top2
+  from moe import config_dict
+
+  cd = configs.top2.get_config("size=smoke")
+  cfg, seq_len = config_dict.model_from_config_dict(cd.model), cd.train.seq_len
+  moe = cfg.moe
+  assert moe.top_k == 2 and cfg.sparse_every == 2 and cfg.tie_embeddings
+  matrices = {"gelu": 2, "swiglu": 3}
+  d, layers, sparse = cfg.d_model, cfg.num_layers, cfg.num_layers // 2  # layers 1, 3, ... sparse
+  attention_weights = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  dense_ffn = matrices[cfg.activation.value] * d * cfg.mlp_hidden
+  expert = matrices[moe.activation.value] * d * moe.expert_hidden
+  n = (
+      d * cfg.vocab_size
+      + layers * attention_weights
+      + (layers - sparse) * dense_ffn
+      + sparse * (d * moe.num_experts + 2 * expert)
+  )
+  palm = 6 * n + 12 * layers * cfg.num_heads * cfg.head_dim * seq_len
+  assert accounting.model_flops_per_token(cfg, seq_len).total == palm
