@@ -8,12 +8,12 @@ Arguments (comma-separated key=value):
   member: one value of that knob (default: the family's first member).
   size: smoke | tiny | small | base | large (default tiny).  data: as configs/switch.py.
 
-A sweep is a shell loop over the members (run from the repository root):
+A sweep runs every member (no member= given) over seeds, with matched dense baselines, and a report
+aggregates it (see experiments/sweep.py and experiments/report.py):
 
-  for m in $(python -c "import configs.ablations as a; print(*a.members('experts'))"); do
-    python -m experiments.train --config=configs/ablations.py:family=experts,member=$m,size=tiny \
-        --workdir=runs/abl/experts-$m
-  done
+  python -m experiments.sweep --config=configs/ablations.py:family=experts --seeds=0,1,2 \
+      --baselines=active_flops --root=runs/sweeps/experts
+  python -m experiments.report runs/sweeps/experts
 
 Families (base: configs/switch.py, 8 experts, top-1, gather, cf 1.25/2.0, balance 1e-2, z-loss 1e-3):
   experts   E in 4, 8, 16, 32 (Switch Transformer Fig. 4: more experts at fixed FLOPs per token).
@@ -107,8 +107,16 @@ def members(family: str) -> tuple[str, ...]:
   return FAMILIES[family][0]
 
 
-def get_config(arg: str | None = None):
-  """Args: arg: the argument string above (family is required)."""
+def sweep(arg: str | None = None) -> list[str]:
+  """The arguments of the configs a sweep over `arg` runs: every member unless one is given."""
+  args = _parse(arg)
+  if args["member"]:
+    return [arg]
+  base = ",".join(f"{k}={v}" for k, v in args.items() if v and k != "member")
+  return [f"{base},member={m}" for m in members(args["family"])]
+
+
+def _parse(arg: str | None) -> dict:
   args = arguments.parse_arg(
       arg,
       {
@@ -120,6 +128,12 @@ def get_config(arg: str | None = None):
   )
   if not args["family"]:
     raise ValueError(f"config argument family is required; allowed values: {', '.join(FAMILIES)}")
+  return args
+
+
+def get_config(arg: str | None = None):
+  """Args: arg: the argument string above (family is required)."""
+  args = _parse(arg)
   family, member = args["family"], args["member"] or members(args["family"])[0]
   allowed, apply = FAMILIES[family]
   if member not in allowed:

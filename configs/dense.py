@@ -48,7 +48,7 @@ def get_config(arg: str | None = None):
   if not given:
     return builders.dense_config(args["size"], args["data"])
   sparse = named_sparse(args[given[0]], args["size"], args["data"])
-  return baselines.matched_dense(sparse, _MATCH_KEYS[given[0]])
+  return baselines.matched_dense(sparse, on=_MATCH_KEYS[given[0]])
 
 
 def named_sparse(name: str, size: str, data: str):

@@ -2,7 +2,14 @@
 
     python -m experiments.train --config=configs/switch.py:size=smoke --workdir=runs/smoke
 
-Rerunning with the same --workdir resumes from its latest checkpoint. Override fields on the command
+Rerunning with the same --workdir resumes from its latest checkpoint.
+
+The dense baseline of any sparse config, after its overrides (see moe.baselines.matched_dense):
+
+    python -m experiments.train --config=configs/top2.py:size=tiny --config.model.sparse_every=1 \
+        --match_dense=active_flops --workdir=runs/top2_every1_dense
+
+ Override fields on the command
 line, e.g. --config.mesh.expert=4 --config.mesh.rules=expert (see moe.sharding), or
 --config.train.steps=2000 --config.train.allow_steps_change=True to extend a run (see moe.workdir).
 
@@ -22,7 +29,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe import config_dict, sharding, train
+from moe import baselines, config_dict, sharding, train
 from moe.checkpoints import CheckpointsDamaged
 from moe.preemption import EXIT_CODE, Preempted
 from moe.progress import Diverged
@@ -42,6 +49,12 @@ _PROCESS_ID = flags.DEFINE_integer(
 )
 _CPU_COLLECTIVES = flags.DEFINE_bool(
     "cpu_collectives", False, "Use gloo collectives between CPU processes."
+)
+_MATCH_DENSE = flags.DEFINE_enum(
+    "match_dense",
+    None,
+    list(baselines.MATCHES),
+    "Train the dense baseline of the (sparse) --config instead, matched on this measure.",
 )
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "On a refused config or a diverged run, raise with the traceback."
@@ -74,7 +87,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    cfg = config_dict.experiment_from_config_dict(_CONFIG.value)  # Validates before compiling.
+    cd = _CONFIG.value
+    if _MATCH_DENSE.value is not None:
+      cd = baselines.matched_dense(cd, _MATCH_DENSE.value)
+    cfg = config_dict.experiment_from_config_dict(cd)  # Validates before compiling.
     sharding.initialize_distributed(
         _COORDINATOR.value,
         _NUM_PROCESSES.value,

@@ -1,8 +1,10 @@
 """Dense baselines matched to a sparse config: on training FLOPs per token, active or total parameters.
 
-    dense_cd = matched_dense(sparse_cd, "active_flops")
+    dense_cd = matched_dense(sparse_cd, on="active_flops")
 
-Works on any sparse ConfigDict (any experts, k, layout, widths): only `model.mlp_hidden` changes.
+Works on any sparse ConfigDict (any router, experts, k, layout, expert widths): only `model.mlp_hidden`
+changes. From the command line: `python -m experiments.train --config=<any sparse config>
+[--config.<field>=...] --match_dense=active_flops`; in a sweep: `experiments.sweep --baselines=...`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def _measure(cfg: ModelConfig, seq_len: int, match: str) -> float:
 
 
 def matched_dense(
-    cd: ml_collections.ConfigDict, match: str = "active_flops", *, multiple: int = 8
+    cd: ml_collections.ConfigDict, on: str = "active_flops", *, multiple: int = 8
 ) -> ml_collections.ConfigDict:
   """The dense baseline of a sparse config: same everything, `model.moe=None`, a new `mlp_hidden`.
 
@@ -48,31 +50,31 @@ def matched_dense(
 
   Args:
     cd: a sparse config (model.moe not None); not modified.
-    match: one of `MATCHES`.
+    on: what is matched, one of `MATCHES`.
     multiple: mlp_hidden is rounded to a multiple of this (hardware-friendly shapes).
 
   Returns:
-    A new ConfigDict named "<name>_dense_<match>". The mismatch is at most half a rounding step:
+    A new ConfigDict named "<name>_dense_<on>". The mismatch is at most half a rounding step:
     `multiple / 2` hidden units of every layer.
   """
-  if match not in MATCHES:
-    raise ValueError(f"match={match!r} is not one of {', '.join(MATCHES)}")
+  if on not in MATCHES:
+    raise ValueError(f"matched_dense: on={on!r} is not one of {', '.join(MATCHES)}")
   if cd.model.moe is None:
     raise ValueError("matched_dense needs a sparse config (model.moe is None)")
   seq_len = cd.train.seq_len
-  target = _measure(model_from_config_dict(cd.model), seq_len, match)
+  target = _measure(model_from_config_dict(cd.model), seq_len, on)
   out = copy.deepcopy(cd)
   out.model.moe = None
   out.mesh.rules = "data"
   dense = model_from_config_dict(out.model)
   # Both measures are affine in mlp_hidden: solve from two points, then round to the best multiple.
-  at = lambda f: _measure(dataclasses.replace(dense, mlp_hidden=f), seq_len, match)
+  at = lambda f: _measure(dataclasses.replace(dense, mlp_hidden=f), seq_len, on)
   slope = (at(2 * multiple) - at(multiple)) / multiple
   exact = multiple + (target - at(multiple)) / slope
   lo = max(multiple, math.floor(exact / multiple) * multiple)
   best = min((lo, lo + multiple), key=lambda f: (abs(at(f) - target), f))
   out.model.mlp_hidden = int(best)
-  out.name = f"{cd.name}_dense_{match}"
+  out.name = f"{cd.name}_dense_{on}"
   return out
 
 
