@@ -124,6 +124,19 @@ def _peak_memory(devices, compiled) -> tuple[int | None, str]:
   return int(total), "compiled memory_analysis"
 
 
+def time_steps(compiled, state, batches: list[dict], *, steps: int, warmup: int):
+  """Runs `warmup` then `steps` train steps, each blocked on (the state is donated: each step takes
+  the last one's); returns the timed steps' seconds and the last step's metrics."""
+  times, metrics = [], None
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batches[i % len(batches)])
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  return times, metrics
+
+
 def measure(spec: str, cfg, *, steps: int, warmup: int) -> dict:
   """Builds, compiles and times the train step of one config in this process; returns its row.
 
@@ -139,7 +152,7 @@ def measure(spec: str, cfg, *, steps: int, warmup: int) -> dict:
   rules = sharding.logical_rules(cfg.mesh.rules)
   graphdef, rest, tx, state, state_sharding = steps_lib.init_train_state(cfg, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh)
-  batches = synthetic_batches(cfg, min(warmup + steps, 8), batch_sharding)
+  batches = synthetic_batches(cfg, min(warmup + steps, 8), batch_sharding)  # Cycled.
 
   t0 = time.perf_counter()  # As moe.train._compile_train_step: trace, lower and compile.
   with sharding.use_mesh(mesh, rules):
@@ -149,14 +162,7 @@ def measure(spec: str, cfg, *, steps: int, warmup: int) -> dict:
     compiled = step.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - t0
 
-  times, metrics = [], None
-  for i in range(warmup + steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batches[i % len(batches)])
-    jax.block_until_ready((state, metrics))
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
-
+  times, metrics = time_steps(compiled, state, batches, steps=steps, warmup=warmup)
   devices = list(mesh.devices.flat)
   kind = devices[0].device_kind
   step_s = statistics.median(times)
