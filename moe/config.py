@@ -38,6 +38,19 @@ class Dispatch(enum.Enum):
   )
 
 
+class GroupedMatmul(enum.Enum):
+  """Which grouped matmul runs the experts of the DROPLESS dispatch (`moe.grouped_matmul`).
+
+  All compute `jax.lax.ragged_dot` (tests prove it); they differ in speed and availability. See
+  `moe.grouped_matmul.grouped_matmul`.
+  """
+
+  AUTO = "auto"  # The fastest available: on GPU tokamax if installed, else pallas; elsewhere xla.
+  XLA = "xla"  # jax.lax.ragged_dot: the portable reference (a dense dot over every expert on GPU).
+  TOKAMAX = "tokamax"  # tokamax.ragged_dot, a kernel chosen per direction (forward, dx, dw).
+  PALLAS = "pallas"  # Our megablocks-style kernels: Triton on GPU, interpret mode on the CPU.
+
+
 class Activation(enum.Enum):
   GELU = "gelu"  # y = W_out gelu(W_in x)
   SWIGLU = "swiglu"  # y = W_out (silu(W_gate x) * W_up x)   (Shazeer 2020, "GLU Variants")
@@ -78,6 +91,8 @@ class MoEConfig:
     expert_hidden: f, the hidden width of each expert.
     router: who chooses (`RouterKind`).
     dispatch: how tokens reach experts (`Dispatch`).
+    grouped_matmul: the grouped matmul of the DROPLESS dispatch (`GroupedMatmul`); other dispatches
+      ignore it. A kernel that is not available on the backend is refused when the layer is built.
     train_capacity_factor / eval_capacity_factor: cf > 0 in C = ceil(cf * k * S / E); None means
       dropless: C = S for EINSUM/GATHER (no token can drop), and required for DROPLESS.
     min_capacity: lower bound on C (before clamping C to S).
@@ -106,6 +121,7 @@ class MoEConfig:
   expert_hidden: int = 0
   router: RouterKind | str = RouterKind.TOKENS_CHOOSE
   dispatch: Dispatch | str = Dispatch.GATHER
+  grouped_matmul: GroupedMatmul | str = GroupedMatmul.AUTO
   train_capacity_factor: float | None = 1.25
   eval_capacity_factor: float | None = 2.0
   min_capacity: int = 4
@@ -126,6 +142,7 @@ class MoEConfig:
     )  # frozen: normalise once, here.
     set_("router", as_enum(RouterKind, self.router, "moe.router"))
     set_("dispatch", as_enum(Dispatch, self.dispatch, "moe.dispatch"))
+    set_("grouped_matmul", as_enum(GroupedMatmul, self.grouped_matmul, "moe.grouped_matmul"))
     set_("priority", as_enum(Priority, self.priority, "moe.priority"))
     set_("activation", as_enum(Activation, self.activation, "moe.activation"))
     set_("dtype", as_dtype_name(self.dtype, "moe.dtype"))

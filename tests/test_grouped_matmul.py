@@ -1,0 +1,176 @@
+"""moe/grouped_matmul.py and its Pallas kernels (moe/grouped_matmul_pallas.py) against a float64 loop.
+
+Every implementation must equal `jax.lax.ragged_dot`'s definition, written here as a per-group numpy
+loop: outputs and both gradients, with empty groups, groups longer than a tile, a row count that is
+not a multiple of the tile and rows past sum(group_sizes). Pallas runs in interpret mode on the CPU;
+tokamax through its XLA implementation (skipped where tokamax is not installed: it is in the `gpu`
+extra, not the `test` one, for its many dependencies).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe import dispatch, grouped_matmul_pallas
+from moe import grouped_matmul as gm
+from moe.config import Activation, GroupedMatmul, MoEConfig
+from moe.ffn import Experts
+
+T, D, F, E = 50, 24, 20, 4
+SMALL_TILES = grouped_matmul_pallas.TileSizes(m=16, k=16, n=16)
+GROUP_SIZES = {
+    # An empty group, a group spanning three 16-row tiles, 5 rows past the groups, T % 16 != 0.
+    "uneven": [5, 0, 30, 10],
+    "one_group": [0, 0, 50, 0],
+    "no_rows": [0, 0, 0, 0],
+    "every_row": [17, 16, 1, 16],
+}
+needs_tokamax = pytest.mark.skipif(gm._tokamax() is None, reason="tokamax is not installed")
+IMPLEMENTATIONS = [
+    pytest.param("xla"),
+    pytest.param("tokamax", marks=needs_tokamax),
+    pytest.param("pallas"),
+    pytest.param("pallas_small_tiles"),
+]
+
+
+def reference(x_TD, w_EDF, group_sizes, dy_TF):
+  """float64 y, dx, dw of y = ragged_dot(x, w, group_sizes) for the cotangent dy, group by group."""
+  x, w, dy = (np.asarray(a, np.float64) for a in (x_TD, w_EDF, dy_TF))
+  y, dx, dw = np.zeros(dy.shape), np.zeros(x.shape), np.zeros(w.shape)
+  start = 0
+  for e, size in enumerate(group_sizes):
+    rows = slice(start, start + size)
+    y[rows] = x[rows] @ w[e]
+    dx[rows] = dy[rows] @ w[e].T
+    dw[e] = x[rows].T @ dy[rows]
+    start += size
+  return y, dx, dw  # Rows past the last group: zero output, zero gradient.
+
+
+def _run(name: str, x, w, group_sizes_E):
+  if name == "pallas_small_tiles":
+    return grouped_matmul_pallas.grouped_matmul(x, w, group_sizes_E, SMALL_TILES)
+  return gm.grouped_matmul(x, w, group_sizes_E, name)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", list(GROUP_SIZES))
+def test_outputs_and_gradients_equal_the_per_group_reference(name, case):
+  kx, kw, kdy = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (T, D))
+  w = jax.random.normal(kw, (E, D, F))
+  dy = jax.random.normal(kdy, (T, F))
+  group_sizes = GROUP_SIZES[case]
+  y, vjp = jax.vjp(lambda x, w: _run(name, x, w, jnp.array(group_sizes, jnp.int32)), x, w)
+  dx, dw = vjp(dy)
+  for got, want in zip((y, dx, dw), reference(x, w, group_sizes, dy)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_tiles_know_their_groups():
+  """Row tile i is computed for exactly the groups that own one of its rows (empty groups skipped)."""
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    sizes = rng.integers(0, 12, size=6) * rng.integers(0, 2, size=6)
+    tile, num_rows = 8, int(sizes.sum()) + int(rng.integers(0, 9))
+    num_tiles = -(-num_rows // tile)
+    offsets = grouped_matmul_pallas.group_offsets(jnp.asarray(sizes))
+    first, last = grouped_matmul_pallas.tile_group_range(offsets, num_tiles, tile)
+    owner = np.repeat(np.arange(6), sizes)  # The group of each row that has one.
+    for i in range(num_tiles):
+      groups = set(owner[i * tile : (i + 1) * tile].tolist())
+      if groups:
+        assert (int(first[i]), int(last[i])) == (min(groups), max(groups))
+      else:
+        assert int(last[i]) < int(first[i])
+
+
+def test_pallas_kernels_lower_with_triton():
+  """The forward and both backward kernels lower for an NVIDIA GPU (abstract device: none needed)."""
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+  mesh = jax.sharding.AbstractMesh(
+      (1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=device
+  )
+  loss = lambda x, w, g: jnp.sum(grouped_matmul_pallas.grouped_matmul(x, w, g, interpret=False))
+  shapes = [((256, 128), jnp.bfloat16), ((8, 128, 256), jnp.bfloat16), ((8,), jnp.int32)]
+  with jax.sharding.use_abstract_mesh(mesh):
+    traced = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(
+        *(jax.ShapeDtypeStruct(s, d) for s, d in shapes)
+    )
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+  kernels = re.findall(r'custom_call @__gpu\$xla\.gpu\.triton\(.*?name = "(\w+)"', text)
+  assert sorted(kernels) == ["grouped_matmul", "grouped_matmul", "transposed_grouped_matmul"]
+
+
+@pytest.mark.parametrize("name", ["tokamax", "pallas"])
+@pytest.mark.parametrize("activation", list(Activation))
+def test_dropless_experts_equal_the_xla_path(name, activation):
+  """Dropless dispatch (sort, grouped experts, un-permute, gates) with each kernel: the same outputs
+  and gradients (input, gates, every expert weight) as with jax.lax.ragged_dot."""
+  if name == "tokamax" and gm._tokamax() is None:
+    pytest.skip("tokamax is not installed")
+  k = 2
+  kx, ke, kg, kc = jax.random.split(jax.random.key(1), 4)
+  x_GSD = jax.random.normal(kx, (2, 8, D))
+  expert_GSK = jax.random.randint(ke, (2, 8, k), 0, E - 1)  # Expert E - 1 gets nothing.
+  gates_GSK = jax.random.uniform(kg, (2, 8, k))
+  cotangent = jax.random.normal(kc, (2, 8, D))
+
+  def value_and_grads(implementation):
+    with nnx.use_eager_sharding(False):
+      experts = Experts(E, D, F, activation, grouped_matmul=implementation, rngs=nnx.Rngs(0))
+
+    def loss(experts, x, gates):
+      y, _ = dispatch.dropless_moe(x, expert_GSK, gates, experts.grouped, E)
+      return jnp.sum(y * cotangent)
+
+    return nnx.value_and_grad(loss, argnums=(0, 1, 2))(experts, x_GSD, gates_GSK)
+
+  want, got = value_and_grads("xla"), value_and_grads(name)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+
+
+def test_auto_picks_by_backend(monkeypatch):
+  assert gm.resolve("auto", "cpu") is GroupedMatmul.XLA
+  assert gm.resolve("auto", "tpu") is GroupedMatmul.XLA
+  monkeypatch.setattr(gm, "_tokamax", lambda: object())
+  assert gm.resolve("auto", "gpu") is GroupedMatmul.TOKAMAX
+  monkeypatch.setattr(gm, "_tokamax", lambda: None)
+  assert gm.resolve("auto", "gpu") is GroupedMatmul.PALLAS
+
+
+def _one_line_error(fn, match: str):
+  with pytest.raises(ValueError, match=match) as error:
+    fn()
+  assert "\n" not in str(error.value)
+
+
+def test_an_unavailable_kernel_is_one_clear_error_when_the_experts_are_built(monkeypatch):
+  monkeypatch.setattr(gm, "_tokamax", lambda: None)
+  message = (
+      r"^moe\.grouped_matmul='tokamax' is not available on cpu: tokamax is not installed "
+      r"\(pip install tokamax, the `gpu` extra\); available: 'auto', 'xla', 'pallas'$"
+  )
+  build = lambda: Experts(E, D, F, Activation.GELU, grouped_matmul="tokamax", rngs=nnx.Rngs(0))
+  _one_line_error(build, message)
+  _one_line_error(
+      lambda: gm.resolve("pallas", "tpu"),
+      r"^moe\.grouped_matmul='pallas' is not available on tpu: .*; available: 'auto', 'xla'$",
+  )
+
+
+def test_the_config_field_is_an_enum():
+  cfg = MoEConfig(num_experts=4, expert_hidden=8, grouped_matmul="Pallas")
+  assert cfg.grouped_matmul is GroupedMatmul.PALLAS
+  assert MoEConfig(num_experts=4, expert_hidden=8).grouped_matmul is GroupedMatmul.AUTO
+  _one_line_error(
+      lambda: MoEConfig(num_experts=4, expert_hidden=8, grouped_matmul="cutlass"),
+      r"^moe\.grouped_matmul='cutlass' is not one of 'auto', 'xla', 'tokamax', 'pallas'$",
+  )
