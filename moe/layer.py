@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe import axes, dispatch, routing
+from moe import axes, dispatch, expert_parallel, routing
 from moe.config import Dispatch, MoEConfig, RouterKind
 from moe.ffn import MLP, Experts
 
@@ -136,9 +136,16 @@ class MoEFeedForward(nnx.Module):
       top = routing.tokens_choose(probs_GSE, cfg.top_k, cfg.renormalize_gates)
       load_GE = routing.expert_load(top.expert_index, cfg.num_experts)
       if cfg.dispatch is Dispatch.DROPLESS:
-        y_GSD, kept_GSK = dispatch.dropless_moe(
-            x_GSD, top.expert_index, top.gates, self.experts.grouped, cfg.num_experts
-        )
+        if expert_parallel.expert_axis() is not None:
+          # Experts split over a mesh axis: each claim travels to its expert's device (all-to-all);
+          # left to the partitioner, ragged_dot would gather the weights or replicate the claims.
+          y_GSD, kept_GSK = expert_parallel.dropless_moe(
+              x_GSD, top.expert_index, top.gates, self.experts, cfg.num_experts
+          )
+        else:
+          y_GSD, kept_GSK = dispatch.dropless_moe(
+              x_GSD, top.expert_index, top.gates, self.experts.grouped, cfg.num_experts
+          )
         # No buffers: it computes exactly the assignments (capacity_used 1.0).
         stats_capacity = None
       else:

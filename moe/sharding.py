@@ -12,7 +12,13 @@ of expert parallelism. We express it with sharding constraints (`moe.axes.constr
 partitioner emit the all-to-all, rather than a hand-written `jax.shard_map`: the same model code then
 runs unchanged on 1 device or any mesh, every dispatch path (einsum, gather) gets expert parallelism for
 free, and routing never sees device boundaries, so which tokens drop cannot depend on the mesh.
-(DROPLESS's `ragged_dot` is not split over experts by the partitioner: it gathers expert weights.)
+
+DROPLESS is the exception: its grouped matmul (`ragged_dot`) cannot be split over experts by the
+partitioner, which would gather the expert weights or replicate every claim of the batch on every
+device. When the rules split the experts over a mesh axis of size > 1, the layer runs it in a
+`jax.shard_map` instead (`moe.expert_parallel`): claims sorted by expert go to their experts' devices
+by `all_to_all` and come back; the weights stay where they are. Its results equal the one-device
+path's (tests/test_expert_parallel.py).
 """
 
 from __future__ import annotations
