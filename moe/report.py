@@ -8,7 +8,10 @@ Statistics over seeds are mean and sample standard deviation (ddof=1). The gap o
 baseline is mean(sparse) - mean(dense) of the final validation loss (negative: sparse is better), its
 standard error sqrt(s_sparse^2 / n_sparse + s_dense^2 / n_dense) (Welch: the seeds of the two configs
 are independent draws, no pairing assumed), and sigma = gap / standard error. The router statistics are
-means over the training records of the last quarter of the run (train capacity factor), over seeds.
+means over the training records of the last quarter of the run (train capacity factor), over seeds:
+the dropped fraction of each choice rank (mean over sparse layers), the load entropy (entropy of the
+fraction of claims per expert over ln E, mean over sparse layers: 1.0 uniform, 0.0 one expert) and the
+max load (the busiest expert of any sparse layer over the uniform load 1/E).
 """
 
 from __future__ import annotations
@@ -113,7 +116,8 @@ def _router_stats(runs: list[RunResult]) -> dict:
     entropy.append(float(np.mean(h / math.log(p.shape[-1]))) if p.shape[-1] > 1 else 1.0)
     max_load.append(float(np.max(p) * p.shape[-1]))
   out["load_entropy"] = float(np.mean(entropy))  # 1.0: uniform; 0.0: one expert takes everything.
-  out["max_load"] = float(np.mean(max_load))  # Busiest expert's load over the uniform load (1.0).
+  # The busiest expert of any sparse layer, over the uniform load (1.0), averaged over seeds.
+  out["max_load"] = float(np.mean(max_load))
   return out
 
 

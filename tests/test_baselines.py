@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 
@@ -68,8 +69,72 @@ def test_matched_dense_within_tolerance(size, sparse_name, match):
     assert abs(measure(other) - target) >= gap
 
 
+def _layout(name: str):
+  """Sparse configs that no name table knows: the layouts a researcher changes."""
+  cd = load("switch").get_config("size=tiny")
+  moe = cd.model.moe
+  if name == "top2":  # With a capacity, top-2 is not causal: acknowledged, as configs/top2.py does.
+    moe.top_k, moe.allow_noncausal_routing = 2, True
+  elif name == "every_layer":
+    cd.model.sparse_every = 1
+  elif (
+      name == "fine_grained"
+  ):  # 4x the experts, a quarter of the width, top-4: same active FFN width.
+    moe.num_experts, moe.expert_hidden, moe.top_k = 32, 128, 4
+    moe.allow_noncausal_routing = True
+  elif name == "dropless_top2_every_layer":
+    cd.model.sparse_every, moe.top_k, moe.dispatch = 1, 2, "dropless"
+    moe.train_capacity_factor = moe.eval_capacity_factor = None
+  elif name == "swiglu_experts":
+    moe.activation, moe.expert_hidden = "swiglu", 384
+  return cd
+
+
+def _hand_measure(match: str, model: dict, seq_len: int) -> float:
+  """Parameters and FLOPs per token counted here from the shapes, not with moe.accounting.
+
+  A FFN of width f (GELU: two d x f matrices; SwiGLU: three) has m * d * f parameters and costs 6 FLOPs
+  per parameter per token in training (2 forward, 4 backward). Everything outside the FFNs is shared by
+  the sparse model and its dense baseline, so it cancels and is left out. A sparse layer (the last of
+  each run of sparse_every layers): E experts of width f_e and a d x E router; per token, E * C / S
+  expert evaluations with C = min(S, max(ceil(cf * k * S / E), 4)) (capacity slack), or k (dropless).
+  """
+  d, moe = model["d_model"], model["moe"]
+  mats = lambda act: 3 if act == "swiglu" else 2
+  total = active = flops = 0.0
+  for layer in range(model["num_layers"]):
+    if moe is None or layer % model["sparse_every"] != model["sparse_every"] - 1:
+      p = mats(model["activation"]) * d * model["mlp_hidden"]
+      total, active, flops = total + p, active + p, flops + 6 * p
+      continue
+    e, k, cf = moe["num_experts"], moe["top_k"], moe["train_capacity_factor"]
+    expert = mats(moe["activation"]) * d * moe["expert_hidden"]
+    total += e * expert + d * e
+    active += k * expert + d * e
+    s = seq_len
+    evaluations = k if cf is None else e * min(s, max(math.ceil(cf * k * s / e), 4)) / s
+    flops += 6 * (evaluations * expert + d * e)
+  return {"active_flops": flops, "total_params": total, "active_params": active}[match]
+
+
+@pytest.mark.parametrize(
+    "layout", ("top2", "every_layer", "fine_grained", "dropless_top2_every_layer", "swiglu_experts")
+)
+@pytest.mark.parametrize("match", baselines.MATCHES)
+def test_any_sparse_layout_is_matched_within_one_rounding_step(layout, match):
+  sparse = _layout(layout)
+  dense = baselines.matched_dense(sparse, on=match)
+  assert dense.model.moe is None and dense.model.mlp_hidden % 8 == 0
+  seq_len = sparse.train.seq_len
+  target = _hand_measure(match, sparse.model.to_dict(), seq_len)
+  got = _hand_measure(match, dense.model.to_dict(), seq_len)
+  # One hidden unit of every layer: the rounding to multiples of 8 is off by at most 4 of them.
+  unit = _hand_measure(match, {**dense.model.to_dict(), "mlp_hidden": 1}, seq_len)
+  assert abs(got - target) <= 4 * unit, (got, target, unit)
+
+
 def test_matched_dense_needs_a_sparse_config():
   with pytest.raises(ValueError, match="sparse"):
     baselines.matched_dense(load("dense").get_config())
-  with pytest.raises(ValueError, match="match"):
-    baselines.matched_dense(load("switch").get_config(), "flops")
+  with pytest.raises(ValueError, match="on='flops' is not one of active_flops"):
+    baselines.matched_dense(load("switch").get_config(), on="flops")
