@@ -16,7 +16,7 @@ aggregates it (see experiments/sweep.py and experiments/report.py):
   python -m experiments.report runs/sweeps/experts
 
 Families (base: configs/switch.py, 8 experts, top-1, gather, cf 1.25/2.0, balance 1e-2, z-loss 1e-3):
-  experts   E in 4, 8, 16, 32 (Switch Transformer Fig. 4: more experts at fixed FLOPs per token).
+  experts   E in 2, 4, 8, 16, 32 (Switch Transformer Fig. 4: more experts at fixed FLOPs per token).
   capacity  train capacity factor 0.5, 1.0, 1.25, 2.0 or dropless (Switch Table 1).
   dispatch  gather, einsum, dropless: the same function, different cost (see benchmarks/).
   priority  index vs batch_prioritized buffer priority (Riquelme et al. 2021, BPR).
@@ -83,7 +83,7 @@ def _router(cd, member):
 
 # family -> (members, how a member changes the switch config).
 FAMILIES = {
-    "experts": (("4", "8", "16", "32"), _set_moe("num_experts", int)),
+    "experts": (("2", "4", "8", "16", "32"), _set_moe("num_experts", int)),
     "capacity": (("0.5", "1.0", "1.25", "2.0", "dropless"), _capacity),
     "dispatch": (arguments.DISPATCH_ARG.choices, _dispatch),
     "priority": (("index", "batch_prioritized"), _set_moe("priority", str)),

@@ -84,8 +84,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 def _load_module(path: str):
   if not pathlib.Path(path).is_file():
     raise ValueError(f"--config: no config file {path!r}")
-  module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  name = f"_sweep_config_{pathlib.Path(path).stem}"
+  module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
+  sys.modules[name] = module  # Registered before it runs: dataclasses look their module up.
   module_spec.loader.exec_module(module)
   return module
 

@@ -1,0 +1,86 @@
+"""Regimes for the sparse-vs-dense question (docs/RESULTS.md, finding a): where does sparse win?
+
+  python -m experiments.train --config=configs/regimes.py:regime=stdlib_e16_every1 --workdir=runs/r
+  python -m experiments.sweep --config=configs/regimes.py --seeds=0,1,2 --baselines=active_flops \
+      --root=runs/sweeps/regimes     # every regime (no regime= given), each with its dense baseline
+
+Arguments (comma-separated key=value):
+  regime: a key of REGIMES (required for get_config; a sweep without it runs them all).
+  size: smoke | tiny | ... (default tiny): the model shape; the regime sets data, layout and steps.
+
+Every regime is the Switch model of configs/switch.py (top-1, capacity factor 1.25 train / 2.0 eval,
+balance loss 1e-2, z-loss 1e-3, the size's learning rate and warm-up) with the levers below changed.
+MAIN is the regime `./run.sh main` (experiments/compare.py) runs: the strongest that fits about 10
+minutes on 2 cores for the sparse model and its baseline together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from configs import arguments, builders
+from moe.config import MoEConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+  """The levers of one regime (the rest is configs/switch.py's default)."""
+
+  data: str  # configs.sizes.DATA key.
+  experts: int
+  sparse_every: int  # 1: every layer sparse; 2: every other layer (Switch).
+  steps: int
+  top_k: int = 1
+  dispatch: str = "gather"  # dropless: no capacity, no drops.
+  why: str = ""
+
+
+REGIMES: dict[str, Regime] = {
+    "shakespeare_e8_every2": Regime(
+        "shakespeare", 8, 2, 400, why="The README's former main job: switch-8 tiny, 400 steps."
+    ),
+    "stdlib_e8_every2": Regime(
+        "python_stdlib", 8, 2, 400, why="The same model on a corpus six times larger."
+    ),
+    "stdlib_e16_every1": Regime(
+        "python_stdlib",
+        16,
+        1,
+        2000,
+        why="Every layer sparse, twice the experts, five times the tokens: more parameters where"
+        " the data can use them.",
+    ),
+}
+MAIN = "stdlib_e16_every1"
+
+
+def sweep(arg: str | None = None) -> list[str]:
+  """A sweep over `arg` runs the one regime given, else every regime."""
+  args = _parse(arg)
+  if args["regime"]:
+    return [arg]
+  return [f"regime={name},size={args['size']}" for name in REGIMES]
+
+
+def _parse(arg: str | None) -> dict:
+  return arguments.parse_arg(
+      arg, {"regime": arguments.Arg("", ("",) + tuple(REGIMES)), "size": arguments.SIZE_ARG}
+  )
+
+
+def get_config(arg: str | None = None):
+  """Args: arg: the argument string above (regime is required)."""
+  args = _parse(arg)
+  if not args["regime"]:
+    raise ValueError(f"config argument regime is required; allowed values: {', '.join(REGIMES)}")
+  r = REGIMES[args["regime"]]
+  cd = builders.switch_config(args["size"], r.data, experts=r.experts, dispatch=r.dispatch)
+  cd.model.sparse_every = r.sparse_every
+  cd.model.moe.top_k = r.top_k
+  cd.model.moe.allow_noncausal_routing = not MoEConfig(**cd.model.moe).routing_is_causal
+  if args["size"] != "smoke":  # Smoke keeps its seconds-long schedule (tests).
+    cd.train.steps = r.steps
+    cd.train.eval_every = max(1, r.steps // 4)
+    cd.train.checkpoint_every = min(500, r.steps)
+  cd.name = f"{args['regime']}_{args['size']}"
+  return cd
