@@ -47,13 +47,19 @@ _RAGGED_CONTRACTION = jax.lax.RaggedDotDimensionNumbers(
 
 
 @functools.cache
-def _tokamax():
-  """The tokamax module, or None when it does not import (it is an optional dependency)."""
+def _import_tokamax():
+  """(the tokamax module, None), or (None, why it does not import): it is an optional dependency."""
   try:
     import tokamax  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  return tokamax
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    # Not installed, or a dependency that fails as it loads (e.g. a jax_triton built for another
+    # jax): either way the choice is unavailable, and the error says why.
+    return None, f"{type(e).__name__}: {e}".splitlines()[0]
+  return tokamax, None
+
+
+def _tokamax():
+  return _import_tokamax()[0]
 
 
 @functools.cache
@@ -61,14 +67,14 @@ def _has_triton() -> bool:
   """tokamax registers its Triton kernels only when jax_triton and triton import."""
   try:
     import jax_triton, triton  # pylint: disable=import-outside-toplevel,unused-import,multiple-imports
-  except ImportError:
+  except Exception:  # pylint: disable=broad-exception-caught
     return False
   return True
 
 
 def _unavailable_reason(choice: GroupedMatmul, backend: str) -> str | None:
   if choice is GroupedMatmul.TOKAMAX and _tokamax() is None:
-    return "tokamax is not installed (pip install tokamax, the `gpu` extra)"
+    return f"tokamax does not import ({_import_tokamax()[1]}; pip install tokamax, the `gpu` extra)"
   if choice is GroupedMatmul.PALLAS and backend not in ("gpu", "cpu"):
     return "its kernels lower with Triton (GPU) or run in interpret mode (CPU) only"
   return None
@@ -112,14 +118,16 @@ class TokamaxKernels:
 
 
 def tokamax_kernels(backend: str) -> TokamaxKernels:
-  """The kernels for `backend`. GPU: Mosaic-GPU first for y and dx, Triton first for dw (reported
-  faster there; Triton needs jax_triton). TPU: Mosaic-TPU. CPU: tokamax's XLA implementation."""
+  """The kernels for `backend`. NVIDIA GPU: Mosaic-GPU first for y and dx, Triton first for dw
+  (reported faster there; Triton needs jax_triton). TPU: Mosaic-TPU. CPU: tokamax's XLA one."""
   if backend == "gpu":
     triton = ("triton",) if _has_triton() else ()
+    # tokamax's "mosaic" means Mosaic-GPU on NVIDIA devices only.
+    mosaic = ("mosaic",) if "NVIDIA" in jax.devices()[0].device_kind else ()
     return TokamaxKernels(
-        forward=("mosaic", *triton, "xla"),
-        input_grad=("mosaic", *triton, "xla"),
-        weight_grad=(*triton, "mosaic", "xla"),
+        forward=(*mosaic, *triton, "xla"),
+        input_grad=(*mosaic, *triton, "xla"),
+        weight_grad=(*triton, *mosaic, "xla"),
     )
   if backend == "tpu":
     return TokamaxKernels(("mosaic", "xla"), ("mosaic", "xla"), ("mosaic", "xla"))
@@ -134,7 +142,8 @@ def _zero_rows_past_groups(y_TF: jax.Array, group_sizes_E: jax.Array) -> jax.Arr
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _tokamax_grouped_matmul(x_TD, w_EDF, group_sizes_E, kernels: TokamaxKernels):
+def tokamax_grouped_matmul(x_TD, w_EDF, group_sizes_E, kernels: TokamaxKernels):
+  """`grouped_matmul` through tokamax, each of the three matmuls with its own `kernels` preference."""
   return _tokamax_forward(x_TD, w_EDF, group_sizes_E, kernels)[0]
 
 
@@ -166,7 +175,7 @@ def _tokamax_backward(kernels, residuals, dy_TF):
   return _zero_rows_past_groups(dx_TD, group_sizes_E), dw_EDF, None
 
 
-_tokamax_grouped_matmul.defvjp(_tokamax_forward, _tokamax_backward)
+tokamax_grouped_matmul.defvjp(_tokamax_forward, _tokamax_backward)
 
 
 def grouped_matmul(
@@ -192,5 +201,5 @@ def grouped_matmul(
   if implementation is GroupedMatmul.XLA:
     return jax.lax.ragged_dot(x_TD, w_EDF, group_sizes_E)
   if implementation is GroupedMatmul.TOKAMAX:
-    return _tokamax_grouped_matmul(x_TD, w_EDF, group_sizes_E, tokamax_kernels(backend))
+    return tokamax_grouped_matmul(x_TD, w_EDF, group_sizes_E, tokamax_kernels(backend))
   return grouped_matmul_pallas.grouped_matmul(x_TD, w_EDF, group_sizes_E)

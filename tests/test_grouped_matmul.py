@@ -153,10 +153,12 @@ def _one_line_error(fn, match: str):
 
 
 def test_an_unavailable_kernel_is_one_clear_error_when_the_experts_are_built(monkeypatch):
-  monkeypatch.setattr(gm, "_tokamax", lambda: None)
+  missing = (None, "ModuleNotFoundError: No module named 'tokamax'")
+  monkeypatch.setattr(gm, "_import_tokamax", lambda: missing)
   message = (
-      r"^moe\.grouped_matmul='tokamax' is not available on cpu: tokamax is not installed "
-      r"\(pip install tokamax, the `gpu` extra\); available: 'auto', 'xla', 'pallas'$"
+      r"^moe\.grouped_matmul='tokamax' is not available on cpu: tokamax does not import "
+      r"\(ModuleNotFoundError: No module named 'tokamax'; pip install tokamax, the `gpu` extra\); "
+      r"available: 'auto', 'xla', 'pallas'$"
   )
   build = lambda: Experts(E, D, F, Activation.GELU, grouped_matmul="tokamax", rngs=nnx.Rngs(0))
   _one_line_error(build, message)
