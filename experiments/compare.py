@@ -1,132 +1,126 @@
-"""The README's main job: a Switch model against its dense baseline matched on training FLOPs per token.
+"""The README's main job: the strongest sparse-vs-dense comparison that fits about 10 minutes on 2 cores.
 
-    python -m experiments.compare                      # tiny: dense vs switch-8, ~10 min on 2 CPU cores
+    python -m experiments.compare                          # configs/regimes.py MAIN, tiny, seed 0
+    python -m experiments.compare --seeds=0,1,2            # with its own error bar (3x the time)
     python -m experiments.compare --size=smoke --steps=20 --workdir_root=/tmp/compare
 
-Trains `configs/switch.py:size=<size>,experts=8` and `configs/dense.py:size=<size>,match=switch8` (the
-dense model with the same training FLOPs per token as the switch model, `moe.baselines.matched_dense`),
-each in its own workdir under --workdir_root (a rerun resumes or, when finished, just reports), then
-prints a table and writes <workdir_root>/val_loss.png and <workdir_root>/comparison.json.
+Trains the sparse model of a regime (configs/regimes.py; default MAIN, the regime docs/RESULTS.md found
+strongest among those that fit) and its dense baseline matched on training FLOPs per token
+(moe.baselines.matched_dense: router and capacity slack paid for by a wider dense FFN), each seed in its
+own workdir under --workdir_root (a rerun resumes or, when finished, just reports). Then prints the
+table, the gap with its uncertainty and what it means, and writes <root>/val_loss.png and
+<root>/comparison.json. With one seed, the uncertainty is the seed-to-seed spread of this regime
+measured in docs/results/regimes/report.json (3 seeds per model), when that file is there.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
-import time
 
 from absl import app, flags
 
-import configs.dense
-import configs.switch
+from configs import regimes
 from configs.sizes import SIZES
-from moe import accounting, files, train
+from moe import files, plots, report, sweep, train
 from moe.config_dict import experiment_from_config_dict
-from moe.workdir import read_metrics
 
-_ROOT = flags.DEFINE_string("workdir_root", "runs/compare", "Where the two runs' workdirs go.")
+_ROOT = flags.DEFINE_string("workdir_root", "runs/compare", "Where the runs' workdirs go.")
+_REGIME = flags.DEFINE_enum(
+    "regime", regimes.MAIN, list(regimes.REGIMES), "configs/regimes.py key."
+)
 _SIZE = flags.DEFINE_enum("size", "tiny", list(SIZES), "Model size (configs.sizes.SIZES).")
-_STEPS = flags.DEFINE_integer("steps", None, "Override train.steps of both runs.")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds, comma-separated.")
+_STEPS = flags.DEFINE_integer("steps", None, "Override train.steps of every run (warm-up capped).")
 
-EXPERTS = 8
-
-
-def eval_curve(workdir: pathlib.Path) -> tuple[list[int], list[float]]:
-  """(steps, validation losses) from a run's metrics.jsonl."""
-  records = [r for r in read_metrics(workdir / "metrics.jsonl") if r.get("split") == "eval"]
-  return [r["step"] for r in records], [r["loss"] for r in records]
+MEASURED = (
+    pathlib.Path(__file__).resolve().parents[1] / "docs" / "results" / "regimes" / "report.json"
+)
 
 
-def plot(curves: dict[str, tuple[list[int], list[float]]], path: pathlib.Path) -> None:
-  """Validation loss against steps, one line per run, to a PNG (written atomically)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for label, (steps, losses) in curves.items():
-    ax.plot(steps, losses, marker="o", label=label)
-  ax.set_xlabel("step")
-  ax.set_ylabel("validation loss (nats/token)")
-  ax.set_title("Switch vs dense, matched training FLOPs per token")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  tmp = path.with_name(f".{path.stem}.tmp.png")
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  tmp.replace(path)
+def _overrides(spec: str) -> tuple[str, ...]:
+  if _STEPS.value is None:
+    return ()
+  warmup = min(sweep.load_config(spec).train.warmup_steps, _STEPS.value)
+  return (f"train.steps={_STEPS.value}", f"train.warmup_steps={warmup}")
 
 
-def table(rows: list[dict]) -> str:
-  """The comparison as a Markdown table."""
-  header = (
-      "run",
-      "total params",
-      "active params",
-      "train GFLOPs/token",
-      "val loss",
-      "val ppl",
-      "tokens/s",
-      "train time",
-      "wall (this call)",
+def measured_spread(sparse: str, dense: str) -> tuple[float, float] | None:
+  """(sparse, dense) seed standard deviations of the final loss from docs/RESULTS.md's regimes sweep."""
+  if not MEASURED.exists():
+    return None
+  stds = {c["name"]: c.get("final_std") for c in json.loads(MEASURED.read_text())["configs"]}
+  if stds.get(sparse) is None or stds.get(dense) is None:
+    return None
+  return stds[sparse], stds[dense]
+
+
+def verdict(sparse: dict, dense: dict) -> str:
+  """The gap, its uncertainty and one sentence saying what it means."""
+  g = sparse["gaps"]["active_flops"]
+  source = f"{len(sparse['seeds'])} vs {len(dense['seeds'])} seeds"
+  se = g["se"]
+  if math.isnan(se):
+    spread = measured_spread(sparse["name"], dense["name"])
+    if spread is None:
+      return (
+          f"gap (sparse - dense) = {g['gap']:+.4f} nats per token, one seed each and no measured"
+          " spread for this regime: run with --seeds=0,1,2 for an error bar."
+      )
+    se = math.hypot(*spread)  # One seed each: the difference of two single draws.
+    source = f"one seed each; seed spread {spread[0]:.4f} / {spread[1]:.4f} from {MEASURED.name}"
+  sigma = g["gap"] / se if se > 0 else math.inf
+  head = (
+      f"gap (sparse - dense) = {g['gap']:+.4f} ± {se:.4f} nats per token ({sigma:+.1f}σ; {source})."
   )
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for r in rows:
-    cells = (
-        r["name"],
-        f"{r['total_params'] / 1e6:.2f}M",
-        f"{r['active_params'] / 1e6:.2f}M",
-        f"{r['train_flops_per_token'] / 1e9:.4f}",
-        f"{r['eval_loss']:.4f}",
-        f"{r['eval_perplexity']:.2f}",
-        f"{r['tokens_per_s']:,.0f}",
-        f"{r['train_time_s']:.1f} s",
-        f"{r['wall_s']:.1f} s",
+  if abs(sigma) < 2:
+    meaning = "The two are indistinguishable at this budget: the gap is within seed noise."
+  elif g["gap"] < 0:
+    meaning = (
+        f"The sparse model reaches a lower validation loss than a dense model given the same"
+        f" training FLOPs per token, by {-g['gap']:.3f} nats per token."
     )
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  else:
+    meaning = (
+        f"The sparse model is worse than a dense model given the same training FLOPs per token, by"
+        f" {g['gap']:.3f} nats per token."
+    )
+  return f"{head}\n{meaning}"
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   root = pathlib.Path(_ROOT.value)
-  root.mkdir(parents=True, exist_ok=True)
-  sparse = configs.switch.get_config(f"size={_SIZE.value},experts={EXPERTS}")
-  dense = configs.dense.get_config(f"size={_SIZE.value},match=switch{EXPERTS}")
-  rows, curves = [], {}
-  for cd in (dense, sparse):
-    if _STEPS.value is not None:  # A shorter run keeps its warmup within it.
-      cd.train.steps = _STEPS.value
-      cd.train.warmup_steps = min(cd.train.warmup_steps, _STEPS.value)
-    cfg = experiment_from_config_dict(cd)
-    workdir = root / cfg.name
-    print(f"\n=== {cfg.name} in {workdir}", flush=True)
-    start = time.perf_counter()
-    final = train.train_and_evaluate(cfg, str(workdir))
-    counts = accounting.param_counts(cfg.model)
-    rows.append(
-        dict(
-            name=cfg.name,
-            workdir=str(workdir),
-            steps=final["step"],
-            total_params=counts.total,
-            active_params=counts.active,
-            train_flops_per_token=accounting.flops_per_token(cfg.model, cfg.train.seq_len).total,
-            eval_loss=final.get("eval_loss", float("nan")),
-            eval_perplexity=final.get("eval_perplexity", float("nan")),
-            tokens_per_s=final["tokens_per_s"],
-            train_time_s=final["train_time_s"],
-            compile_time_s=final["compile_time_s"],
-            wall_s=time.perf_counter() - start,
-        )
-    )
-    curves[cfg.name] = eval_curve(workdir)
-  plot(curves, root / "val_loss.png")
-  files.atomic_write(root / "comparison.json", json.dumps(rows, indent=2) + "\n")
-  print("\n" + table(rows))
+  spec = f"configs/regimes.py:regime={_REGIME.value},size={_SIZE.value}"
+  runs = sweep.plan(
+      [spec],
+      seeds=[int(s) for s in _SEEDS.value],
+      root=root,
+      baselines=("active_flops",),
+      overrides=_overrides(spec),
+  )
+  sweep.write_manifest(root, runs)
+  for run in sorted(runs, key=lambda r: (r.seed, r.match is None)):  # Dense first, as before.
+    print(f"\n=== {run.name} seed {run.seed} in {run.workdir}", flush=True)
+    train.train_and_evaluate(experiment_from_config_dict(sweep.config_of(run)), run.workdir)
+  results = report.load_runs(root)
+  summaries = [s for s in report.summarize(results) if s["name"] in {r.name for r in runs}]
+  plots.loss_curves(
+      [r for r in results if r.name in {s["name"] for s in summaries}],
+      "steps",
+      root / "val_loss.png",
+      title=f"{_REGIME.value}: sparse vs dense at equal training FLOPs per token",
+  )
+  files.atomic_write(
+      root / "comparison.json", json.dumps(report.json_ready(summaries), indent=1) + "\n"
+  )
+  sparse = next(s for s in summaries if s["match"] is None)
+  dense = next(s for s in summaries if s["match"] == "active_flops")
+  print(f"\nRegime {_REGIME.value}: {regimes.REGIMES[_REGIME.value].why}\n")
+  print(report.markdown_table(summaries))
+  print("\n" + verdict(sparse, dense))
   print(f"\nValidation loss curves: {root / 'val_loss.png'}; numbers: {root / 'comparison.json'}")
 
 

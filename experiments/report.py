@@ -13,7 +13,6 @@ see moe/report.py. Runs still in progress are listed as pending and left out of 
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import sys
 
@@ -23,16 +22,6 @@ from moe import files, plots, report
 
 _OUT = flags.DEFINE_string("out", None, "Output directory (default <root>/report).")
 _HEATMAP = flags.DEFINE_string("heatmap", None, "Config whose expert load is drawn.")
-
-
-def _json_ready(value):
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  if isinstance(value, dict):
-    return {k: _json_ready(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return [_json_ready(v) for v in value]
-  return value
 
 
 def write_report(root: pathlib.Path, out: pathlib.Path, heatmap: str | None = None) -> str:
@@ -45,7 +34,7 @@ def write_report(root: pathlib.Path, out: pathlib.Path, heatmap: str | None = No
   out.mkdir(parents=True, exist_ok=True)
   files.atomic_write(out / "report.md", table + "\n")
   payload = {"root": str(root), "configs": summaries}
-  files.atomic_write(out / "report.json", json.dumps(_json_ready(payload), indent=1) + "\n")
+  files.atomic_write(out / "report.json", json.dumps(report.json_ready(payload), indent=1) + "\n")
   for axis in plots.LOSS_AXES:
     plots.loss_curves(runs, axis, out / f"val_loss_{axis}.png")
   sparse = [r for r in runs if r.cfg.model.moe is not None and r.cfg.model.num_sparse_layers]

@@ -188,6 +188,17 @@ def _add_gaps(summaries: list[dict]) -> None:
       }
 
 
+def json_ready(value):
+  """`value` with non-finite floats as None: strict JSON (a standard deviation of one seed is NaN)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: json_ready(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [json_ready(v) for v in value]
+  return value
+
+
 def _pm(mean: float, std: float, digits: int = 4) -> str:
   return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
 

@@ -124,6 +124,13 @@ def apply_override(cd: ml_collections.ConfigDict, override: str) -> None:
     raise ValueError(f"--set {key}={text}: {error}") from None
 
 
+def config_of(run: Run) -> ml_collections.ConfigDict:
+  """The ConfigDict a run trains (what its command builds), for running it in this process."""
+  cd = _configured(run.spec, run.overrides, run.match)
+  cd.train.seed = run.seed
+  return cd
+
+
 def _configured(spec: str, overrides: Sequence[str], match: str | None):
   cd = load_config(spec)
   for override in overrides:
