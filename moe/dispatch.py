@@ -22,6 +22,7 @@ and group sizes [E] -> [T, d].
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -141,19 +142,67 @@ def gather_moe(
   return y_GSD, kept_GSK
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def sort_claims(x_TD, perm_J, inverse_J, top_k: int):
+  """x of each claim in expert order: [k * T, d], row i = x[perm[i] // k] (claim j is token j // k).
+
+  Autodiff would scatter-add the rows back to their tokens; as `perm` is a permutation, the VJP is
+  a gather by its inverse and a sum over each token's k claims instead.
+  """
+  return x_TD[perm_J // top_k]
+
+
+def _sort_claims_forward(x_TD, perm_J, inverse_J, top_k):
+  return sort_claims(x_TD, perm_J, inverse_J, top_k), (perm_J, inverse_J)
+
+
+def _sort_claims_backward(top_k, residuals, dx_sorted_JD):
+  perm_J, inverse_J = residuals
+  j, d = dx_sorted_JD.shape
+  dx_TKD = dx_sorted_JD[inverse_J].reshape(j // top_k, top_k, d)
+  return jnp.sum(dx_TKD, axis=1, dtype=jnp.float32).astype(dx_sorted_JD.dtype), None, None
+
+
+sort_claims.defvjp(_sort_claims_forward, _sort_claims_backward)
+
+
+@jax.custom_vjp
+def unsort_claims(y_sorted_JD, perm_J, inverse_J):
+  """Expert-ordered rows back in claim order: row j = y_sorted[inverse[j]]. A gather, not a scatter;
+  its VJP is the gather by `perm`, where autodiff of a gather would scatter-add."""
+  return y_sorted_JD[inverse_J]
+
+
+def _unsort_claims_forward(y_sorted_JD, perm_J, inverse_J):
+  return unsort_claims(y_sorted_JD, perm_J, inverse_J), (perm_J, inverse_J)
+
+
+def _unsort_claims_backward(residuals, dy_JD):
+  perm_J, _ = residuals
+  return dy_JD[perm_J], None, None
+
+
+unsort_claims.defvjp(_unsort_claims_forward, _unsort_claims_backward)
+
+
 def dropless_moe(x_GSD, expert_index_GSK, gates_GSK, grouped_fn: GroupedFn, num_experts: int):
   """Every claim computed: claims sorted by expert, one grouped matmul.
+
+  The permutation and its inverse are gathers, forward and backward (`sort_claims`,
+  `unsort_claims`): a scatter(-add), what autodiff and `.at[].set` give, is a read-modify-write that
+  XLA serialises or does with atomics on GPU; a gather is a plain read.
 
   Returns (y [G, S, d], kept [G, S, k] all True).
   """
   g, s, d = x_GSD.shape
   k = expert_index_GSK.shape[-1]
   expert_J = expert_index_GSK.reshape(-1)  # Claim j = (token j // k, rank j % k).
-  perm_J = jnp.argsort(expert_J, stable=True)
-  x_sorted = x_GSD.reshape(g * s, d)[perm_J // k]
+  perm_J = jnp.argsort(expert_J, stable=True).astype(jnp.int32)
+  inverse_J = jnp.zeros_like(perm_J).at[perm_J].set(jnp.arange(perm_J.shape[0], dtype=jnp.int32))
+  x_sorted = sort_claims(x_GSD.reshape(g * s, d), perm_J, inverse_J, k)
   group_sizes_E = jnp.bincount(expert_J, length=num_experts).astype(jnp.int32)
   y_sorted = grouped_fn(x_sorted, group_sizes_E).astype(x_GSD.dtype)
-  y_JD = jnp.zeros_like(y_sorted).at[perm_J].set(y_sorted)
+  y_JD = unsort_claims(y_sorted, perm_J, inverse_J)
   y_GSD = jnp.einsum("gsk,gskd->gsd", gates_GSK.astype(x_GSD.dtype), y_JD.reshape(g, s, k, d))
   return y_GSD, jnp.ones(expert_index_GSK.shape, bool)
 
