@@ -191,7 +191,7 @@ def _plain_dropless(x_GSD, expert_GSK, gates_GSK, grouped_fn, num_experts):
   return jnp.einsum("gsk,gskd->gsd", gates_GSK, y_JD.reshape(g, s, k, d))
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 2])
 def test_dropless_permutation_vjp_equals_autodiff_of_the_plain_version(k):
   """sort_claims / unsort_claims (gathers both ways) give autodiff's gradients of gather + scatter."""
   kx, ke, kg, kw, kc = jax.random.split(jax.random.key(2), 5)
@@ -207,7 +207,7 @@ def test_dropless_permutation_vjp_equals_autodiff_of_the_plain_version(k):
       y = run(x, expert_GSK, gates, grouped, E)
       return jnp.sum((y[0] if isinstance(y, tuple) else y) * cotangent)
 
-    return jax.value_and_grad(loss, argnums=(0, 1, 2))(x_GSD, gates_GSK, w_EDD)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x_GSD, gates_GSK, w_EDD)
 
   want, got = grads(_plain_dropless), grads(dispatch.dropless_moe)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
