@@ -15,6 +15,11 @@ just the widths and sub-modules they use.
 Depth is handled with a scan: the layer pattern is cut into an unrolled prefix and one repeating
 period of layers (`scan_plan`), whose parameters are stacked over a 'layers' axis and applied with
 `nnx.scan`, so compile time does not grow with depth.
+
+Generation with a KV cache (`moe.decode`) runs the same modules piece by piece: `embed_tokens`,
+`Attention.project` (rotary at the cached positions) and `Attention.output` around its own attention
+over the cache, `Block.feed_forward`, and `logits`. `__call__` is built from the same pieces, so the
+two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -73,11 +78,20 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...]).astype(x.dtype)
 
 
-def rotary(x_BLNH: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (Su et al. 2021), rotating pairs (i, i + H/2) of each head."""
+def rotary(x_BLNH: jax.Array, theta: float, positions_L: jax.Array | None = None) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021), rotating pairs (i, i + H/2) of each head.
+
+  Args:
+    x_BLNH: queries or keys [batch, length, heads, head_dim].
+    theta: rotary base.
+    positions_L: the position of each of the L tokens (shared by the batch); None means 0 .. L-1.
+      A decode step passes its offset into the sequence (`moe.decode`).
+  """
   length, head_dim = x_BLNH.shape[1], x_BLNH.shape[-1]
   freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angle_LH = jnp.arange(length, dtype=jnp.float32)[:, None] * freq[None, :]
+  if positions_L is None:
+    positions_L = jnp.arange(length, dtype=jnp.float32)
+  angle_LH = positions_L.astype(jnp.float32)[:, None] * freq[None, :]
   sin, cos = jnp.sin(angle_LH)[None, :, None, :], jnp.cos(angle_LH)[None, :, None, :]
   x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLNH.dtype)
@@ -122,14 +136,32 @@ class Attention(nnx.Module):
     self.theta = rope_theta
     self.dtype = dtype
 
-  def __call__(self, x_BLD: jax.Array) -> jax.Array:
-    w = lambda p: p[...].astype(self.dtype)
-    q_BLNH = rotary(jnp.einsum("bld,dnh->blnh", x_BLD, w(self.q)), self.theta)
-    k_BLKH = rotary(jnp.einsum("bld,dkh->blkh", x_BLD, w(self.k)), self.theta)
-    v_BLKH = jnp.einsum("bld,dkh->blkh", x_BLD, w(self.v))
+  def _weight(self, param: nnx.Param) -> jax.Array:
+    return param[...].astype(self.dtype)
+
+  def project(
+      self, x_BLD: jax.Array, positions_L: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries [B, L, N, H] and keys [B, L, K, H] rotated to `positions_L` (see `rotary`), and
+    values [B, L, K, H]."""
+    q_BLNH = rotary(
+        jnp.einsum("bld,dnh->blnh", x_BLD, self._weight(self.q)), self.theta, positions_L
+    )
+    k_BLKH = rotary(
+        jnp.einsum("bld,dkh->blkh", x_BLD, self._weight(self.k)), self.theta, positions_L
+    )
+    v_BLKH = jnp.einsum("bld,dkh->blkh", x_BLD, self._weight(self.v))
     q_BLNH = axes.constrain(q_BLNH, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
+    return q_BLNH, k_BLKH, v_BLKH
+
+  def output(self, out_BLNH: jax.Array) -> jax.Array:
+    """Attended values [B, L, N, H] -> [B, L, d]."""
+    return jnp.einsum("blnh,nhd->bld", out_BLNH, self._weight(self.o))
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    q_BLNH, k_BLKH, v_BLKH = self.project(x_BLD)
     out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, is_causal=True)
-    return jnp.einsum("blnh,nhd->bld", out_BLNH, w(self.o))
+    return self.output(out_BLNH)
 
 
 class Block(nnx.Module):
@@ -154,6 +186,10 @@ class Block(nnx.Module):
 
   def __call__(self, x_BLD, *, train: bool, rng) -> tuple[jax.Array, MoEAux | None]:
     x_BLD = x_BLD + self.attention(self.attention_norm(x_BLD))
+    return self.feed_forward(x_BLD, train=train, rng=rng)
+
+  def feed_forward(self, x_BLD, *, train: bool, rng) -> tuple[jax.Array, MoEAux | None]:
+    """The second half of the layer, after the attention's residual: x += ffn(norm(x))."""
     x_BLD = axes.constrain(x_BLD, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     aux = None
     if self.sparse:
@@ -272,10 +308,7 @@ class Transformer(nnx.Module):
           "the longest sequence the model accepts; cut the input or raise "
           "model.max_len"
       )
-    x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0) * math.sqrt(cfg.d_model)
-    x_BLD = axes.constrain(
-        x_BLD.astype(cfg.compute_dtype), (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
-    )
+    x_BLD = self.embed_tokens(tokens_BL)
 
     def run_block(block, x, key, train):
       return block(x, train=train, rng=key)
@@ -313,8 +346,19 @@ class Transformer(nnx.Module):
     parts = [a for a in (prefix_aux, scan_aux) if a is not None]
     aux = jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if parts else None
 
+    return self.logits(x_BLD), aux
+
+  def embed_tokens(self, tokens_BL: jax.Array) -> jax.Array:
+    """tokens [B, L] -> the first layer's input [B, L, d] in the compute dtype."""
+    x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0) * math.sqrt(self.cfg.d_model)
+    return axes.constrain(
+        x_BLD.astype(self.cfg.compute_dtype), (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
+    )
+
+  def logits(self, x_BLD: jax.Array) -> jax.Array:
+    """The last layer's output [B, L, d] -> float32 logits [B, L, vocab] (final norm, unembed)."""
     x_BLD = self.final_norm(x_BLD)
-    if cfg.tie_embeddings:
+    if self.cfg.tie_embeddings:
       logits = jnp.einsum(
           "bld,vd->blv",
           x_BLD,
@@ -328,8 +372,7 @@ class Transformer(nnx.Module):
           self.unembed[...].astype(x_BLD.dtype),
           preferred_element_type=jnp.float32,
       )
-    logits = axes.constrain(logits, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
-    return logits, aux
+    return axes.constrain(logits, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
