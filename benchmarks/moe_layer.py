@@ -126,9 +126,6 @@ def build(path: str, experts: int, top_k: int, args) -> tuple[nnx.Module, callab
         min_capacity=0,
     )
     module = MoEFeedForward(cfg, args.d_model, rngs=rngs)
-  # Each path measures the kernel it names, whether or not the layer hands cfg.grouped_matmul to its
-  # experts (moe/layer.py builds them with the default, auto, until it does).
-  module.experts.grouped_matmul = grouped_matmul.resolve(cfg.grouped_matmul)
   return module, lambda m, x: m(x, train=True)[0]
 
 

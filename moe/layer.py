@@ -47,6 +47,7 @@ class MoEFeedForward(nnx.Module):
         cfg.expert_hidden,
         cfg.activation,
         dtype=cfg.compute_dtype,
+        grouped_matmul=cfg.grouped_matmul,
         rngs=rngs,
     )
     self.shared_expert = (

@@ -158,7 +158,9 @@ def plan(
   for spec in (s for given in specs for s in expand(given)):
     sparse = _configured(spec, overrides, None)
     if sparse.model.moe is None and baselines:
-      raise ValueError(f"--baselines: {spec} is a dense config; baselines match sparse configs")
+      raise ValueError(
+          f"--baselines: {spec} is a dense config; baselines are matched to sparse models"
+      )
     for match in (None, *baselines):
       cd = sparse if match is None else _configured(spec, overrides, match)
       key = (spec, match)

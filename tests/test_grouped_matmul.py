@@ -211,3 +211,30 @@ def test_dropless_permutation_vjp_equals_autodiff_of_the_plain_version(k):
 
   want, got = grads(_plain_dropless), grads(dispatch.dropless_moe)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+
+
+@pytest.mark.parametrize("implementation", ("xla", "pallas"))
+def test_the_layer_runs_the_configured_kernel(implementation, monkeypatch):
+  """moe.grouped_matmul reaches the experts of a dropless MoEFeedForward (not just the default)."""
+  from moe import ffn  # pylint: disable=g-import-not-at-top
+  from moe.layer import MoEFeedForward  # pylint: disable=g-import-not-at-top
+
+  cfg = MoEConfig(
+      num_experts=4,
+      top_k=2,
+      expert_hidden=16,
+      dispatch="dropless",
+      grouped_matmul=implementation,
+      train_capacity_factor=None,
+      eval_capacity_factor=None,
+  )
+  with nnx.use_eager_sharding(False):
+    layer = MoEFeedForward(cfg, 8, rngs=nnx.Rngs(0))
+  seen = []
+  monkeypatch.setattr(
+      ffn,
+      "grouped_matmul",
+      lambda x, w, sizes, impl: seen.append(impl) or gm.grouped_matmul(x, w, sizes, impl),
+  )
+  layer(jnp.ones((2, 4, 8), jnp.float32))
+  assert seen and {GroupedMatmul(i) for i in seen} == {GroupedMatmul(implementation)}

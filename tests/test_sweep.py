@@ -60,7 +60,7 @@ def test_overrides_reach_every_run_and_bad_ones_are_refused(tmp_path):
         root=tmp_path,
         overrides=("name=same",),
     )
-  with pytest.raises(ValueError, match="is a dense config"):
+  with pytest.raises(ValueError, match="is a dense config; baselines are matched to sparse models"):
     sweep.plan(
         ["configs/dense.py:size=smoke"], seeds=(0,), root=tmp_path, baselines=("active_flops",)
     )
