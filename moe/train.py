@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import jax
 
-from moe import checkpoints, sharding, steps
+from moe import checkpoints, sharding, steps, upcycle
 from moe import data as data_lib
 from moe import workdir as workdir_lib
 from moe.accounting import peak_flops_per_device, summary
@@ -214,6 +214,7 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
   """
   tc, path = cfg.train, pathlib.Path(workdir).absolute()
   mesh, rules = _check(cfg)
+  upcycle.check_init_from(cfg, path)  # Before the workdir is touched; a resumed run skips it.
   _prepare_workdir(cfg, path)
   data_it, eval_data = _data(cfg)
   graphdef, rest, tx, state, state_sharding = steps.init_train_state(cfg, mesh, rules)
@@ -222,6 +223,8 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
   start, state, data_it = checkpoints.restore_latest(manager, state, data_it)
   if start:
     print_line(f"Resumed from {manager.directory} at step {start}")
+  elif tc.init_from is not None:  # A new run only: a resumed one has its own parameters.
+    state = upcycle.init_from_dense(cfg, state, state_sharding, mesh, rules)
   writer = workdir_lib.MetricsWriter(
       path, start, [i for i, s in enumerate(cfg.model.sparse_mask) if s]
   )

@@ -51,6 +51,13 @@ class TrainConfig:
       step) or is skipped ('skip': parameters and optimiser state are left as they were, as PaLM and
       optax.apply_if_finite do; a skipped step does not advance the optimiser's own schedule count).
     max_consecutive_skips: with 'skip', the run stops once this many steps in a row were skipped.
+    init_from: the workdir of a trained dense run to start from (sparse upcycling, Komatsuzaki et al.
+      2022; `moe.upcycle`): its latest checkpoint's parameters are copied into this model, every expert
+      of a sparse layer a copy of that layer's dense MLP, the routers freshly initialised. Read only
+      when a run starts at step 0; a resumed run restores its own checkpoint. None: random init.
+    init_from_noise: relative std of the multiplicative noise on the copied expert weights, w * (1 +
+      noise * N(0, 1)) drawn independently per expert, which breaks the experts' symmetry; 0: exact
+      copies.
   """
 
   seed: int = 0
@@ -76,6 +83,8 @@ class TrainConfig:
   allow_steps_change: bool = False
   on_nonfinite: NonFinite | str = NonFinite.STOP
   max_consecutive_skips: int = 10
+  init_from: str | None = None
+  init_from_noise: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "schedule", as_enum(Schedule, self.schedule, "train.schedule"))
@@ -110,5 +119,15 @@ class TrainConfig:
     for name in ("b1", "b2"):  # Adam's moment decay rates (Kingma & Ba 2015): in [0, 1).
       check_number(f"train.{name}", getattr(self, name), low=0, high=1, high_open=True)
     check_number("train.eps", self.eps, low=0, low_open=True)
+    if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
+      raise ValueError(
+          f"train.init_from={self.init_from!r} must be None or the workdir of a dense run"
+      )
+    check_number("train.init_from_noise", self.init_from_noise, low=0)
+    if self.init_from_noise and self.init_from is None:
+      raise ValueError(
+          f"train.init_from_noise={self.init_from_noise} needs train.init_from (the dense run whose "
+          "copied experts it perturbs)"
+      )
     if self.peak_flops_per_device is not None:
       check_number("train.peak_flops_per_device", self.peak_flops_per_device, low=0, low_open=True)
