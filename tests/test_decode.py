@@ -44,8 +44,6 @@ def _moe(**kw) -> MoEConfig:
 CASES = {
     # Dense, grouped-query (4 query heads over 2 key/value heads), one scanned period.
     "dense_gqa_scan": _cfg(),
-    # Dense, multi-head, every layer unrolled.
-    "dense_mha_unrolled": _cfg(num_kv_heads=4, scan_layers=False),
     # Switch top-1 in index order (causal); eval capacity factor None: C = S, nothing drops. Five
     # layers, first_dense=1: one unrolled dense layer, then a [dense, sparse] period scanned twice.
     "switch_einsum_prefix_scan": _cfg(
