@@ -54,7 +54,9 @@ class TrainConfig:
     init_from: the workdir of a trained dense run to start from (sparse upcycling, Komatsuzaki et al.
       2022; `moe.upcycle`): its latest checkpoint's parameters are copied into this model, every expert
       of a sparse layer a copy of that layer's dense MLP, the routers freshly initialised. Read only
-      when a run starts at step 0; a resumed run restores its own checkpoint. None: random init.
+      when a run starts at step 0; a resumed run restores its own checkpoint. None: random init. Not a
+      resumable field (`moe.workdir.RESUMABLE_FIELDS`): like the seed, it decides where the run's
+      trajectory starts, so a workdir refuses a relaunch that names another source.
     init_from_noise: relative std of the multiplicative noise on the copied expert weights, w * (1 +
       noise * N(0, 1)) drawn independently per expert, which breaks the experts' symmetry; 0: exact
       copies.
