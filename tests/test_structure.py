@@ -138,4 +138,8 @@ def test_compare_runs_from_a_non_editable_install(tmp_path):
       text=True,
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "switch8_smoke" in result.stdout and (tmp_path / "runs" / "comparison.json").exists()
+  import configs.regimes  # pylint: disable=g-import-not-at-top
+
+  assert f"| {configs.regimes.MAIN}_smoke | 1 |" in result.stdout, result.stdout[-3000:]
+  assert "gap (sparse - dense) =" in result.stdout
+  assert (tmp_path / "runs" / "comparison.json").exists()
