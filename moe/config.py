@@ -65,6 +65,22 @@ class Priority(enum.Enum):
   )
 
 
+class ServingOrder(enum.Enum):
+  """In which order the claims of a routing group are served buffer slots (see `moe.dispatch`).
+
+  RANK_MAJOR: every first choice before any second choice (GShard, flaxformer): a token keeps its
+  first choice whenever it can, but a later token's first choice can take the slot of an earlier
+  token's second choice, so with k > 1 and a capacity routing is not causal. TOKEN_MAJOR: all of
+  token t's claims (best first) before token t+1's, so a claim can only lose its slot to earlier
+  tokens: causal with index priority. Its cost: an earlier token's second choice can take the slot
+  that a later token's first choice would have had, so more first choices drop. With k = 1 the
+  two orders are the same.
+  """
+
+  RANK_MAJOR = "rank_major"
+  TOKEN_MAJOR = "token_major"
+
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -100,6 +116,8 @@ class MoEConfig:
       data (the flattened [batch * length] token axis), never from device shards, so which tokens drop
       does not depend on the mesh.
     priority: which claims win within a choice rank (`Priority`).
+    serving_order: rank-major (first choices before second choices) or token-major (all of a token's
+      claims before the next token's: causal with index priority); see `ServingOrder`.
     renormalize_gates: divide the k gate values of a token by their sum (before capacity, as Tutel and
       praxis do). Default False, as flaxformer and the Switch Transformer: with k=1 renormalising sets
       every gate to 1.0 and cuts the router off from the task loss, and with k>1 keeping the raw
@@ -127,6 +145,7 @@ class MoEConfig:
   min_capacity: int = 4
   group_size: int | None = None
   priority: Priority | str = Priority.INDEX
+  serving_order: ServingOrder | str = ServingOrder.RANK_MAJOR
   renormalize_gates: bool = False
   jitter_eps: float = 0.0
   balance_loss_weight: float = 1e-2
@@ -144,6 +163,7 @@ class MoEConfig:
     set_("dispatch", as_enum(Dispatch, self.dispatch, "moe.dispatch"))
     set_("grouped_matmul", as_enum(GroupedMatmul, self.grouped_matmul, "moe.grouped_matmul"))
     set_("priority", as_enum(Priority, self.priority, "moe.priority"))
+    set_("serving_order", as_enum(ServingOrder, self.serving_order, "moe.serving_order"))
     set_("activation", as_enum(Activation, self.activation, "moe.activation"))
     set_("dtype", as_dtype_name(self.dtype, "moe.dtype"))
     if not (isinstance(self.num_experts, int) and self.num_experts >= 1):
@@ -199,18 +219,20 @@ class MoEConfig:
   def routing_is_causal(self) -> bool:
     """Whether a token's routing (expert, slot, drop) depends only on itself and earlier tokens.
 
-    Causal: dropless routing (no capacity: nothing competes), and top-1 claims served in sequence order
-    ('index' priority), where a claim can only lose its slot to earlier tokens. Not causal: experts
-    choose (an expert ranks all tokens of the group), top-k for k > 1 with a capacity (a later token's
-    first choice is served before an earlier token's second choice and can take its slot, as in GShard
-    and flaxformer), and batch-prioritised order (tokens ranked by router probability, so a later token
+    Causal: dropless routing (no capacity: nothing competes), and claims served in sequence order
+    ('index' priority) with top-1 or token-major serving (`ServingOrder`), where a claim can only
+    lose its slot to earlier tokens. Not causal: experts choose (an expert ranks all tokens of the
+    group), top-k for k > 1 with a capacity in rank-major order (a later token's first choice is
+    served before an earlier token's second choice and can take its slot, as in GShard and
+    flaxformer), and batch-prioritised order (tokens ranked by router probability, so a later token
     can take an earlier one's slot).
     """
     if self.router is RouterKind.EXPERTS_CHOOSE:
       return False
     if all(is_dropless(self.capacity_factor(train)) for train in (True, False)):
       return True  # C = S: every claim fits.
-    return self.top_k == 1 and self.priority is Priority.INDEX
+    token_by_token = self.top_k == 1 or self.serving_order is ServingOrder.TOKEN_MAJOR
+    return token_by_token and self.priority is Priority.INDEX
 
   def capacity_factor(self, train: bool) -> float | None:
     return self.train_capacity_factor if train else self.eval_capacity_factor
@@ -409,7 +431,8 @@ class ModelConfig:
             f"priority={m.priority.value!r}, dispatch={m.dispatch.value!r}) lets a token's routing "
             "depend on later tokens of its group, which leaks the future in a decoder "
             "(MoEConfig.routing_is_causal). Set model.moe.allow_noncausal_routing=True to acknowledge "
-            "it, or use a causal routing: top_k=1 with priority='index', or dispatch='dropless'"
+            "it, or use a causal routing: priority='index' with top_k=1 or serving_order='token_major', or "
+            "dispatch='dropless'"
         )
       if self.moe.dtype != self.dtype:
         set_("moe", dataclasses.replace(self.moe, dtype=self.dtype))

@@ -1,10 +1,18 @@
 """Three ways to send tokens to their experts and bring the results back.
 
 All compute y[t] = sum over kept claims (t, e) of gate(t, e) * expert_e(x[t]), and agree on which
-claims are kept. A claim keeps its slot when fewer than C earlier claims (in serving order: every
-first choice before any second choice; within a rank, `priority_order`) went to the same expert. A
-dropped claim is not re-routed, and a token whose claims all drop gets zero from the layer: the
-residual connection around the layer carries it unchanged (Switch Transformer, Sec. 2.2).
+claims are kept. A claim keeps its slot when fewer than C earlier claims in serving order went to
+the same expert. The serving order (`ServingOrder`) is rank-major (every first choice before any
+second choice, tokens of one rank in `priority_order`; GShard, flaxformer) or token-major (all of a
+token's claims, best first, before the next token's: causal with index priority). A dropped claim
+is not re-routed, and a token whose claims all drop gets zero from the layer: the residual
+connection around the layer carries it unchanged (Switch Transformer, Sec. 2.2).
+
+Padding (`token_mask_GS`, bool [G, S], False for a padded token; None: all real): a padded token
+claims nothing (flaxformer). Its claims take no slot, so no real claim drops because of it; it is
+never dispatched on the buffer paths, and its output is exactly zero. DROPLESS has no capacity to
+protect: its rows are a fixed k * T, so padded claims are computed with gate 0 (exactly zero output,
+no gradient), and each row is computed on its own, so they change no real token's output.
 
 * EINSUM (GShard, flaxformer): slots by a cumulative sum over one-hot claims, then one-hot dispatch
   and combine tensors [G, S, E, C] and two einsums. Simple and fast on TPUs; memory grows as
@@ -28,56 +36,103 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from moe.config import ServingOrder
+
 ExpertsFn = Callable[[jax.Array], jax.Array]
 GroupedFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def _serving_order(expert_index_GSK: jax.Array, order_GS: jax.Array) -> jax.Array:
-  """Experts of all claims in serving order, rank-major: [G, k * S] (claim j = rank j // S)."""
-  served_GSK = jnp.take_along_axis(expert_index_GSK, order_GS[..., None], axis=1)
+def _serving_order(
+    values_GSK: jax.Array, order_GS: jax.Array, serving_order: ServingOrder
+) -> jax.Array:
+  """Per-claim values (expert, mask) in serving order: [G, k * S].
+
+  Rank-major: claim j = rank j // S of the (j % S)-th token of `order_GS`. Token-major: claim j =
+  rank j % k of the (j // k)-th token of `order_GS`.
+  """
+  served_GSK = jnp.take_along_axis(values_GSK, order_GS[..., None], axis=1)
   g, s, k = served_GSK.shape
+  if serving_order is ServingOrder.TOKEN_MAJOR:
+    return served_GSK.reshape(g, s * k)
   return jnp.swapaxes(served_GSK, 1, 2).reshape(g, k * s)
 
 
-def _to_token_order(values_GJ: jax.Array, order_GS: jax.Array, top_k: int) -> jax.Array:
+def _to_token_order(
+    values_GJ: jax.Array, order_GS: jax.Array, top_k: int, serving_order: ServingOrder
+) -> jax.Array:
   """Inverse of `_serving_order` for per-claim values: [G, k * S] -> [G, S, k] in token order."""
   g, ks = values_GJ.shape
   s = ks // top_k
-  served_GSK = jnp.swapaxes(values_GJ.reshape(g, top_k, s), 1, 2)
+  if serving_order is ServingOrder.TOKEN_MAJOR:
+    served_GSK = values_GJ.reshape(g, s, top_k)
+  else:
+    served_GSK = jnp.swapaxes(values_GJ.reshape(g, top_k, s), 1, 2)
   out = jnp.zeros_like(served_GSK)
   return jax.vmap(lambda o, v, src: o.at[src].set(v))(out, served_GSK, order_GS)
 
 
+def _served_mask(expert_index_GSK, order_GS, token_mask_GS, serving_order) -> jax.Array | None:
+  """Whether each claim in serving order belongs to a real token: bool [G, k * S], or None."""
+  if token_mask_GS is None:
+    return None
+  mask_GSK = jnp.broadcast_to(token_mask_GS[..., None], expert_index_GSK.shape)
+  return _serving_order(mask_GSK, order_GS, serving_order)
+
+
 def slots_by_cumsum(
-    expert_index_GSK: jax.Array, order_GS: jax.Array, num_experts: int
+    expert_index_GSK: jax.Array,
+    order_GS: jax.Array,
+    num_experts: int,
+    *,
+    token_mask_GS: jax.Array | None = None,
+    serving_order: ServingOrder = ServingOrder.RANK_MAJOR,
 ) -> jax.Array:
   """Slot of each claim in its expert's buffer, by a cumulative count of one-hot claims: [G, S, k].
 
   The slot is the number of claims on the same expert served before it (it may be >= C: dropped).
+  A padded token's claims count for no one and get slot k * S, which no capacity reaches.
   """
-  served_GJ = _serving_order(expert_index_GSK, order_GS)
+  served_GJ = _serving_order(expert_index_GSK, order_GS, serving_order)
+  real_GJ = _served_mask(expert_index_GSK, order_GS, token_mask_GS, serving_order)
   claims_GJE = jax.nn.one_hot(served_GJ, num_experts, dtype=jnp.int32)
+  if real_GJ is not None:
+    claims_GJE = claims_GJE * real_GJ[..., None]
   slots_GJ = jnp.sum((jnp.cumsum(claims_GJE, axis=1) - 1) * claims_GJE, axis=-1)
-  return _to_token_order(slots_GJ, order_GS, expert_index_GSK.shape[-1])
+  if real_GJ is not None:
+    slots_GJ = jnp.where(real_GJ, slots_GJ, served_GJ.shape[1])
+  return _to_token_order(slots_GJ, order_GS, expert_index_GSK.shape[-1], serving_order)
 
 
-def slots_by_sort(expert_index_GSK: jax.Array, order_GS: jax.Array, num_experts: int) -> jax.Array:
+def slots_by_sort(
+    expert_index_GSK: jax.Array,
+    order_GS: jax.Array,
+    num_experts: int,
+    *,
+    token_mask_GS: jax.Array | None = None,
+    serving_order: ServingOrder = ServingOrder.RANK_MAJOR,
+) -> jax.Array:
   """Slot of each claim in its expert's buffer, by a stable sort of the claims by expert: [G, S, k].
 
   After a stable sort, the claims of one expert are contiguous and still in serving order, so a
-  claim's slot is its position minus the position where its expert's run starts.
+  claim's slot is its position minus the position where its expert's run starts. A padded token's
+  claims sort after every expert (key E, which `bincount` does not count) and get slot k * S.
   """
-  served_GJ = _serving_order(expert_index_GSK, order_GS)
+  served_GJ = _serving_order(expert_index_GSK, order_GS, serving_order)
+  real_GJ = _served_mask(expert_index_GSK, order_GS, token_mask_GS, serving_order)
   j = served_GJ.shape[1]
+  key_GJ = served_GJ if real_GJ is None else jnp.where(real_GJ, served_GJ, num_experts)
 
-  def one_group(served_J):
-    perm_J = jnp.argsort(served_J, stable=True)
-    counts_E = jnp.bincount(served_J, length=num_experts)
+  def one_group(key_J):
+    perm_J = jnp.argsort(key_J, stable=True)
+    counts_E = jnp.bincount(key_J, length=num_experts)
     starts_E = jnp.cumsum(counts_E) - counts_E
-    sorted_slots_J = jnp.arange(j, dtype=jnp.int32) - starts_E[served_J[perm_J]].astype(jnp.int32)
+    sorted_slots_J = jnp.arange(j, dtype=jnp.int32) - starts_E[key_J[perm_J]].astype(jnp.int32)
     return jnp.zeros(j, jnp.int32).at[perm_J].set(sorted_slots_J)
 
-  return _to_token_order(jax.vmap(one_group)(served_GJ), order_GS, expert_index_GSK.shape[-1])
+  slots_GJ = jax.vmap(one_group)(key_GJ)
+  if real_GJ is not None:
+    slots_GJ = jnp.where(real_GJ, slots_GJ, j)
+  return _to_token_order(slots_GJ, order_GS, expert_index_GSK.shape[-1], serving_order)
 
 
 def einsum_moe(
@@ -88,9 +143,21 @@ def einsum_moe(
     capacity: int,
     num_experts: int,
     experts_fn: ExpertsFn,
+    *,
+    token_mask_GS: jax.Array | None = None,
+    serving_order: ServingOrder = ServingOrder.RANK_MAJOR,
 ):
-  """One-hot dispatch/combine (GShard Alg. 1, flaxformer). Returns (y [G, S, d], kept [G, S, k])."""
-  slots_GSK = slots_by_cumsum(expert_index_GSK, order_GS, num_experts)
+  """One-hot dispatch/combine (GShard Alg. 1, flaxformer). Returns (y [G, S, d], kept [G, S, k]).
+
+  `token_mask_GS` (padding) and `serving_order`: see the module docstring.
+  """
+  slots_GSK = slots_by_cumsum(
+      expert_index_GSK,
+      order_GS,
+      num_experts,
+      token_mask_GS=token_mask_GS,
+      serving_order=serving_order,
+  )
   kept_GSK = slots_GSK < capacity
   expert_GSKE = jax.nn.one_hot(expert_index_GSK, num_experts, dtype=x_GSD.dtype)
   slot_GSKC = jax.nn.one_hot(jnp.where(kept_GSK, slots_GSK, capacity), capacity, dtype=x_GSD.dtype)
@@ -112,11 +179,23 @@ def gather_moe(
     capacity: int,
     num_experts: int,
     experts_fn: ExpertsFn,
+    *,
+    token_mask_GS: jax.Array | None = None,
+    serving_order: ServingOrder = ServingOrder.RANK_MAJOR,
 ):
-  """Sort/gather dispatch. Returns (y [G, S, d], kept [G, S, k])."""
+  """Sort/gather dispatch. Returns (y [G, S, d], kept [G, S, k]).
+
+  `token_mask_GS` (padding) and `serving_order`: see the module docstring.
+  """
   g, s, d = x_GSD.shape
   k = expert_index_GSK.shape[-1]
-  slots_GSK = slots_by_sort(expert_index_GSK, order_GS, num_experts)
+  slots_GSK = slots_by_sort(
+      expert_index_GSK,
+      order_GS,
+      num_experts,
+      token_mask_GS=token_mask_GS,
+      serving_order=serving_order,
+  )
   kept_GSK = slots_GSK < capacity
   # Flat buffer position of each claim; dropped claims point at one spare slot past the end.
   spare = num_experts * capacity
@@ -185,16 +264,30 @@ def _unsort_claims_backward(residuals, dy_JD):
 unsort_claims.defvjp(_unsort_claims_forward, _unsort_claims_backward)
 
 
-def dropless_moe(x_GSD, expert_index_GSK, gates_GSK, grouped_fn: GroupedFn, num_experts: int):
+def dropless_moe(
+    x_GSD,
+    expert_index_GSK,
+    gates_GSK,
+    grouped_fn: GroupedFn,
+    num_experts: int,
+    token_mask_GS: jax.Array | None = None,
+):
   """Every claim computed: claims sorted by expert, one grouped matmul.
+
+  A padded token (`token_mask_GS` False) is computed with gate 0: exactly zero output, and its
+  `kept` is False (it claimed nothing).
 
   The permutation and its inverse are gathers, forward and backward (`sort_claims`,
   `unsort_claims`): a scatter(-add), what autodiff and `.at[].set` give, is a read-modify-write that
   XLA serialises or does with atomics on GPU; a gather is a plain read.
 
-  Returns (y [G, S, d], kept [G, S, k] all True).
+  Returns (y [G, S, d], kept [G, S, k]: True for every real token's claims).
   """
   g, s, d = x_GSD.shape
+  kept_GSK = jnp.ones(expert_index_GSK.shape, bool)
+  if token_mask_GS is not None:
+    kept_GSK = kept_GSK & token_mask_GS[..., None]
+    gates_GSK = jnp.where(kept_GSK, gates_GSK, 0.0)
   k = expert_index_GSK.shape[-1]
   expert_J = expert_index_GSK.reshape(-1)  # Claim j = (token j // k, rank j % k).
   perm_J = jnp.argsort(expert_J, stable=True).astype(jnp.int32)
@@ -204,7 +297,7 @@ def dropless_moe(x_GSD, expert_index_GSK, gates_GSK, grouped_fn: GroupedFn, num_
   y_sorted = grouped_fn(x_sorted, group_sizes_E).astype(x_GSD.dtype)
   y_JD = unsort_claims(y_sorted, perm_J, inverse_J)
   y_GSD = jnp.einsum("gsk,gskd->gsd", gates_GSK.astype(x_GSD.dtype), y_JD.reshape(g, s, k, d))
-  return y_GSD, jnp.ones(expert_index_GSK.shape, bool)
+  return y_GSD, kept_GSK
 
 
 def einsum_expert_choice(x_GSD, token_index_GEC, gates_GEC, experts_fn: ExpertsFn):

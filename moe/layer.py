@@ -78,32 +78,124 @@ class MoEFeedForward(nnx.Module):
     logits_GSE = self.router(x_GSD, train=train, rng=rng)
     return x_GSD, logits_GSE, jax.nn.softmax(logits_GSE, axis=-1)
 
-  def routing_decisions(
-      self, x_BLD: jax.Array, *, train: bool = False, rng: jax.Array | None = None
-  ) -> tuple[jax.Array, jax.Array]:
-    """Which expert each claim goes to and whether it keeps its slot, for inspection and tests.
+  def _token_mask(self, token_mask_BL, x_GSD) -> jax.Array | None:
+    """The padding mask as routing groups, bool [G, S] (True: a real token), or None."""
+    if token_mask_BL is None:
+      return None
+    g, s, _ = x_GSD.shape
+    return axes.constrain(jnp.asarray(token_mask_BL).astype(bool).reshape(g, s), (axes.GROUP, None))
 
-    Tokens choose: (expert_index [G, S, k], kept [G, S, k] bool). Experts choose: (token_index
-    [G, E, C], all-True [G, E, C]). Computes what `__call__` decides, without running the experts.
-    """
+  def _slots(self, expert_index_GSK, probs_GSE, mask_GS):
+    """Each claim's slot in its expert's buffer [G, S, k], as the configured dispatch numbers it."""
     cfg = self.cfg
-    _, _, probs_GSE = self._groups_and_router(x_BLD, train, rng)
-    s = probs_GSE.shape[1]
-    if cfg.router is RouterKind.EXPERTS_CHOOSE:
-      choice = routing.experts_choose(probs_GSE, cfg.capacity(s, train))
-      return choice.token_index, jnp.ones(choice.token_index.shape, bool)
-    top = routing.tokens_choose(probs_GSE, cfg.top_k, cfg.renormalize_gates)
-    if cfg.dispatch is Dispatch.DROPLESS:
-      return top.expert_index, jnp.ones(top.expert_index.shape, bool)
-    order_GS = routing.priority_order(probs_GSE, cfg.priority)
     slots_fn = (
         dispatch.slots_by_cumsum if cfg.dispatch is Dispatch.EINSUM else dispatch.slots_by_sort
     )
-    slots = slots_fn(top.expert_index, order_GS, cfg.num_experts)
-    return top.expert_index, slots < cfg.capacity(s, train)
+    order_GS = routing.priority_order(probs_GSE, cfg.priority)
+    return slots_fn(
+        expert_index_GSK,
+        order_GS,
+        cfg.num_experts,
+        token_mask_GS=mask_GS,
+        serving_order=cfg.serving_order,
+    )
+
+  def routing_decisions(
+      self,
+      x_BLD: jax.Array,
+      *,
+      train: bool = False,
+      rng: jax.Array | None = None,
+      token_mask_BL: jax.Array | None = None,
+  ) -> tuple[jax.Array, jax.Array]:
+    """Which expert each claim goes to and whether it keeps its slot, for inspection and tests.
+
+    Tokens choose: (expert_index [G, S, k], kept [G, S, k] bool; a padded token keeps nothing).
+    Experts choose: (token_index [G, E, C], [G, E, C] bool: False where the pick is padding).
+    Computes what `__call__` decides, without running the experts.
+    """
+    cfg = self.cfg
+    x_GSD, _, probs_GSE = self._groups_and_router(x_BLD, train, rng)
+    mask_GS = self._token_mask(token_mask_BL, x_GSD)
+    s = probs_GSE.shape[1]
+    if cfg.router is RouterKind.EXPERTS_CHOOSE:
+      choice = routing.experts_choose(probs_GSE, cfg.capacity(s, train), mask_GS)
+      if mask_GS is None:
+        return choice.token_index, jnp.ones(choice.token_index.shape, bool)
+      return choice.token_index, jax.vmap(lambda m, i: m[i])(mask_GS, choice.token_index)
+    top = routing.tokens_choose(probs_GSE, cfg.top_k, cfg.renormalize_gates, mask_GS)
+    kept_GSK = jnp.ones(top.expert_index.shape, bool)
+    if mask_GS is not None:
+      kept_GSK = kept_GSK & mask_GS[..., None]
+    if cfg.dispatch is Dispatch.DROPLESS:
+      return top.expert_index, kept_GSK
+    slots_GSK = self._slots(top.expert_index, probs_GSE, mask_GS)
+    return top.expert_index, slots_GSK < cfg.capacity(s, train)
+
+  def _experts_choose(self, x_GSD, probs_GSE, mask_GS, train: bool):
+    """Experts choose: (y [G, S, d], covered [G, S, 1], load [G, E], None)."""
+    cfg = self.cfg
+    g, s, _ = x_GSD.shape
+    choice = routing.experts_choose(probs_GSE, cfg.capacity(s, train), mask_GS)
+    run = (
+        dispatch.einsum_expert_choice
+        if cfg.dispatch is Dispatch.EINSUM
+        else dispatch.gather_expert_choice
+    )
+    y_GSD, covered_GS1 = run(x_GSD, choice.token_index, choice.gates, self._experts_on_buffers)
+    if mask_GS is not None:  # A padded pick (gate 0) covers nothing.
+      covered_GS1 = covered_GS1 & mask_GS[..., None]
+    # Every expert takes exactly C tokens: the load is uniform by construction and every slot is
+    # used (capacity_used 1.0).
+    load_GE = jnp.full((g, cfg.num_experts), 1.0 / cfg.num_experts, jnp.float32)
+    if mask_GS is not None:
+      # In `expert_load`'s units (real assignments over all S tokens), as the statistics expect.
+      load_GE = load_GE * (jnp.sum(mask_GS.astype(jnp.float32), axis=1, keepdims=True) / s)
+    return y_GSD, covered_GS1, load_GE, None
+
+  def _tokens_choose(self, x_GSD, probs_GSE, mask_GS, train: bool):
+    """Tokens choose: (y [G, S, d], kept [G, S, k], load [G, E], C of the buffers or None)."""
+    cfg = self.cfg
+    top = routing.tokens_choose(probs_GSE, cfg.top_k, cfg.renormalize_gates, mask_GS)
+    load_GE = routing.expert_load(top.expert_index, cfg.num_experts, mask_GS)
+    if cfg.dispatch is Dispatch.DROPLESS:
+      # No buffers: it computes exactly the assignments (capacity_used 1.0).
+      if expert_parallel.expert_axis() is None:
+        y_GSD, kept_GSK = dispatch.dropless_moe(
+            x_GSD, top.expert_index, top.gates, self.experts.grouped, cfg.num_experts, mask_GS
+        )
+        return y_GSD, kept_GSK, load_GE, None
+      # Experts split over a mesh axis: each claim travels to its expert's device (all-to-all);
+      # left to the partitioner, ragged_dot would gather the weights or replicate the claims.
+      # Padded tokens' gates are already 0 (`tokens_choose`), so their output is zero.
+      y_GSD, kept_GSK = expert_parallel.dropless_moe(
+          x_GSD, top.expert_index, top.gates, self.experts, cfg.num_experts
+      )
+      if mask_GS is not None:
+        kept_GSK = kept_GSK & mask_GS[..., None]
+      return y_GSD, kept_GSK, load_GE, None
+    capacity = cfg.capacity(x_GSD.shape[1], train)
+    run = dispatch.einsum_moe if cfg.dispatch is Dispatch.EINSUM else dispatch.gather_moe
+    y_GSD, kept_GSK = run(
+        x_GSD,
+        top.expert_index,
+        top.gates,
+        routing.priority_order(probs_GSE, cfg.priority),
+        capacity,
+        cfg.num_experts,
+        self._experts_on_buffers,
+        token_mask_GS=mask_GS,
+        serving_order=cfg.serving_order,
+    )
+    return y_GSD, kept_GSK, load_GE, capacity
 
   def __call__(
-      self, x_BLD: jax.Array, *, train: bool = False, rng: jax.Array | None = None
+      self,
+      x_BLD: jax.Array,
+      *,
+      train: bool = False,
+      rng: jax.Array | None = None,
+      token_mask_BL: jax.Array | None = None,
   ) -> tuple[jax.Array, MoEAux]:
     """Applies the layer.
 
@@ -111,6 +203,11 @@ class MoEFeedForward(nnx.Module):
       x_BLD: tokens [batch, length, d].
       train: training mode: train capacity factor and router jitter.
       rng: key for the router jitter (needed only when training with jitter_eps > 0).
+      token_mask_BL: [batch, length], nonzero for a real token and 0 for padding (the batch's
+        `weights`), or None (every token real). A padded token claims nothing: it takes no slot,
+        is never picked by an expert while a real token remains, gets zero from the routed experts
+        (a shared expert, a dense FFN, still runs on it), and the losses and statistics leave it
+        out (see `moe.routing`). An all-ones mask gives exactly the result of None.
 
     Returns:
       y [batch, length, d] in the compute dtype, and `MoEAux` (losses, stats). The balance loss
@@ -118,51 +215,9 @@ class MoEFeedForward(nnx.Module):
     """
     cfg = self.cfg
     x_GSD, logits_GSE, probs_GSE = self._groups_and_router(x_BLD, train, rng)
-    g, s, _ = x_GSD.shape
-
-    if cfg.router is RouterKind.EXPERTS_CHOOSE:
-      capacity = cfg.capacity(s, train)
-      choice = routing.experts_choose(probs_GSE, capacity)
-      run = (
-          dispatch.einsum_expert_choice
-          if cfg.dispatch is Dispatch.EINSUM
-          else dispatch.gather_expert_choice
-      )
-      y_GSD, kept_GSK = run(x_GSD, choice.token_index, choice.gates, self._experts_on_buffers)
-      # Every expert takes exactly C tokens: the load is uniform by construction and every slot is
-      # used (capacity_used 1.0).
-      load_GE = jnp.full((g, cfg.num_experts), 1.0 / cfg.num_experts, jnp.float32)
-      stats_capacity = None
-    else:
-      top = routing.tokens_choose(probs_GSE, cfg.top_k, cfg.renormalize_gates)
-      load_GE = routing.expert_load(top.expert_index, cfg.num_experts)
-      if cfg.dispatch is Dispatch.DROPLESS:
-        if expert_parallel.expert_axis() is not None:
-          # Experts split over a mesh axis: each claim travels to its expert's device (all-to-all);
-          # left to the partitioner, ragged_dot would gather the weights or replicate the claims.
-          y_GSD, kept_GSK = expert_parallel.dropless_moe(
-              x_GSD, top.expert_index, top.gates, self.experts, cfg.num_experts
-          )
-        else:
-          y_GSD, kept_GSK = dispatch.dropless_moe(
-              x_GSD, top.expert_index, top.gates, self.experts.grouped, cfg.num_experts
-          )
-        # No buffers: it computes exactly the assignments (capacity_used 1.0).
-        stats_capacity = None
-      else:
-        capacity = cfg.capacity(s, train)
-        order_GS = routing.priority_order(probs_GSE, cfg.priority)
-        run = dispatch.einsum_moe if cfg.dispatch is Dispatch.EINSUM else dispatch.gather_moe
-        y_GSD, kept_GSK = run(
-            x_GSD,
-            top.expert_index,
-            top.gates,
-            order_GS,
-            capacity,
-            cfg.num_experts,
-            self._experts_on_buffers,
-        )
-        stats_capacity = capacity
+    mask_GS = self._token_mask(token_mask_BL, x_GSD)
+    route = self._experts_choose if cfg.router is RouterKind.EXPERTS_CHOOSE else self._tokens_choose
+    y_GSD, kept_GSK, load_GE, stats_capacity = route(x_GSD, probs_GSE, mask_GS, train)
 
     y_GSD = axes.constrain(y_GSD, (axes.GROUP, None, axes.ACT_EMBED))
     if self.shared_expert is not None:
@@ -173,7 +228,7 @@ class MoEFeedForward(nnx.Module):
       # reads as perfect balance on a dashboard. Report 0.0 instead, as flaxformer does.
       balance = jnp.zeros((), jnp.float32)
     else:
-      balance = routing.load_balancing_loss(probs_GSE, load_GE)
-    losses = routing.Losses(balance=balance, z=routing.router_z_loss(logits_GSE))
-    stats = routing.router_stats(probs_GSE, load_GE, kept_GSK, stats_capacity)
+      balance = routing.load_balancing_loss(probs_GSE, load_GE, mask_GS)
+    losses = routing.Losses(balance=balance, z=routing.router_z_loss(logits_GSE, mask_GS))
+    stats = routing.router_stats(probs_GSE, load_GE, kept_GSK, stats_capacity, mask_GS)
     return y_GSD.reshape(x_BLD.shape), MoEAux(losses, stats)

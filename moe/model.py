@@ -184,16 +184,23 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(d_model, eps=norm_eps)
     self.ffn = ffn
 
-  def __call__(self, x_BLD, *, train: bool, rng) -> tuple[jax.Array, MoEAux | None]:
+  def __call__(
+      self, x_BLD, *, train: bool, rng, token_mask_BL=None
+  ) -> tuple[jax.Array, MoEAux | None]:
     x_BLD = x_BLD + self.attention(self.attention_norm(x_BLD))
-    return self.feed_forward(x_BLD, train=train, rng=rng)
+    return self.feed_forward(x_BLD, train=train, rng=rng, token_mask_BL=token_mask_BL)
 
-  def feed_forward(self, x_BLD, *, train: bool, rng) -> tuple[jax.Array, MoEAux | None]:
-    """The second half of the layer, after the attention's residual: x += ffn(norm(x))."""
+  def feed_forward(
+      self, x_BLD, *, train: bool, rng, token_mask_BL=None
+  ) -> tuple[jax.Array, MoEAux | None]:
+    """The second half of the layer, after the attention's residual: x += ffn(norm(x)).
+
+    `token_mask_BL` (1 real, 0 padding, or None) reaches a MoE feed-forward's routing only.
+    """
     x_BLD = axes.constrain(x_BLD, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     aux = None
     if self.sparse:
-      y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), train=train, rng=rng)
+      y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), train=train, rng=rng, token_mask_BL=token_mask_BL)
     else:
       y_BLD = self.ffn(self.ffn_norm(x_BLD))
     x_BLD = axes.constrain(
@@ -234,11 +241,11 @@ class Period(nnx.Module):
   def __init__(self, layers: list[Block]):
     self.layers = nnx.List(layers)
 
-  def __call__(self, x_BLD, first_layer, *, train: bool, rng):
+  def __call__(self, x_BLD, first_layer, *, train: bool, rng, token_mask_BL=None):
     auxes = []
     for j, layer in enumerate(self.layers):
       key = None if rng is None else jax.random.fold_in(rng, first_layer + j)
-      x_BLD, aux = layer(x_BLD, train=train, rng=key)
+      x_BLD, aux = layer(x_BLD, train=train, rng=key, token_mask_BL=token_mask_BL)
       if aux is not None:
         auxes.append(aux)
     return x_BLD, _stack(auxes)
@@ -293,9 +300,17 @@ class Transformer(nnx.Module):
     return nnx.remat(fn, policy=_REMAT_POLICIES[self.cfg.remat], static_argnums=(3,))
 
   def __call__(
-      self, tokens_BL: jax.Array, *, train: bool = False, rng: jax.Array | None = None
+      self,
+      tokens_BL: jax.Array,
+      *,
+      train: bool = False,
+      rng: jax.Array | None = None,
+      token_mask_BL: jax.Array | None = None,
   ) -> tuple[jax.Array, MoEAux | None]:
     """tokens [batch, length] int32 -> (float32 logits [batch, length, vocab], aux or None).
+
+    `token_mask_BL`: [batch, length], 1 for a real token and 0 for padding (the batch's `weights`),
+    or None; the MoE layers route padding-aware with it (`MoEFeedForward`).
 
     Raises:
       ValueError: length > cfg.max_len (positions beyond it were never trained). A static shape
@@ -311,7 +326,7 @@ class Transformer(nnx.Module):
     x_BLD = self.embed_tokens(tokens_BL)
 
     def run_block(block, x, key, train):
-      return block(x, train=train, rng=key)
+      return block(x, train=train, rng=key, token_mask_BL=token_mask_BL)
 
     run_block = self._maybe_remat(run_block)
     auxes = []
@@ -327,7 +342,7 @@ class Transformer(nnx.Module):
       first_layers = self.prefix_len + self.period_len * jnp.arange(self.repeats)
 
       def run_period(period, x, first_layer, train):
-        return period(x, first_layer, train=train, rng=rng)
+        return period(x, first_layer, train=train, rng=rng, token_mask_BL=token_mask_BL)
 
       run_period = self._maybe_remat(run_period)
 

@@ -3,6 +3,12 @@
 Notation (shape suffixes): G routing groups, S tokens per group, E experts, k choices per token,
 C capacity (slots per expert per group), d model width.
 
+Padding (flaxformer parity): every function that takes `token_mask_GS` (bool [G, S], True for a real
+token, False for padding; None means every token is real) lets a padded token claim nothing. It is
+never picked by an expert while a real token remains, it gets gate 0, the balance loss leaves it out
+of the assignment fractions and the mean probabilities while still counting it in S (flaxformer's
+convention), and the z-loss and the statistics average over real tokens only (see `router_z_loss`).
+
 The router is a module (it has a weight); everything else here is a pure function of its logits,
 so the losses and statistics are return values, never hidden collections.
 """
@@ -66,26 +72,42 @@ class ExpertChoice(NamedTuple):
   gates: jax.Array  # [G, E, C] float32
 
 
-def tokens_choose(probs_GSE: jax.Array, top_k: int, renormalize: bool) -> TopK:
+def tokens_choose(
+    probs_GSE: jax.Array, top_k: int, renormalize: bool, token_mask_GS: jax.Array | None = None
+) -> TopK:
   """Top-k experts per token. Ties go to the lower expert index (`jax.lax.top_k`).
 
   With `renormalize`, a token's k gates are divided by their sum before any capacity drop (Tutel,
-  praxis; a dropped second choice does not boost the first).
+  praxis; a dropped second choice does not boost the first). A padded token (`token_mask_GS`
+  False) keeps its expert indices but gets gates 0, as in flaxformer; the dispatch paths then give
+  its claims no slot (`moe.dispatch`).
   """
   gates, index = jax.lax.top_k(probs_GSE, top_k)
   if renormalize:
     gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+  if token_mask_GS is not None:
+    gates = jnp.where(token_mask_GS[..., None], gates, 0.0)
   return TopK(index.astype(jnp.int32), gates)
 
 
-def experts_choose(probs_GSE: jax.Array, capacity: int) -> ExpertChoice:
+def experts_choose(
+    probs_GSE: jax.Array, capacity: int, token_mask_GS: jax.Array | None = None
+) -> ExpertChoice:
   """Each expert takes its top-C tokens of the group by router probability.
 
   Zhou et al. 2022, Eq. 1-2. Every expert is full; a token may get several experts or none. Ties go
-  to the earlier token.
+  to the earlier token. A padded token (`token_mask_GS` False) ranks below every real token, so it
+  is picked only when fewer than C real tokens remain, and then with gate 0 (no output, no gradient).
   """
-  gates, index = jax.lax.top_k(jnp.swapaxes(probs_GSE, 1, 2), capacity)
-  return ExpertChoice(index.astype(jnp.int32), gates)
+  probs_GES = jnp.swapaxes(probs_GSE, 1, 2)
+  if token_mask_GS is None:
+    gates, index = jax.lax.top_k(probs_GES, capacity)
+    return ExpertChoice(index.astype(jnp.int32), gates)
+  # Probabilities are in [0, 1], so p - 2 puts padding below any real token, even one at
+  # probability 0, and keeps the padded tokens' own order (a deterministic choice among them).
+  ranked_GES = jnp.where(token_mask_GS[:, None, :], probs_GES, probs_GES - 2.0)
+  gates, index = jax.lax.top_k(ranked_GES, capacity)
+  return ExpertChoice(index.astype(jnp.int32), jnp.where(gates < 0.0, 0.0, gates))
 
 
 def priority_order(probs_GSE: jax.Array, priority: Priority) -> jax.Array:
@@ -105,13 +127,23 @@ def priority_order(probs_GSE: jax.Array, priority: Priority) -> jax.Array:
 # Losses.
 
 
-def expert_load(expert_index_GSK: jax.Array, num_experts: int) -> jax.Array:
-  """Fraction of the group's k * S assignments that go to each expert, before capacity: [G, E]."""
+def expert_load(
+    expert_index_GSK: jax.Array, num_experts: int, token_mask_GS: jax.Array | None = None
+) -> jax.Array:
+  """Fraction of the group's k * S assignments that go to each expert, before capacity: [G, E].
+
+  A padded token's assignments are not counted, but S still counts it (flaxformer), so with padding
+  the fractions sum to the real share of the group.
+  """
   one_hot = jax.nn.one_hot(expert_index_GSK, num_experts, dtype=jnp.float32)
+  if token_mask_GS is not None:
+    one_hot = jnp.where(token_mask_GS[..., None, None], one_hot, 0.0)
   return jnp.mean(jnp.sum(one_hot, axis=2), axis=1) / expert_index_GSK.shape[-1]
 
 
-def load_balancing_loss(probs_GSE: jax.Array, load_GE: jax.Array) -> jax.Array:
+def load_balancing_loss(
+    probs_GSE: jax.Array, load_GE: jax.Array, token_mask_GS: jax.Array | None = None
+) -> jax.Array:
   """Switch load-balancing loss, normalised so that perfectly balanced routing scores 1.0 for any k.
 
     loss = E * sum_e f_e * P_e,   averaged over groups,
@@ -123,18 +155,47 @@ def load_balancing_loss(probs_GSE: jax.Array, load_GE: jax.Array) -> jax.Array:
   Not for experts choose: there every expert is full, f = 1/E, and the loss is 1.0 whatever the
   router does; the layer reports 0.0 instead (see `Losses`).
 
+  Padding (`token_mask_GS`, with `load_GE` from `expert_load` with the same mask): as flaxformer,
+  a padded token is left out of f and P but still counted in S, so P_e = sum over real tokens of
+  p_e / S. A group that is half padding and balanced scores 0.25, not 1.0; what matters, the
+  gradient, only ever reaches real tokens' probabilities.
+
   Porting: flaxformer and MaxText count f without dividing by k, so their value is k times ours (k
   at balance); GShard/praxis count only the top-1 choice. Scale the weight by k to match
   flaxformer's.
   """
   num_experts = probs_GSE.shape[-1]
-  mean_prob_GE = jnp.mean(probs_GSE.astype(jnp.float32), axis=1)
+  probs_GSE = probs_GSE.astype(jnp.float32)
+  if token_mask_GS is not None:
+    probs_GSE = jnp.where(token_mask_GS[..., None], probs_GSE, 0.0)
+  mean_prob_GE = jnp.mean(probs_GSE, axis=1)
   return jnp.mean(num_experts * jnp.sum(jax.lax.stop_gradient(load_GE) * mean_prob_GE, axis=-1))
 
 
-def router_z_loss(logits_GSE: jax.Array) -> jax.Array:
-  """ST-MoE router z-loss (Zoph et al. 2022, Eq. 5): mean over tokens of logsumexp(logits)^2."""
-  return jnp.mean(jnp.square(jax.nn.logsumexp(logits_GSE.astype(jnp.float32), axis=-1)))
+def _mean_over_real(x_GS: jax.Array, token_mask_GS: jax.Array | None) -> jax.Array:
+  """Mean of x [G, S, ...] over the real tokens of all groups (over all tokens if no mask).
+
+  With an all-True mask this is the plain mean bit for bit: the sum runs over the same values
+  and the divisor is the same count. No real token at all gives 0.
+  """
+  if token_mask_GS is None:
+    return jnp.mean(x_GS, axis=(0, 1))
+  mask = token_mask_GS.reshape(token_mask_GS.shape + (1,) * (x_GS.ndim - 2))
+  count = jnp.sum(token_mask_GS.astype(jnp.float32))
+  return jnp.sum(jnp.where(mask, x_GS, 0.0), axis=(0, 1)) / jnp.maximum(count, 1.0)
+
+
+def router_z_loss(logits_GSE: jax.Array, token_mask_GS: jax.Array | None = None) -> jax.Array:
+  """ST-MoE router z-loss (Zoph et al. 2022, Eq. 5): mean over tokens of logsumexp(logits)^2.
+
+  With padding, the mean runs over real tokens only: the loss of a batch then does not depend on
+  how much padding it holds, and padded rows (whose logits are whatever the model computes at a
+  padding position) neither add value nor gradient. flaxformer instead counts a padded token as
+  (ln E)^2, the value at zero logits, and divides by all S tokens: its value is
+  (n_real * ours + n_pad * (ln E)^2) / S, with the same gradient up to the factor n_real / S.
+  """
+  z_GS = jnp.square(jax.nn.logsumexp(logits_GSE.astype(jnp.float32), axis=-1))
+  return _mean_over_real(z_GS, token_mask_GS)
 
 
 class Losses(NamedTuple):
@@ -173,18 +234,29 @@ class Stats(NamedTuple):
 
 
 def router_stats(
-    probs_GSE: jax.Array, load_GE: jax.Array, kept_GSK: jax.Array, capacity: int | None
+    probs_GSE: jax.Array,
+    load_GE: jax.Array,
+    kept_GSK: jax.Array,
+    capacity: int | None,
+    token_mask_GS: jax.Array | None = None,
 ) -> Stats:
   """Statistics of one layer's routing, averaged over groups (see `Stats`).
 
   Args:
     probs_GSE: router probabilities [G, S, E].
-    load_GE: fraction of assignments per expert before capacity [G, E] (`expert_load`).
+    load_GE: fraction of assignments per expert before capacity [G, E] (`expert_load`, with the
+      same `token_mask_GS`).
     kept_GSK: bool [G, S, k], whether each claim kept a slot (experts choose: [G, S, 1], whether
       any expert took the token).
     capacity: C, the buffer slots per expert per group of the path that ran, so that capacity_used
       is kept / (E * C); None for a path without padded buffers (DROPLESS; experts choose, whose
       buffers are always full), where capacity_used is 1.0.
+    token_mask_GS: bool [G, S], False for padding, or None. Every statistic but capacity_used is
+      then over real tokens only, pooled over groups: dropped_fraction is the share of real
+      tokens' r-th choices that lost their slot, expert_load the share of real assignments.
+      capacity_used stays kept / (E * C) on the buffer paths (a padded token keeps no slot) and
+      1.0 without buffers (the rows DROPLESS computes for padded claims, at gate 0, are not told
+      apart).
   """
   probs = probs_GSE.astype(jnp.float32)
   num_experts = probs.shape[-1]
@@ -194,10 +266,15 @@ def router_stats(
     used = jnp.ones((), jnp.float32)
   else:
     used = jnp.mean(jnp.sum(kept, axis=(1, 2)) / (num_experts * capacity))
+  if token_mask_GS is not None:
+    # `load_GE` counts real assignments over k * S; S / (mean real tokens per group) turns the
+    # group mean into the pooled share of real assignments (exactly 1.0 when nothing is padded).
+    real_G = jnp.sum(token_mask_GS.astype(jnp.float32), axis=1)
+    load_GE = load_GE * (probs.shape[1] / jnp.maximum(jnp.mean(real_G), 1e-30))
   return Stats(
-      dropped_fraction=1.0 - jnp.mean(kept, axis=(0, 1)),
+      dropped_fraction=1.0 - _mean_over_real(kept, token_mask_GS),
       expert_load=jnp.mean(load_GE, axis=0),
-      router_entropy=jnp.mean(entropy),
-      top1_probability=jnp.mean(jnp.max(probs, axis=-1)),
+      router_entropy=_mean_over_real(entropy, token_mask_GS),
+      top1_probability=_mean_over_real(jnp.max(probs, axis=-1), token_mask_GS),
       capacity_used=used,
   )

@@ -49,9 +49,10 @@ def _forward(
 ):
   """Weighted CE sum, weight sum and the MoE aux (None when dense) of one batch."""
   model = nnx.merge(graphdef, params, rest)
-  logits_BLV, aux = model(batch["inputs"], train=train, rng=rng)
-  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
   weights_BL = batch["weights"].astype(jnp.float32)
+  # Padding (weight 0) claims no expert slot and is left out of the router losses and statistics.
+  logits_BLV, aux = model(batch["inputs"], train=train, rng=rng, token_mask_BL=weights_BL > 0)
+  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
   return jnp.sum(ce_BL * weights_BL), jnp.sum(weights_BL), aux
 
 

@@ -6,6 +6,7 @@ moe/dispatch.py. It calls no function of the `moe` package: it only reads the at
 `MoEConfig` and compares enum members.
 
 Functions work on one routing group at a time (arrays [S, ...]) unless their shapes say [G, ...].
+Padding: `real` is a bool array over tokens (True: a real token), None when every token is real.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from moe.config import Activation, Dispatch, MoEConfig, Priority, RouterKind
+from moe.config import Activation, Dispatch, MoEConfig, Priority, RouterKind, ServingOrder
 
 # --------------------------------------------------------------------------------------------------
 # Capacity and routing groups.
@@ -83,26 +84,46 @@ def serving_order(probs_SE: np.ndarray, priority: Priority) -> list[int]:
   return sorted(tokens, key=lambda t: (-probs_SE[t].max(), t))
 
 
-def claim_slots(choices_SK: np.ndarray, order: list[int], num_experts: int) -> np.ndarray:
-  """Slot of each claim = number of claims on the same expert served before it. [S, k] int.
+NO_SLOT = 10**9  # The slot of a padded token's claim: it claims nothing, so no capacity reaches it.
 
-  Every first choice is served before any second choice; within a rank, tokens in `order`.
+
+def claim_slots(
+    choices_SK: np.ndarray,
+    order: list[int],
+    num_experts: int,
+    real: np.ndarray | None = None,
+    token_major: bool = False,
+) -> np.ndarray:
+  """Slot of each claim = number of real claims on the same expert served before it. [S, k] int.
+
+  Rank-major: every first choice is served before any second choice; within a rank, tokens in
+  `order`. Token-major: tokens in `order`, each token's claims best first. A padded token's claims
+  are skipped (slot NO_SLOT).
   """
+  s, k = choices_SK.shape
+  if token_major:
+    claims = [(t, rank) for t in order for rank in range(k)]
+  else:
+    claims = [(t, rank) for rank in range(k) for t in order]
   served = [0] * num_experts
-  slots = np.zeros(choices_SK.shape, int)
-  for rank in range(choices_SK.shape[1]):
-    for t in order:
-      e = choices_SK[t, rank]
-      slots[t, rank] = served[e]
-      served[e] += 1
+  slots = np.full(choices_SK.shape, NO_SLOT, int)
+  for t, rank in claims:
+    if real is not None and not real[t]:
+      continue
+    e = choices_SK[t, rank]
+    slots[t, rank] = served[e]
+    served[e] += 1
   return slots
 
 
-def experts_pick(probs_SE: np.ndarray, c: int) -> np.ndarray:
-  """Experts choose: each expert's top-C tokens by probability, ties to the earlier one: [E, C]."""
+def experts_pick(probs_SE: np.ndarray, c: int, real: np.ndarray | None = None) -> np.ndarray:
+  """Experts choose: each expert's top-C tokens by probability, ties to the earlier one, every real
+  token before any padded one: [E, C]."""
   s, e_count = probs_SE.shape
+  is_pad = lambda t: real is not None and not real[t]
   return np.array(
-      [sorted(range(s), key=lambda t: (-probs_SE[t, e], t))[:c] for e in range(e_count)], int
+      [sorted(range(s), key=lambda t: (is_pad(t), -probs_SE[t, e], t))[:c] for e in range(e_count)],
+      int,
   ).reshape(e_count, c)
 
 
@@ -118,31 +139,50 @@ def combine(x_SD: np.ndarray, assignments, expert_fn: Callable[[int, np.ndarray]
 # Losses and statistics, over groups [G, ...].
 
 
-def assignment_fraction(choices_GSK: np.ndarray, num_experts: int) -> np.ndarray:
-  """f [G, E]: fraction of each group's k * S assignments per expert (before capacity)."""
+def _all_real(shape_GS, real_GS):
+  return np.ones(shape_GS, bool) if real_GS is None else np.asarray(real_GS, bool)
+
+
+def assignment_fraction(
+    choices_GSK: np.ndarray, num_experts: int, real_GS: np.ndarray | None = None
+) -> np.ndarray:
+  """f [G, E]: real assignments per expert over each group's k * S (padded tokens count in S only,
+  as in flaxformer), before capacity."""
   g, s, k = choices_GSK.shape
+  real_GS = _all_real((g, s), real_GS)
   f = np.zeros((g, num_experts))
   for gi in range(g):
     for t in range(s):
       for r in range(k):
-        f[gi, choices_GSK[gi, t, r]] += 1.0 / (k * s)
+        if real_GS[gi, t]:
+          f[gi, choices_GSK[gi, t, r]] += 1.0 / (k * s)
   return f
 
 
-def balance_loss(probs_GSE: np.ndarray, choices_GSK: np.ndarray) -> float:
-  """Mean over groups of E * sum_e f_e * P_e, P_e the group's mean probability of expert e."""
-  e_count = probs_GSE.shape[-1]
-  f = assignment_fraction(choices_GSK, e_count)
+def balance_loss(
+    probs_GSE: np.ndarray, choices_GSK: np.ndarray, real_GS: np.ndarray | None = None
+) -> float:
+  """Mean over groups of E * sum_e f_e * P_e, P_e = sum of expert e's probability over the group's
+  real tokens / S (flaxformer: padded tokens out of f and P, still in S)."""
+  g, s, e_count = probs_GSE.shape
+  real_GS = _all_real((g, s), real_GS)
+  f = assignment_fraction(choices_GSK, e_count, real_GS)
   per_group = [
-      e_count * sum(f[gi, e] * probs_GSE[gi, :, e].mean() for e in range(e_count))
-      for gi in range(probs_GSE.shape[0])
+      e_count
+      * sum(
+          f[gi, e] * sum(probs_GSE[gi, t, e] for t in range(s) if real_GS[gi, t]) / s
+          for e in range(e_count)
+      )
+      for gi in range(g)
   ]
   return float(np.mean(per_group))
 
 
-def z_loss(logits_GSE: np.ndarray) -> float:
-  """Mean over tokens of logsumexp(logits)^2."""
-  return float(np.mean(logsumexp(logits_GSE) ** 2))
+def z_loss(logits_GSE: np.ndarray, real_GS: np.ndarray | None = None) -> float:
+  """Mean over real tokens of logsumexp(logits)^2 (0.0 with no real token)."""
+  lse = logsumexp(logits_GSE)
+  values = [lse[idx] ** 2 for idx in np.ndindex(lse.shape) if real_GS is None or real_GS[idx]]
+  return float(np.mean(values)) if values else 0.0
 
 
 class Stats(NamedTuple):
@@ -159,20 +199,23 @@ def router_stats(
     kept_GSK: np.ndarray,
     kept_per_group: np.ndarray,
     computed_slots: int,
+    real_GS: np.ndarray | None = None,
 ) -> Stats:
-  """Averages over groups and tokens. `kept_per_group` [G] kept assignments, `computed_slots` the
-  number of expert slots the dispatch path computes per group."""
+  """Averages over the real tokens of all groups. `load_GE` is each group's share of its real
+  assignments per expert (rows sum to 1; 0 for a group without real tokens), pooled over groups by
+  their real tokens; `kept_per_group` [G] kept assignments, `computed_slots` the number of expert
+  slots the dispatch path computes per group."""
   p = np.asarray(probs_GSE, np.float64)
-  entropy = [
-      -sum(q * math.log(q) for q in p[gi, t] if q > 0)
-      for gi in range(p.shape[0])
-      for t in range(p.shape[1])
-  ]
+  g, s, _ = p.shape
+  real_GS = _all_real((g, s), real_GS)
+  real = [(gi, t) for gi in range(g) for t in range(s) if real_GS[gi, t]]
+  tokens_G = real_GS.sum(axis=1)
+  entropy = [-sum(q * math.log(q) for q in p[gi, t] if q > 0) for gi, t in real]
   return Stats(
-      dropped_fraction=1.0 - kept_GSK.mean(axis=(0, 1)),
-      expert_load=load_GE.mean(axis=0),
+      dropped_fraction=1.0 - np.mean([kept_GSK[gi, t] for gi, t in real], axis=0),
+      expert_load=(np.asarray(load_GE) * tokens_G[:, None]).sum(axis=0) / tokens_G.sum(),
       router_entropy=float(np.mean(entropy)),
-      top1_probability=float(np.mean(p.max(-1))),
+      top1_probability=float(np.mean([p[gi, t].max() for gi, t in real])),
       capacity_used=float(np.mean(np.asarray(kept_per_group) / computed_slots)),
   )
 
@@ -213,59 +256,79 @@ class Reference(NamedTuple):
   stats: Stats
 
 
-def reference_moe(x_BLD, params, cfg: MoEConfig, train: bool = False) -> Reference:
-  """The MoE layer (without a shared expert), token by token."""
+def _real_groups(token_mask_BL, shape_GS) -> np.ndarray | None:
+  """The padding mask cut like the tokens: bool [G, S] (True: real), or None."""
+  if token_mask_BL is None:
+    return None
+  return np.asarray(token_mask_BL).astype(bool).reshape(-1).reshape(shape_GS)
+
+
+def _experts_choose(x_GSD, probs_GSE, c, real_GS, expert_fn):
+  """(y [G, S, d], covered [G, S, 1], picks [G, E, C], stats inputs) of experts choose."""
+  g, s, _ = x_GSD.shape
+  e_count = probs_GSE.shape[-1]
+  real_GS = _all_real((g, s), real_GS)
+  picks = np.stack([experts_pick(probs_GSE[gi], c, real_GS[gi]) for gi in range(g)])
+  y, covered = np.zeros_like(x_GSD), np.zeros((g, s, 1), bool)
+  load, kept_per_group = np.zeros((g, e_count)), np.zeros(g)
+  for gi in range(g):
+    # A padded pick has gate 0 and is no assignment: it adds nothing and covers nothing.
+    assignments = [
+        (t, e, probs_GSE[gi, t, e]) for e in range(e_count) for t in picks[gi, e] if real_GS[gi, t]
+    ]
+    y[gi] = combine(x_GSD[gi], assignments, expert_fn)
+    for t, e, _ in assignments:
+      covered[gi, t, 0] = True
+      load[gi, e] += 1.0 / len(assignments)
+    kept_per_group[gi] = e_count * c  # Every slot is computed and counted as used.
+  return y, covered, picks, load, kept_per_group
+
+
+def reference_moe(
+    x_BLD, params, cfg: MoEConfig, train: bool = False, token_mask_BL=None
+) -> Reference:
+  """The MoE layer (without a shared expert), token by token. `token_mask_BL`: 1 real, 0 padding."""
   b, l, _ = np.shape(x_BLD)
   s = tokens_per_group(cfg, l)
   x_GSD = cut_groups(x_BLD, s)
   g = x_GSD.shape[0]
+  real_GS = _real_groups(token_mask_BL, (g, s))
   e_count, k = cfg.num_experts, cfg.top_k
   c = reference_capacity(s, e_count, k, cfg.capacity_factor(train), cfg.min_capacity)
   logits_GSE = np.stack([x_GSD[gi] @ params["router"] for gi in range(g)])
   probs_GSE = softmax(logits_GSE)
   expert_fn = lambda e, x_D: expert_ffn(x_D, params, e, cfg.activation)
-  y = np.zeros_like(x_GSD)
-  kept_per_group = np.zeros(g)
+  z = z_loss(logits_GSE, real_GS)
 
   if cfg.router is RouterKind.EXPERTS_CHOOSE:
-    picks = np.stack([experts_pick(probs_GSE[gi], c) for gi in range(g)])
-    covered = np.zeros((g, s, 1), bool)
-    load = np.zeros((g, e_count))
-    for gi in range(g):
-      assignments = [(t, e, probs_GSE[gi, t, e]) for e in range(e_count) for t in picks[gi, e]]
-      y[gi] = combine(x_GSD[gi], assignments, expert_fn)
-      for t, e, _ in assignments:
-        covered[gi, t, 0] = True
-        load[gi, e] += 1.0 / len(assignments)
-      kept_per_group[gi] = len(assignments)
-    stats = router_stats(probs_GSE, load, covered, kept_per_group, e_count * c)
-    return Reference(y.reshape(np.shape(x_BLD)), covered, picks, c, 0.0, z_loss(logits_GSE), stats)
+    y, covered, picks, load, used = _experts_choose(x_GSD, probs_GSE, c, real_GS, expert_fn)
+    stats = router_stats(probs_GSE, load, covered, used, e_count * c, real_GS)
+    return Reference(y.reshape(np.shape(x_BLD)), covered, picks, c, 0.0, z, stats)
 
   dropless = cfg.dispatch is Dispatch.DROPLESS
+  real = _all_real((g, s), real_GS)
   choices = np.stack([top_k_choices(probs_GSE[gi], k) for gi in range(g)])
-  kept = np.zeros((g, s, k), bool)
+  kept, y = np.zeros((g, s, k), bool), np.zeros_like(x_GSD)
+  kept_per_group, load = np.zeros(g), np.zeros((g, e_count))
   for gi in range(g):
     gates = np.array([[probs_GSE[gi, t, e] for e in choices[gi, t]] for t in range(s)])
     if cfg.renormalize_gates:
       gates = gates / gates.sum(-1, keepdims=True)
-    slots = claim_slots(choices[gi], serving_order(probs_GSE[gi], cfg.priority), e_count)
-    kept[gi] = np.ones((s, k), bool) if dropless else slots < c
+    order = serving_order(probs_GSE[gi], cfg.priority)
+    token_major = cfg.serving_order is ServingOrder.TOKEN_MAJOR
+    slots = claim_slots(choices[gi], order, e_count, real[gi], token_major)
+    kept[gi] = real[gi][:, None] & (True if dropless else slots < c)
     assignments = [
         (t, choices[gi, t, r], gates[t, r]) for t in range(s) for r in range(k) if kept[gi, t, r]
     ]
     y[gi] = combine(x_GSD[gi], assignments, expert_fn)
-    kept_per_group[gi] = len(assignments)
+    # DROPLESS computes a row for every claim, padded ones (gate 0) too, and counts each as used.
+    kept_per_group[gi] = k * s if dropless else len(assignments)
+    for t in np.flatnonzero(real[gi]):
+      for e in choices[gi, t]:
+        load[gi, e] += 1.0 / (k * real[gi].sum())
   # Slots computed per group: E * C buffer rows, or exactly the k * S assignments without buffers.
   computed_slots = k * s if dropless else e_count * c
-  stats = router_stats(
-      probs_GSE, assignment_fraction(choices, e_count), kept, kept_per_group, computed_slots
-  )
-  return Reference(
-      y.reshape(np.shape(x_BLD)),
-      kept,
-      choices,
-      c,
-      balance_loss(probs_GSE, choices),
-      z_loss(logits_GSE),
-      stats,
-  )
+  stats = router_stats(probs_GSE, load, kept, kept_per_group, computed_slots, real_GS)
+  balance = balance_loss(probs_GSE, choices, real_GS)
+  return Reference(y.reshape(np.shape(x_BLD)), kept, choices, c, balance, z, stats)

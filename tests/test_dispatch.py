@@ -10,7 +10,7 @@ import pytest
 
 import moe_reference as ref
 from moe import dispatch, routing
-from moe.config import Priority
+from moe.config import Priority, ServingOrder
 
 D = 8
 
@@ -163,3 +163,154 @@ def test_expert_choice_paths_match_reference(run, c):
   assert any(np.bincount(ref.experts_pick(p[gi], c).ravel()).max() > 1 for gi in range(g))
   np.testing.assert_array_equal(covered, covered_ref)
   assert rel_err(y, y_ref) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Padding and the serving order.
+
+
+def _padding(seed, g, s, fraction=0.4):
+  """A random padding mask, bool [G, S] (True: real), with padding in every group."""
+  real = np.asarray(jax.random.uniform(jax.random.key(seed), (g, s))) > fraction
+  real[:, 0] = False  # Padding in every group, before real tokens.
+  real[:, 1] = True  # And a real token in every group.
+  return jnp.asarray(real)
+
+
+def _reference_padded(x, probs, top, priority, c, real, token_major):
+  """Per-claim reference with padding and a serving order: (y [G, S, d], kept [G, S, k], slots)."""
+  w = np.asarray(_expert_weight(probs.shape[-1]), np.float64)
+  x, p, real = np.asarray(x, np.float64), np.asarray(probs, np.float64), np.asarray(real)
+  idx, gates = np.asarray(top.expert_index), np.asarray(top.gates, np.float64)
+  g, s, k = idx.shape
+  y, slots = np.zeros(x.shape), np.zeros((g, s, k), int)
+  for gi in range(g):
+    order = ref.serving_order(p[gi], priority)
+    slots[gi] = ref.claim_slots(idx[gi], order, p.shape[-1], real[gi], token_major)
+  kept = slots < c
+  for gi in range(g):
+    assignments = [
+        (t, idx[gi, t, r], gates[gi, t, r]) for t in range(s) for r in range(k) if kept[gi, t, r]
+    ]
+    y[gi] = ref.combine(x[gi], assignments, lambda e, x_D: x_D @ w[e])
+  return y, kept, slots
+
+
+SMALLEST_PROBS = jnp.asarray(
+    [[[0.9, 0.1], [0.8, 0.2]]], jnp.float32
+)  # S=2, E=2: both want expert 0.
+
+
+@pytest.mark.parametrize(
+    "run", [dispatch.einsum_moe, dispatch.gather_moe], ids=["einsum", "gather"]
+)
+def test_smallest_padding_example_real_token_keeps_its_expert(run):
+  """issue 11: S=2, E=2, k=1, C=1, token 0 padded: the real token 1 keeps expert 0. Without the
+  mask (or with the padded token's probabilities zeroed, which still claims expert 0) it drops."""
+  top = routing.tokens_choose(SMALLEST_PROBS, 1, renormalize=False)
+  x = jax.random.normal(jax.random.key(0), (1, 2, D))
+  order = routing.priority_order(SMALLEST_PROBS, Priority.INDEX)
+  mask = jnp.asarray([[False, True]])
+  y, kept = run(x, top.expert_index, top.gates, order, 1, 2, _linear_experts(2), token_mask_GS=mask)
+  np.testing.assert_array_equal(kept, [[[False], [True]]])
+  w0 = np.asarray(_expert_weight(2)[0], np.float64)
+  np.testing.assert_allclose(y[0, 1], 0.8 * np.asarray(x[0, 1], np.float64) @ w0, rtol=1e-5)
+  np.testing.assert_array_equal(y[0, 0], np.zeros(D))
+  zeroed = routing.tokens_choose(SMALLEST_PROBS * jnp.asarray([[[0.0], [1.0]]]), 1, False)
+  _, kept_zeroed = run(x, zeroed.expert_index, zeroed.gates, order, 1, 2, _linear_experts(2))
+  np.testing.assert_array_equal(kept_zeroed, [[[True], [False]]])
+
+
+@pytest.mark.parametrize("slots_fn", [dispatch.slots_by_cumsum, dispatch.slots_by_sort])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("priority", list(Priority))
+@pytest.mark.parametrize("order_kind", list(ServingOrder))
+def test_slots_with_padding_and_serving_order_match_reference(slots_fn, k, priority, order_kind):
+  probs, top, x = _random_routing(seed=12, k=k)
+  real = _padding(1, *probs.shape[:2])
+  order = routing.priority_order(probs, priority)
+  token_major = order_kind is ServingOrder.TOKEN_MAJOR
+  _, _, slots_ref = _reference_padded(x, probs, top, priority, 32, real, token_major)
+  slots = slots_fn(top.expert_index, order, 4, token_mask_GS=real, serving_order=order_kind)
+  padded = slots_ref == ref.NO_SLOT
+  assert padded.any() and not padded.all()
+  np.testing.assert_array_equal(np.asarray(slots)[~padded], slots_ref[~padded])
+  # A padded token's claims get a slot no capacity reaches (C <= S).
+  assert (np.asarray(slots)[padded] >= probs.shape[1]).all()
+
+
+@pytest.mark.parametrize(
+    "run", [dispatch.einsum_moe, dispatch.gather_moe], ids=["einsum", "gather"]
+)
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("order_kind", list(ServingOrder))
+@pytest.mark.parametrize("padded", [False, True])
+def test_capacity_paths_with_padding_and_serving_order_match_reference(run, k, order_kind, padded):
+  e, s = 4, 32
+  probs, top, x = _random_routing(seed=9, s=s, e=e, k=k)
+  real = _padding(2, 3, s) if padded else jnp.ones((3, s), bool)
+  c = ref.reference_capacity(s, e, k, 0.5, min_capacity=1)
+  order = routing.priority_order(probs, Priority.INDEX)
+  token_major = order_kind is ServingOrder.TOKEN_MAJOR
+  y, kept = run(
+      x,
+      top.expert_index,
+      top.gates,
+      order,
+      c,
+      e,
+      _linear_experts(e),
+      token_mask_GS=real,
+      serving_order=order_kind,
+  )
+  y_ref, kept_ref, _ = _reference_padded(x, probs, top, Priority.INDEX, c, real, token_major)
+  np.testing.assert_array_equal(kept, kept_ref)
+  assert rel_err(y, y_ref) < 1e-5
+  assert not kept_ref[np.asarray(real)].all(), "the test must exercise drops"
+  np.testing.assert_array_equal(np.asarray(y)[~np.asarray(real)], 0.0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_dropless_with_padding_matches_reference(k):
+  e = 4
+  probs, top, x = _random_routing(seed=6, e=e, k=k)
+  real = _padding(3, *probs.shape[:2])
+  y, kept = dispatch.dropless_moe(
+      x, top.expert_index, top.gates, _linear_grouped(e), e, token_mask_GS=real
+  )
+  y_ref, kept_ref, _ = _reference_padded(x, probs, top, Priority.INDEX, 10**8, real, False)
+  np.testing.assert_array_equal(kept, kept_ref)
+  np.testing.assert_array_equal(kept, np.broadcast_to(np.asarray(real)[..., None], kept.shape))
+  assert rel_err(y, y_ref) < 1e-5
+  np.testing.assert_array_equal(np.asarray(y)[~np.asarray(real)], 0.0)
+
+
+def test_all_real_mask_is_bit_identical_to_no_mask():
+  e, s, k = 4, 32, 2
+  probs, top, x = _random_routing(seed=4, s=s, e=e, k=k)
+  ones = jnp.ones((3, s), bool)
+  order = routing.priority_order(probs, Priority.BATCH_PRIORITIZED)
+  for run in (dispatch.einsum_moe, dispatch.gather_moe):
+    y, kept = run(x, top.expert_index, top.gates, order, 8, e, _linear_experts(e))
+    y1, kept1 = run(
+        x, top.expert_index, top.gates, order, 8, e, _linear_experts(e), token_mask_GS=ones
+    )
+    np.testing.assert_array_equal(y1, y)
+    np.testing.assert_array_equal(kept1, kept)
+  y, _ = dispatch.dropless_moe(x, top.expert_index, top.gates, _linear_grouped(e), e)
+  y1, _ = dispatch.dropless_moe(x, top.expert_index, top.gates, _linear_grouped(e), e, ones)
+  np.testing.assert_array_equal(y1, y)
+
+
+def test_token_major_serves_a_tokens_second_choice_before_later_first_choices():
+  """The cost of token-major order: token 0's second choice takes the slot that token 1's first
+  choice gets in rank-major order (S=2, E=2, k=2, C=1)."""
+  probs = jnp.asarray([[[0.6, 0.4], [0.3, 0.7]]], jnp.float32)
+  top = routing.tokens_choose(probs, 2, renormalize=False)  # Token 0: [0, 1]; token 1: [1, 0].
+  order = routing.priority_order(probs, Priority.INDEX)
+  kept = (
+      lambda so: np.asarray(dispatch.slots_by_sort(top.expert_index, order, 2, serving_order=so))
+      < 1
+  )
+  np.testing.assert_array_equal(kept(ServingOrder.RANK_MAJOR), [[[True, False], [True, False]]])
+  np.testing.assert_array_equal(kept(ServingOrder.TOKEN_MAJOR), [[[True, True], [False, False]]])

@@ -386,3 +386,102 @@ def test_group_size_must_divide_tokens_before_tracing():
   layer = make_layer(group_size=5)
   with pytest.raises(ValueError, match=r"moe\.group_size=5"):
     layer(tokens())  # 2 x 16 tokens.
+
+
+# --------------------------------------------------------------------------------------------------
+# Padding (issue 11, part 1) and the serving order.
+
+PADDED_LAYERS = {
+    "einsum-top1": dict(dispatch="einsum", top_k=1),
+    "gather-top2": dict(dispatch="gather", top_k=2),
+    "einsum-top2-token-major": dict(dispatch="einsum", top_k=2, serving_order="token_major"),
+    "gather-top2-token-major-bpr": dict(
+        dispatch="gather", top_k=2, serving_order="token_major", priority="batch_prioritized"
+    ),
+    "dropless-top2": dict(
+        dispatch="dropless", top_k=2, train_capacity_factor=None, eval_capacity_factor=None
+    ),
+    "experts-choose-einsum": dict(router="experts_choose", dispatch="einsum", top_k=2),
+    "experts-choose-gather": dict(router="experts_choose", dispatch="gather", top_k=1),
+}
+
+
+def _padding_mask(b=2, l=16, seed=3):
+  """float32 [B, L] weights, 1 real and 0 padding: trailing padding in row 0 (as an eval batch has),
+  scattered padding in row 1 (as unpacked data may have)."""
+  mask = np.ones((b, l), np.float32)
+  mask[0, l // 2 :] = 0.0
+  mask[1] = np.asarray(jax.random.uniform(jax.random.key(seed), (l,))) > 0.4
+  mask[1, 0] = 0.0
+  return jnp.asarray(mask)
+
+
+def _padded_layer(kw):
+  return make_layer(**{"train_capacity_factor": 0.25, "eval_capacity_factor": 0.25, **kw})
+
+
+@pytest.mark.parametrize("kw", PADDED_LAYERS.values(), ids=PADDED_LAYERS.keys())
+def test_padded_layer_matches_reference(kw):
+  layer = _padded_layer(kw)
+  x, mask = tokens(), _padding_mask()
+  y, aux = layer(x, token_mask_BL=mask)
+  r = reference_moe(x, layer_params(layer), layer.cfg, token_mask_BL=mask)
+  assert rel_err(y, r.y) < 1e-5
+  assert_aux_matches(aux, r)
+  real = np.asarray(mask) > 0
+  np.testing.assert_array_equal(np.asarray(y)[~real], 0.0)
+  if layer.cfg.train_capacity_factor is not None and layer.cfg.router.value == "tokens_choose":
+    assert not r.kept.reshape(-1, layer.cfg.top_k)[real.reshape(-1)].all(), "must exercise drops"
+    # The same tokens without the mask route differently: padding took slots from real tokens.
+    assert not np.array_equal(reference_moe(x, layer_params(layer), layer.cfg).kept, r.kept)
+
+
+@pytest.mark.parametrize("kw", PADDED_LAYERS.values(), ids=PADDED_LAYERS.keys())
+def test_padded_inputs_change_nothing_for_real_tokens(kw):
+  """Padded tokens replaced by other values: real outputs, losses and statistics are unchanged."""
+  layer = _padded_layer(kw)
+  x, mask = tokens(), _padding_mask()
+  pad = (np.asarray(mask) == 0)[..., None]
+  x_other = jnp.where(pad, 10.0 * tokens(seed=7), x)
+  y, aux = layer(x, token_mask_BL=mask)
+  y_other, aux_other = layer(x_other, token_mask_BL=mask)
+  np.testing.assert_array_equal(np.asarray(y)[~pad[..., 0]], np.asarray(y_other)[~pad[..., 0]])
+  np.testing.assert_array_equal(np.asarray(y_other)[pad[..., 0]], 0.0)
+  np.testing.assert_allclose(aux_other.losses.z, aux.losses.z, rtol=1e-6)
+  np.testing.assert_allclose(aux_other.losses.balance, aux.losses.balance, rtol=1e-6)
+  for name in ("dropped_fraction", "expert_load", "router_entropy", "top1_probability"):
+    np.testing.assert_allclose(getattr(aux_other.stats, name), getattr(aux.stats, name), rtol=1e-6)
+  if layer.cfg.router.value == "tokens_choose":
+    np.testing.assert_array_equal(
+        layer.routing_decisions(x, token_mask_BL=mask)[1],
+        layer.routing_decisions(x_other, token_mask_BL=mask)[1],
+    )
+
+
+@pytest.mark.parametrize("kw", PADDED_LAYERS.values(), ids=PADDED_LAYERS.keys())
+def test_all_ones_mask_is_bit_identical_to_no_mask(kw):
+  """Outputs, losses, statistics and gradients: a batch without padding routes as before."""
+  layer = _padded_layer(kw)
+  x, ones = tokens(), jnp.ones((2, 16), jnp.float32)
+
+  def loss(layer, x, mask):
+    y, aux = layer(x, train=True, token_mask_BL=mask)
+    return jnp.sum(y**2) + aux.losses.balance + aux.losses.z, (y, aux)
+
+  grad = nnx.grad(loss, has_aux=True)
+  g0, (y0, aux0) = grad(layer, x, None)
+  g1, (y1, aux1) = grad(layer, x, ones)
+  jax.tree.map(np.testing.assert_array_equal, (y1, aux1), (y0, aux0))
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(g1), nnx.state(g0))
+  decisions = layer.routing_decisions(x, token_mask_BL=ones)
+  jax.tree.map(np.testing.assert_array_equal, decisions, layer.routing_decisions(x))
+
+
+@pytest.mark.parametrize("dispatch_kind", ["einsum", "gather"])
+def test_routing_decisions_with_padding_and_token_major_match_the_reference(dispatch_kind):
+  layer = _padded_layer(dict(dispatch=dispatch_kind, top_k=2, serving_order="token_major"))
+  x, mask = tokens(), _padding_mask()
+  expert_index, kept = layer.routing_decisions(x, token_mask_BL=mask)
+  r = reference_moe(x, layer_params(layer), layer.cfg, token_mask_BL=mask)
+  np.testing.assert_array_equal(expert_index, r.choices)
+  np.testing.assert_array_equal(kept, r.kept)

@@ -238,3 +238,120 @@ def test_router_stats_without_buffers_use_every_slot():
   np.testing.assert_allclose(expected.capacity_used, 1.0)
   np.testing.assert_allclose(stats.capacity_used, expected.capacity_used, rtol=1e-6)
   np.testing.assert_array_equal(stats.dropped_fraction, [0.0, 0.0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Padding.
+
+
+def _real(seed, g=2, s=12):
+  """A random padding mask, bool [G, S] (True: real), with padding and real tokens in each group."""
+  real = np.asarray(jax.random.uniform(jax.random.key(seed), (g, s))) > 0.5
+  real[:, 0], real[:, -1] = False, True
+  return real
+
+
+@pytest.mark.parametrize("c", [1, 3, 12])
+def test_experts_never_pick_padding_while_real_tokens_remain(c):
+  probs = _probs(seed=1)
+  real = _real(seed=2)
+  real[1] = False
+  real[1, 3] = True  # Group 1 has one real token: every expert must take it, then padding.
+  choice = routing.experts_choose(probs, c, jnp.asarray(real))
+  p = np.asarray(probs, np.float64)
+  for g in range(p.shape[0]):
+    picks = ref.experts_pick(p[g], c, real[g])
+    np.testing.assert_array_equal(choice.token_index[g], picks)
+    expected_gates = np.where(real[g][picks], p[g][picks, np.arange(4)[:, None]], 0.0)
+    np.testing.assert_allclose(choice.gates[g], expected_gates, rtol=1e-6)
+  assert (np.asarray(choice.token_index[1, :, 0]) == 3).all()
+
+
+def test_tokens_choose_gives_padded_tokens_gate_zero():
+  probs = _probs(seed=3)
+  real = _real(seed=4)
+  plain = routing.tokens_choose(probs, 2, renormalize=True)
+  masked = routing.tokens_choose(probs, 2, renormalize=True, token_mask_GS=jnp.asarray(real))
+  np.testing.assert_array_equal(masked.expert_index, plain.expert_index)
+  np.testing.assert_array_equal(masked.gates, np.where(real[..., None], plain.gates, 0.0))
+
+
+def test_balance_loss_with_padding_smallest_example_by_hand():
+  """S=2, E=2, k=1, probs [[.9, .1], [.8, .2]], token 0 padded (flaxformer's convention): f = [1/2,
+  0] (one real assignment over k * S = 2), P = [.8, .2] / 2, loss = E * f . P = 2 * .5 * .4."""
+  probs = jnp.asarray([[[0.9, 0.1], [0.8, 0.2]]], jnp.float32)
+  mask = jnp.asarray([[False, True]])
+  top = routing.tokens_choose(probs, 1, renormalize=False, token_mask_GS=mask)
+  load = routing.expert_load(top.expert_index, 2, mask)
+  np.testing.assert_allclose(load, [[0.5, 0.0]], rtol=1e-7)
+  np.testing.assert_allclose(routing.load_balancing_loss(probs, load, mask), 0.4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_balance_loss_with_padding_matches_reference(k):
+  probs = _probs(seed=5, duplicate_rows=False)
+  real = _real(seed=6)
+  mask = jnp.asarray(real)
+  top = routing.tokens_choose(probs, k, renormalize=False, token_mask_GS=mask)
+  load = routing.expert_load(top.expert_index, 4, mask)
+  p, idx = np.asarray(probs, np.float64), np.asarray(top.expert_index)
+  np.testing.assert_allclose(load, ref.assignment_fraction(idx, 4, real), rtol=1e-6)
+  np.testing.assert_allclose(
+      routing.load_balancing_loss(probs, load, mask), ref.balance_loss(p, idx, real), rtol=1e-6
+  )
+
+
+def test_z_loss_with_padding_is_the_mean_over_real_tokens():
+  logits = np.asarray(jax.random.normal(jax.random.key(0), (2, 12, 3)), np.float64) * 4
+  real = _real(seed=7)
+  lse = np.log(np.sum(np.exp(logits), axis=-1))
+  np.testing.assert_allclose(
+      routing.router_z_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(real)),
+      np.mean(lse[real] ** 2),
+      rtol=1e-6,
+  )
+  no_real = jnp.zeros((2, 12), bool)
+  assert routing.router_z_loss(jnp.asarray(logits, jnp.float32), no_real) == 0.0
+
+
+@pytest.mark.parametrize("k, c", [(1, 1), (2, 2)])
+def test_router_stats_with_padding_match_reference(k, c):
+  probs = _probs(seed=4, scale=1.5, duplicate_rows=False)
+  p = np.asarray(probs, np.float64)
+  g, s, e = p.shape
+  real = _real(seed=8)
+  real[1, :9] = False  # Groups with different numbers of real tokens: pooled, not averaged.
+  choices = np.stack([ref.top_k_choices(p[gi], k) for gi in range(g)])
+  order = ref.serving_order(p[0], Priority.INDEX)
+  kept = np.stack([ref.claim_slots(choices[gi], order, e, real[gi]) < c for gi in range(g)])
+  mask = jnp.asarray(real)
+  load = routing.expert_load(jnp.asarray(choices), e, mask)
+  stats = routing.router_stats(probs, load, jnp.asarray(kept), c, mask)
+  share_GE = np.zeros((g, e))  # Each group's share of its real assignments.
+  for gi, t in zip(*np.nonzero(real)):
+    for ei in choices[gi, t]:
+      share_GE[gi, ei] += 1.0 / (k * real[gi].sum())
+  expected = ref.router_stats(p, share_GE, kept, kept.sum(axis=(1, 2)), e * c, real)
+  assert not kept[real].all(), "the test must exercise drops"
+  np.testing.assert_allclose(stats.dropped_fraction, expected.dropped_fraction, atol=1e-6)
+  np.testing.assert_allclose(stats.expert_load, expected.expert_load, rtol=1e-6)
+  np.testing.assert_allclose(np.sum(stats.expert_load), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(stats.router_entropy, expected.router_entropy, rtol=1e-5)
+  np.testing.assert_allclose(stats.top1_probability, expected.top1_probability, rtol=1e-6)
+  np.testing.assert_allclose(stats.capacity_used, expected.capacity_used, rtol=1e-6)
+
+
+def test_all_real_mask_is_bit_identical_to_no_mask():
+  probs = _probs(seed=9, duplicate_rows=False)
+  logits = jnp.log(probs)
+  ones = jnp.ones(probs.shape[:2], bool)
+  same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  same(routing.tokens_choose(probs, 2, True, ones), routing.tokens_choose(probs, 2, True))
+  same(routing.experts_choose(probs, 3, ones), routing.experts_choose(probs, 3))
+  top = routing.tokens_choose(probs, 2, False)
+  load = routing.expert_load(top.expert_index, 4)
+  same(routing.expert_load(top.expert_index, 4, ones), load)
+  same(routing.load_balancing_loss(probs, load, ones), routing.load_balancing_loss(probs, load))
+  same(routing.router_z_loss(logits, ones), routing.router_z_loss(logits))
+  kept = jnp.asarray(np.asarray(jax.random.uniform(jax.random.key(1), top.gates.shape)) > 0.3)
+  same(routing.router_stats(probs, load, kept, 3, ones), routing.router_stats(probs, load, kept, 3))
