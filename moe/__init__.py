@@ -4,15 +4,26 @@ The layer: `moe.MoEConfig`, `moe.MoEFeedForward`; routing pieces and losses in `
 implementations in `moe.dispatch`, expert FFNs in `moe.ffn`.
 """
 
-from moe.config import Activation, Dispatch, MoEConfig, Priority, RouterKind, capacity
+from moe.config import (
+    Activation,
+    Dispatch,
+    GroupedMatmul,
+    MoEConfig,
+    Priority,
+    RouterKind,
+    ServingOrder,
+    capacity,
+)
 from moe.layer import MoEAux, MoEFeedForward
 
 __all__ = [
     "Activation",
     "Dispatch",
+    "GroupedMatmul",
     "MoEConfig",
     "Priority",
     "RouterKind",
+    "ServingOrder",
     "capacity",
     "MoEAux",
     "MoEFeedForward",
