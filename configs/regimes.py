@@ -32,6 +32,8 @@ class Regime:
   steps: int
   top_k: int = 1
   dispatch: str = "gather"  # dropless: no capacity, no drops.
+  expert_hidden: int | None = None  # None: the size's mlp_hidden.
+  shared_hidden: int = 0  # Width of an always-on shared expert beside the routed ones (0: none).
   why: str = ""
 
 
@@ -50,6 +52,27 @@ REGIMES: dict[str, Regime] = {
         why="Every layer sparse, twice the experts, five times the tokens: more parameters where"
         " the data can use them.",
     ),
+    "stdlib_e16_every1_4000": Regime(
+        "python_stdlib",
+        16,
+        1,
+        4000,
+        why="stdlib_e16_every1 for twice the tokens: its gap to dense narrowed from 0.067 at step 500"
+        " to 0.044 at step 1000 (seed 0), so does it close or cross with more tokens?",
+    ),
+    "stdlib_shared_e16_every1": Regime(
+        "python_stdlib",
+        16,
+        1,
+        2000,
+        expert_hidden=256,
+        shared_hidden=256,
+        why="Half of each FFN always on (a shared expert, DeepSeekMoE) and half routed to one of 16"
+        " experts of half the width: the same active width as dense, and no layer loses its whole"
+        " FFN to a dropped or badly routed token.",
+    ),
+    # Dropless is left out on the CPU: jax.lax.ragged_dot ran the E=16 every-layer step at 4.3x the
+    # gather step time here (benchmarks.train_step, 2026-11-26), so 2000 steps exceed 30 minutes.
 }
 MAIN = "stdlib_e16_every1"
 
@@ -77,6 +100,8 @@ def get_config(arg: str | None = None):
   cd = builders.switch_config(args["size"], r.data, experts=r.experts, dispatch=r.dispatch)
   cd.model.sparse_every = r.sparse_every
   cd.model.moe.top_k = r.top_k
+  cd.model.moe.expert_hidden = r.expert_hidden or cd.model.mlp_hidden
+  cd.model.moe.shared_expert_hidden = r.shared_hidden
   cd.model.moe.allow_noncausal_routing = not MoEConfig(**cd.model.moe).routing_is_causal
   if args["size"] != "smoke":  # Smoke keeps its seconds-long schedule (tests).
     cd.train.steps = r.steps
