@@ -11,8 +11,14 @@ SEEDS="${SEEDS:-0,1,2}"
 export XLA_FLAGS="${XLA_FLAGS:-}"  # One CPU device: the sweeps measure models, not sharding.
 sweep() { "$PY" -m experiments.sweep --seeds="$SEEDS" "$@"; }
 
-a() {  # Sparse vs dense at equal training FLOPs per token: the regimes of configs/regimes.py.
-  sweep --config=configs/regimes.py --baselines=active_flops,active_params,total_params \
+a() {  # Sparse vs dense at equal training FLOPs per token: every regime of configs/regimes.py. Then
+  # the main job's regime against its dense baselines matched on active and on total parameters (a
+  # total-parameter baseline of the E=16 every-layer models is 16x wider: too slow for this CPU).
+  for r in $("$PY" -c "import configs.regimes as r; print(*r.REGIMES)"); do
+    sweep --config=configs/regimes.py:regime=$r --baselines=active_flops --root=runs/sweeps/regimes
+  done
+  main=$("$PY" -c "import configs.regimes as r; print(r.MAIN)")
+  sweep --config=configs/regimes.py:regime=$main --baselines=active_params,total_params \
     --root=runs/sweeps/regimes
 }
 b() {  # Experts 2..32 at fixed active FLOPs (top-1, cf 1.25), with the dense tiny model for reference.
