@@ -35,8 +35,9 @@ def write_report(root: pathlib.Path, out: pathlib.Path, heatmap: str | None = No
   files.atomic_write(out / "report.md", table + "\n")
   payload = {"root": str(root), "configs": summaries}
   files.atomic_write(out / "report.json", json.dumps(report.json_ready(payload), indent=1) + "\n")
+  complete = [r for r in runs if r.complete]  # A run in progress would bend its config's band.
   for axis in plots.LOSS_AXES:
-    plots.loss_curves(runs, axis, out / f"val_loss_{axis}.png")
+    plots.loss_curves(complete, axis, out / f"val_loss_{axis}.png")
   sparse = [r for r in runs if r.cfg.model.moe is not None and r.cfg.model.num_sparse_layers]
   if heatmap is not None and not any(r.name == heatmap for r in sparse):
     raise ValueError(f"--heatmap={heatmap}: not a sparse config of {root}")
