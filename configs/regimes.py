@@ -96,7 +96,7 @@ REGIMES: dict[str, Regime] = {
     # Dropless is left out on the CPU: jax.lax.ragged_dot ran the E=16 every-layer step at 4.3x the
     # gather step time here (benchmarks.train_step, 2026-11-26), so 2000 steps exceed 30 minutes.
 }
-MAIN = "shakespeare_e8_every2"
+MAIN = "shakespeare_e8_every2_group4096"
 
 
 def sweep(arg: str | None = None) -> list[str]:
