@@ -205,3 +205,22 @@ def test_ablation_members_change_one_knob():
   assert exp.model.moe.top_k == 2 and exp.model.moe.allow_noncausal_routing
   with pytest.raises(ValueError, match="family"):
     ablations.members("colour")
+
+
+@pytest.mark.parametrize("regime", tuple(load("regimes").REGIMES))
+def test_every_regime_builds_what_it_says(regime):
+  regimes = load("regimes")
+  r = regimes.REGIMES[regime]
+  exp = experiment_from_config_dict(regimes.get_config(f"regime={regime}"))
+  moe = exp.model.moe
+  assert (moe.num_experts, moe.top_k, exp.model.sparse_every) == (
+      r.experts,
+      r.top_k,
+      r.sparse_every,
+  )
+  assert exp.train.steps == r.steps and exp.data.source.value == r.data
+  assert moe.group_size == r.group_size and moe.shared_expert_hidden == r.shared_hidden
+  assert moe.expert_hidden == (r.expert_hidden or exp.model.mlp_hidden)
+  assert exp.name == f"{regime}_tiny"
+  assert regimes.MAIN in regimes.REGIMES
+  assert regimes.sweep("size=tiny") == [f"regime={name},size=tiny" for name in regimes.REGIMES]
