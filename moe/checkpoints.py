@@ -87,6 +87,39 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_it) -> None
   )
 
 
+def steps_of(workdir: str | pathlib.Path) -> list[int]:
+  """The finalised checkpoint steps of the run in `workdir`, newest first (only listed: nothing is
+  touched). A save in progress or cut short is a temporary directory, not a step, and a checkpoint
+  set aside as damaged (`<step>.damaged`) is not one either."""
+  directory = pathlib.Path(workdir).absolute() / "checkpoints"
+  return (
+      sorted(ocp.path.step.checkpoint_steps(directory), reverse=True) if directory.is_dir() else []
+  )
+
+
+def restore_params(workdir: str | pathlib.Path, step: int, target: Any) -> Any:
+  """The parameters alone of checkpoint `step` of the run in `workdir`: an orbax partial restore of
+  the 'state' item's 'params' (the optimiser moments and the data iterator are not read).
+
+  Args:
+    target: the parameters' tree of `jax.ShapeDtypeStruct`s with shardings, as nested dicts.
+  """
+  path = pathlib.Path(workdir).absolute() / "checkpoints" / str(step) / "state"
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+  try:
+    restored = checkpointer.restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+            item={"params": target},
+            restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
+            partial_restore=True,
+        ),
+    )
+  finally:
+    checkpointer.close()
+  return restored["params"]
+
+
 def restore_latest(manager: ocp.CheckpointManager, state: Any, data_it) -> tuple[int, Any, Any]:
   """(step, state, data iterator) of the latest checkpoint that restores, or (0, state, data_it)
   when there is none.

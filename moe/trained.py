@@ -17,11 +17,10 @@ import pathlib
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from moe import config_dict
+from moe import checkpoints, config_dict
 from moe import workdir as workdir_lib
 from moe.data import corpora, pipeline, tokenizers
 from moe.data.config import DataConfig, Source, TokenizerKind
@@ -44,30 +43,16 @@ def load_config(workdir: str | pathlib.Path) -> ExperimentConfig:
   return config_dict.experiment_from_config_dict(ml_collections.ConfigDict(values))
 
 
-def _restore_params(state_dir: pathlib.Path, abstract_params: nnx.State) -> nnx.State:
-  """The 'params' of the TrainState saved in `state_dir`, shaped as `abstract_params`."""
+def _restore_params(workdir: pathlib.Path, step: int, abstract_params: nnx.State) -> nnx.State:
+  """The parameters of checkpoint `step`, shaped as `abstract_params`, on the first device."""
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = {
-      "params": jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-          nnx.as_pure(abstract_params),
-      )
-  }
-  checkpointer = ocp.PyTreeCheckpointer()
-  try:
-    restored = checkpointer.restore(
-        state_dir,
-        args=ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True,
-        ),
-    )
-  finally:
-    checkpointer.close()
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      nnx.as_pure(abstract_params).to_pure_dict(),
+  )
+  restored = checkpoints.restore_params(workdir, step, target)
   # Same leaves in the same order: put the arrays back into the nnx.Param variables.
-  leaves = jax.tree.leaves(restored["params"])
-  return jax.tree.unflatten(jax.tree.structure(abstract_params), leaves)
+  return jax.tree.unflatten(jax.tree.structure(abstract_params), jax.tree.leaves(restored))
 
 
 def load_model(workdir: str | pathlib.Path, cfg: ExperimentConfig) -> tuple[Transformer, int]:
@@ -80,11 +65,7 @@ def load_model(workdir: str | pathlib.Path, cfg: ExperimentConfig) -> tuple[Tran
     ValueError: the workdir has no checkpoint, or none of them restores (each step and why).
   """
   directory = pathlib.Path(workdir).absolute() / "checkpoints"
-  # Finalised steps only: a save in progress (or cut short) is a temporary directory, not a step,
-  # and a checkpoint that training set aside (`<step>.damaged`) is not one either.
-  steps = (
-      sorted(ocp.path.step.checkpoint_steps(directory), reverse=True) if directory.is_dir() else []
-  )
+  steps = checkpoints.steps_of(workdir)
   if not steps:
     raise ValueError(f"workdir {workdir} holds no checkpoint yet ({directory})")
   with nnx.use_eager_sharding(False):
@@ -93,7 +74,7 @@ def load_model(workdir: str | pathlib.Path, cfg: ExperimentConfig) -> tuple[Tran
   failures = []
   for step in steps:
     try:
-      params = _restore_params(directory / str(step) / "state", abstract_params)
+      params = _restore_params(pathlib.Path(workdir), step, abstract_params)
     except Exception as error:  # pylint: disable=broad-except  # tensorstore raises bare Exceptions.
       cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
       logging.warning("checkpoint %d in %s does not restore: %s", step, directory, cause)

@@ -54,10 +54,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from moe import sharding
+from moe import checkpoints, sharding
 from moe.config import ModelConfig
 from moe.config_dict import model_from_config_dict
 from moe.experiment import ExperimentConfig
@@ -244,13 +243,12 @@ def upcycle(
 
 def _latest_step(workdir: str | pathlib.Path) -> int:
   """The latest checkpoint step of the run in `workdir` (only listed: nothing there is touched)."""
-  directory = pathlib.Path(workdir).absolute() / "checkpoints"
-  steps = ocp.utils.checkpoint_steps(directory) if directory.is_dir() else []
+  steps = checkpoints.steps_of(workdir)
   if not steps:
     raise ValueError(
         f"train.init_from={str(workdir)!r} holds no checkpoint: train the dense run first"
     )
-  return max(steps)
+  return steps[0]
 
 
 def restore_dense_params(
@@ -258,8 +256,8 @@ def restore_dense_params(
 ) -> tuple[int, dict]:
   """(step, parameters) of the latest checkpoint in `workdir`, placed on `mesh` by `rules`.
 
-  Only the parameters are read (an orbax partial restore of the 'state' item's 'params',
-  `moe.checkpoints`), not the optimiser moments. Returns them as nested dicts of arrays.
+  Only the parameters are read (`moe.checkpoints.restore_params`), not the optimiser moments.
+  Returns them as nested dicts of arrays.
   """
   step = _latest_step(workdir)
   with sharding.use_mesh(mesh, rules):
@@ -272,26 +270,14 @@ def restore_dense_params(
       nnx.as_pure(abstract).to_pure_dict(),
       nnx.as_pure(shardings).to_pure_dict(),
   )
-  path = pathlib.Path(workdir).absolute() / "checkpoints" / str(step) / "state"
-  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   try:
-    restored = checkpointer.restore(
-        path,
-        args=ocp.args.PyTreeRestore(
-            item={"params": target},
-            restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
-            partial_restore=True,
-        ),
-    )
+    return step, checkpoints.restore_params(workdir, step, target)
   except Exception as error:  # pylint: disable=broad-except  # tensorstore raises bare Exceptions.
     first_line = (str(error).splitlines() or [""])[0]
     raise ValueError(
         f"train.init_from={str(workdir)!r}: checkpoint {step} does not restore as the model of its "
         f"{CONFIG} ({type(error).__name__}: {first_line})"
     ) from error
-  finally:
-    checkpointer.close()
-  return step, restored["params"]
 
 
 def _has_checkpoint(workdir: pathlib.Path) -> bool:
