@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The sweeps behind docs/RESULTS.md, in order; resumable: rerun to continue where it stopped (complete
 # runs are skipped, unfinished ones resume from their checkpoints). Then regenerate the tables:
-#   bash experiments/results_sweeps.sh [FINDING ...]   # default: every finding, in this order
+#   bash experiments/results_sweeps.sh [FINDING ...]   # default: findings a-e (issue 8), in this order;
+#                                                    # serving, upcycle: issue 11
 #   python -m experiments.results
 # Each run is one CPU process using every core; 3 seeds per config (docs/RESULTS.md).
 set -euo pipefail
@@ -41,6 +42,34 @@ d() {  # Top-1 vs top-2 at equal steps, and top-1 trained for the top-2 run's tr
 e() {  # Balance loss weight 0 vs 1e-2: collapse or not.
   for m in 0 1e-2; do
     sweep --config=configs/ablations.py:family=balance,member=$m --root=runs/sweeps/balance
+  done
+}
+
+serving() {  # Issue 11: top-2 decoder routing with the rank-major (GShard) vs token-major (causal) fill order.
+  for o in rank_major token_major; do
+    sweep --config=configs/top2.py:size=tiny --set=model.moe.serving_order=$o --set=name=top2-$o"_tiny" \
+      --root=runs/sweeps/serving_order
+  done
+}
+complete() {  # Whether workdir $1 holds the final evaluation of its run (moe.sweep.is_complete).
+  "$PY" -c "import json, pathlib, sys
+w = pathlib.Path(sys.argv[1])
+steps = json.loads((w / 'config.json').read_text())['train']['steps'] if (w / 'config.json').exists() else -1
+recs = [json.loads(l) for l in open(w / 'metrics.jsonl')] if (w / 'metrics.jsonl').exists() else []
+sys.exit(0 if any(r.get('split') == 'eval' and r.get('step') == steps for r in recs) else 1)" "$1"
+}
+upcycle() {  # Issue 11: a dense tiny run of 400 steps, then 200 more as itself or upcycled to top-2 of 8
+  # (configs/upcycle.py); same fresh schedule and batches, so the arms differ only in the model.
+  local root=runs/sweeps/upcycle
+  for s in ${SEEDS//,/ }; do
+    local base=$root/dense_tiny/seed$s
+    complete "$base" || "$PY" -m experiments.train --config=configs/dense.py:size=tiny \
+      --config.train.seed=$s --workdir="$base"
+    for arm in dense sparse; do
+      local w=$root/upcycle_${arm}_tiny/seed$s
+      complete "$w" || "$PY" -m experiments.train --config=configs/upcycle.py:size=tiny,arm=$arm \
+        --config.train.seed=$s --config.train.init_from="$base" --workdir="$w"
+    done
   done
 }
 
