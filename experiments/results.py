@@ -32,6 +32,8 @@ SWEEPS: dict[str, tuple[str, str | None]] = {
     "capacity": ("runs/sweeps/capacity", None),
     "topk": ("runs/sweeps/topk", None),
     "balance": ("runs/sweeps/balance", "balance-0_tiny"),
+    "serving_order": ("runs/sweeps/serving_order", None),  # Issue 11, part 2.
+    "upcycle": ("runs/sweeps/upcycle", "upcycle_sparse_tiny"),  # Issue 11, part 3.
 }
 
 _ONLY = flags.DEFINE_list("only", None, "Regenerate only these sweeps (keys of SWEEPS).")

@@ -71,6 +71,23 @@ upcycle() {  # Issue 11: a dense tiny run of 400 steps, then 200 more as itself 
         --config.train.seed=$s --config.train.init_from="$base" --workdir="$w"
     done
   done
+  # The manifest pairs the arms, so that the report gives the upcycled arm's gap to the continued one.
+  "$PY" - "$root" "$SEEDS" <<'PY'
+import sys
+from moe import sweep
+root, seeds = sys.argv[1], [int(s) for s in sys.argv[2].split(",")]
+arms = [  # (name, spec, match, baseline_of, steps)
+    ("dense_tiny", "configs/dense.py:size=tiny", None, None, 400),
+    ("upcycle_sparse_tiny", "configs/upcycle.py:size=tiny,arm=sparse", None, None, 200),
+    ("upcycle_dense_tiny", "configs/upcycle.py:size=tiny,arm=dense", "continued", "upcycle_sparse_tiny", 200),
+]
+runs = []
+for name, spec, match, of, steps in arms:
+  for s in seeds:
+    init = () if name == "dense_tiny" else (f"train.init_from={root}/dense_tiny/seed{s}",)
+    runs.append(sweep.Run(name, s, spec, init, match, of, f"{root}/{name}/seed{s}", steps))
+sweep.write_manifest(root, runs)
+PY
 }
 
 for finding in "${@:-a b c d e}"; do
