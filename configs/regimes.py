@@ -37,6 +37,7 @@ class Regime:
   group_size: int | None = (
       None  # Tokens per routing group; None: one sequence (128 tokens at tiny).
   )
+  d_model: int | None = None  # None: the size's width; else this width, 32-wide heads, 4x MLP.
   why: str = ""
 
 
@@ -93,6 +94,17 @@ REGIMES: dict[str, Regime] = {
         " experts of half the width: the same active width as dense, and no layer loses its whole"
         " FFN to a dropped or badly routed token.",
     ),
+    "stdlib_d64_e16_every1_group4096": Regime(
+        "python_stdlib",
+        16,
+        1,
+        4000,
+        group_size=4096,
+        d_model=64,
+        why="A model half as wide (0.3M parameters dense) for twice the steps: a dense model that"
+        " many tokens per parameter make parameter-bound, where the experts' parameters should pay"
+        " most (Clark et al. 2022: routing gains shrink as the dense model grows).",
+    ),
     # Dropless is left out on the CPU: jax.lax.ragged_dot ran the E=16 every-layer step at 4.3x the
     # gather step time here (benchmarks.train_step, 2026-11-26), so 2000 steps exceed 30 minutes.
 }
@@ -120,6 +132,9 @@ def get_config(arg: str | None = None):
     raise ValueError(f"config argument regime is required; allowed values: {', '.join(REGIMES)}")
   r = REGIMES[args["regime"]]
   cd = builders.switch_config(args["size"], r.data, experts=r.experts, dispatch=r.dispatch)
+  if r.d_model:
+    cd.model.d_model, cd.model.num_heads = r.d_model, r.d_model // 32
+    cd.model.mlp_hidden = 4 * r.d_model
   cd.model.sparse_every = r.sparse_every
   cd.model.moe.top_k = r.top_k
   cd.model.moe.expert_hidden = r.expert_hidden or cd.model.mlp_hidden

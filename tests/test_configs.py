@@ -221,6 +221,12 @@ def test_every_regime_builds_what_it_says(regime):
   assert exp.train.steps == r.steps and exp.data.source.value == r.data
   assert moe.group_size == r.group_size and moe.shared_expert_hidden == r.shared_hidden
   assert moe.expert_hidden == (r.expert_hidden or exp.model.mlp_hidden)
+  if r.d_model:
+    assert (exp.model.d_model, exp.model.head_dim, exp.model.mlp_hidden) == (
+        r.d_model,
+        32,
+        4 * r.d_model,
+    )
   assert exp.name == f"{regime}_tiny"
   assert regimes.MAIN in regimes.REGIMES
   assert regimes.sweep("size=tiny") == [f"regime={name},size=tiny" for name in regimes.REGIMES]
