@@ -122,9 +122,13 @@ def top2_config(size: str, data: str, *, experts: int, dispatch: str) -> ml_coll
   """GShard-style top-2 (Lepikhin et al. 2020). Our capacity has the factor k (C = cf * k * S / E), so
   the Switch capacity factors already leave room for both choices: no doubling of cf as in flaxformer.
 
-  With a capacity, top-2 is not causal (a later token's first choice can take the slot of an earlier
-  token's second choice), as in GShard and flaxformer; the config acknowledges it
-  (`allow_noncausal_routing`). Dropless top-2 is causal and needs no acknowledgement.
+  Claims are served token-major (all of token t's claims before token t+1's), which makes top-2 with
+  a capacity causal, unlike GShard's and flaxformer's rank-major order, where a later token's first
+  choice can take an earlier token's second-choice slot. Measured at tiny size over 3 seeds
+  (docs/RESULTS.md, finding f), token-major dropped 4.0% of claims against 3.8% and ended +0.007 ±
+  0.007 nats per byte from rank-major: no cost we can resolve, for an eval loss that does not read the
+  future. `--config.model.moe.serving_order=rank_major` (with `allow_noncausal_routing=True`) is the
+  GShard order.
   """
   return sparse_config(
       size,
@@ -133,7 +137,7 @@ def top2_config(size: str, data: str, *, experts: int, dispatch: str) -> ml_coll
       num_experts=experts,
       top_k=2,
       dispatch=dispatch,
-      allow_noncausal_routing=dispatch != "dropless",
+      serving_order="token_major",
   )
 
 

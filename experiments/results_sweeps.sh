@@ -48,7 +48,7 @@ e() {  # Balance loss weight 0 vs 1e-2: collapse or not.
 serving() {  # Issue 11: top-2 decoder routing with the rank-major (GShard) vs token-major (causal) fill order.
   for o in rank_major token_major; do
     sweep --config=configs/top2.py:size=tiny --set=model.moe.serving_order=$o --set=name=top2-$o"_tiny" \
-      --root=runs/sweeps/serving_order
+      --set=model.moe.allow_noncausal_routing=True --root=runs/sweeps/serving_order
   done
 }
 complete() {  # Whether workdir $1 holds the final evaluation of its run (moe.sweep.is_complete).
