@@ -51,23 +51,20 @@ serving() {  # Issue 11: top-2 decoder routing with the rank-major (GShard) vs t
       --set=model.moe.allow_noncausal_routing=True --root=runs/sweeps/serving_order
   done
 }
-complete() {  # Whether workdir $1 holds the final evaluation of its run (moe.sweep.is_complete).
-  "$PY" -c "import json, pathlib, sys
-w = pathlib.Path(sys.argv[1])
-steps = json.loads((w / 'config.json').read_text())['train']['steps'] if (w / 'config.json').exists() else -1
-recs = [json.loads(l) for l in open(w / 'metrics.jsonl')] if (w / 'metrics.jsonl').exists() else []
-sys.exit(0 if any(r.get('split') == 'eval' and r.get('step') == steps for r in recs) else 1)" "$1"
+complete() {  # Whether workdir $1 holds the final evaluation of config spec $2 (moe.sweep).
+  "$PY" -c "import sys; from moe import sweep
+sys.exit(not sweep.holds_final_eval(sys.argv[1], sweep.load_config(sys.argv[2]).train.steps))" "$@"
 }
 upcycle() {  # Issue 11: a dense tiny run of 400 steps, then 200 more as itself or upcycled to top-2 of 8
   # (configs/upcycle.py); same fresh schedule and batches, so the arms differ only in the model.
   local root=runs/sweeps/upcycle
   for s in ${SEEDS//,/ }; do
     local base=$root/dense_tiny/seed$s
-    complete "$base" || "$PY" -m experiments.train --config=configs/dense.py:size=tiny \
+    complete "$base" configs/dense.py:size=tiny || "$PY" -m experiments.train --config=configs/dense.py:size=tiny \
       --config.train.seed=$s --workdir="$base"
     for arm in dense sparse; do
       local w=$root/upcycle_${arm}_tiny/seed$s
-      complete "$w" || "$PY" -m experiments.train --config=configs/upcycle.py:size=tiny,arm=$arm \
+      complete "$w" configs/upcycle.py:size=tiny,arm=$arm || "$PY" -m experiments.train --config=configs/upcycle.py:size=tiny,arm=$arm \
         --config.train.seed=$s --config.train.init_from="$base" --workdir="$w"
     done
   done
@@ -76,13 +73,14 @@ upcycle() {  # Issue 11: a dense tiny run of 400 steps, then 200 more as itself 
 import sys
 from moe import sweep
 root, seeds = sys.argv[1], [int(s) for s in sys.argv[2].split(",")]
-arms = [  # (name, spec, match, baseline_of, steps)
-    ("dense_tiny", "configs/dense.py:size=tiny", None, None, 400),
-    ("upcycle_sparse_tiny", "configs/upcycle.py:size=tiny,arm=sparse", None, None, 200),
-    ("upcycle_dense_tiny", "configs/upcycle.py:size=tiny,arm=dense", "continued", "upcycle_sparse_tiny", 200),
+arms = [  # (name, spec, match, baseline_of)
+    ("dense_tiny", "configs/dense.py:size=tiny", None, None),
+    ("upcycle_sparse_tiny", "configs/upcycle.py:size=tiny,arm=sparse", None, None),
+    ("upcycle_dense_tiny", "configs/upcycle.py:size=tiny,arm=dense", "continued", "upcycle_sparse_tiny"),
 ]
 runs = []
-for name, spec, match, of, steps in arms:
+for name, spec, match, of in arms:
+  steps = sweep.load_config(spec).train.steps
   for s in seeds:
     init = () if name == "dense_tiny" else (f"train.init_from={root}/dense_tiny/seed{s}",)
     runs.append(sweep.Run(name, s, spec, init, match, of, f"{root}/{name}/seed{s}", steps))

@@ -188,8 +188,13 @@ def plan(
 
 def is_complete(run: Run) -> bool:
   """Whether the run's workdir holds its final evaluation (the loop writes it last)."""
-  records = read_metrics(pathlib.Path(run.workdir) / METRICS)
-  return any(r.get("split") == "eval" and r.get("step") == run.steps for r in records)
+  return holds_final_eval(run.workdir, run.steps)
+
+
+def holds_final_eval(workdir: str | pathlib.Path, steps: int) -> bool:
+  """Whether `workdir`'s metrics hold the evaluation at step `steps`."""
+  records = read_metrics(pathlib.Path(workdir) / METRICS)
+  return any(r.get("split") == "eval" and r.get("step") == steps for r in records)
 
 
 def write_manifest(root: str | pathlib.Path, runs: Iterable[Run]) -> None:
