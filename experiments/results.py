@@ -28,6 +28,7 @@ OUT = REPO / "docs" / "results"
 # key -> (sweep root, config drawn in the expert-load heatmap or None for the first sparse one).
 SWEEPS: dict[str, tuple[str, str | None]] = {
     "regimes": ("runs/sweeps/regimes", None),
+    "gpu_small": ("runs/sweeps/gpu_small", None),  # Finding a at the small size, one H200.
     "experts": ("runs/sweeps/experts", None),
     "capacity": ("runs/sweeps/capacity", None),
     "topk": ("runs/sweeps/topk", None),
