@@ -458,6 +458,7 @@ def test_padded_inputs_change_nothing_for_real_tokens(kw):
     )
 
 
+@pytest.mark.optimized_compile  # Bit-identity of two programs: see conftest.py.
 @pytest.mark.parametrize("kw", PADDED_LAYERS.values(), ids=PADDED_LAYERS.keys())
 def test_all_ones_mask_is_bit_identical_to_no_mask(kw):
   """Outputs, losses, statistics and gradients: a batch without padding routes as before."""

@@ -341,6 +341,7 @@ def test_router_stats_with_padding_match_reference(k, c):
   np.testing.assert_allclose(stats.capacity_used, expected.capacity_used, rtol=1e-6)
 
 
+@pytest.mark.optimized_compile  # Bit-identity of two programs: see conftest.py.
 def test_all_real_mask_is_bit_identical_to_no_mask():
   probs = _probs(seed=9, duplicate_rows=False)
   logits = jnp.log(probs)

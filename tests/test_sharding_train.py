@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import pathlib
+import shutil
 import sys
 
 import jax
@@ -15,7 +16,9 @@ import optax
 import pytest
 from flax import nnx
 
+import configs.switch
 from moe import sharding, steps, train
+from moe.config_dict import experiment_from_config_dict
 from moe.config import Dispatch, ModelConfig, MoEConfig
 from moe.train_config import TrainConfig
 from moe.data import DataConfig
@@ -280,17 +283,18 @@ def _run(cfg, workdir):
   return [r for r in read_metrics(pathlib.Path(workdir) / "metrics.jsonl") if r["split"] == "train"]
 
 
-def test_checkpoint_moves_between_meshes(tmp_path):
-  """Save at step 2 on data=8, resume on (data=2, expert=4): the losses of steps 3-4 match a run
-  that stayed on data=8. The first leg has steps=2, so the resume extends `steps`
-  (allow_steps_change); the first two updates are the same in both runs whatever `steps` is (rate 0
-  in the 1-step warmup, then the cosine's peak), and the last two follow the 4-step schedule."""
-  straight = _run(experiment(MESHES["data8"], steps=4, checkpoint_every=2), tmp_path / "straight")
-  _run(experiment(MESHES["data8"], steps=2, checkpoint_every=2), tmp_path / "moved")
-  resumed = experiment(
-      MESHES["data2_expert4"], steps=4, checkpoint_every=2, allow_steps_change=True
-  )
-  moved = _run(resumed, tmp_path / "moved")
+def test_checkpoint_moves_between_meshes(tmp_path, capsys):
+  """Train 4 steps on data=8 (checkpoints 2 and 4); then, in a copy of that run without checkpoint 4
+  (as after a crash), resume from checkpoint 2 on (data=2, expert=4): the losses of steps 3-4 match
+  those of the run that stayed on data=8."""
+  straight_dir, moved_dir = tmp_path / "straight", tmp_path / "moved"
+  straight = _run(experiment(MESHES["data8"], steps=4, checkpoint_every=2), straight_dir)
+  shutil.copytree(straight_dir, moved_dir)
+  shutil.rmtree(moved_dir / "checkpoints" / "4")
+  capsys.readouterr()
+  moved = _run(experiment(MESHES["data2_expert4"], steps=4, checkpoint_every=2), moved_dir)
+  assert f"Resumed from {moved_dir / 'checkpoints'} at step 2" in capsys.readouterr().out
+  assert (moved_dir / "checkpoints" / "4").is_dir()  # Steps 3-4 were trained again, here.
   assert [r["step"] for r in moved] == [1, 2, 3, 4]
   np.testing.assert_allclose([r["loss"] for r in moved], [r["loss"] for r in straight], rtol=1e-5)
 
@@ -314,54 +318,48 @@ def _free_port() -> int:
 @pytest.mark.timeout(300)
 def test_two_processes_match_one_process(tmp_path):
   """Two processes x 4 CPU devices, through jax.distributed with gloo collectives, train 3 steps of
-  the smoke switch config and log the losses of one process with 8 devices."""
-  common = [
-      "--config=configs/switch.py:size=smoke",
-      "--config.train.steps=3",
-      "--config.train.log_every=1",
-      "--config.train.eval_batches=0",
-      "--config.train.checkpoint_every=3",
-      "--config.train.warmup_steps=1",
-      "--config.mesh.expert=2",
-  ]
+  the smoke switch config and log the losses of one process with 8 devices (this one, trained while
+  the two run)."""
+  overrides = dict(steps=3, log_every=1, eval_batches=0, checkpoint_every=3, warmup_steps=1)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   port = _free_port()
-  procs = [
-      subprocess.Popen(
-          [
-              sys.executable,
-              "-m",
-              "experiments.train",
-              *common,
-              f"--workdir={tmp_path / 'multi'}",
-              f"--coordinator_address=localhost:{port}",
-              "--num_processes=2",
-              f"--process_id={i}",
-              "--cpu_collectives",
-          ],
-          cwd=REPO,
-          env=env,
-          stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT,
-          text=True,
+  logs = [tmp_path / f"log{i}.txt" for i in range(2)]
+  procs = []
+  for i, log_path in enumerate(logs):
+    with open(log_path, "w") as log:
+      procs.append(
+          subprocess.Popen(
+              [
+                  sys.executable,
+                  "-m",
+                  "experiments.train",
+                  "--config=configs/switch.py:size=smoke",
+                  *(f"--config.train.{k}={v}" for k, v in overrides.items()),
+                  "--config.mesh.expert=2",
+                  f"--workdir={tmp_path / 'multi'}",
+                  f"--coordinator_address=localhost:{port}",
+                  "--num_processes=2",
+                  f"--process_id={i}",
+                  "--cpu_collectives",
+              ],
+              cwd=REPO,
+              env=env,
+              stdout=log,
+              stderr=subprocess.STDOUT,
+              text=True,
+          )
       )
-      for i in range(2)
-  ]
-  outputs = [p.communicate(timeout=240)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
-  single_env = dict(
-      os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-  )
-  single = subprocess.run(
-      [sys.executable, "-m", "experiments.train", *common, f"--workdir={tmp_path / 'single'}"],
-      cwd=REPO,
-      env=single_env,
-      capture_output=True,
-      text=True,
-      timeout=240,
-  )
-  assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+  try:
+    single = configs.switch.get_config("size=smoke")
+    single.train.update(**overrides)
+    single.mesh.expert = 2
+    assert jax.device_count() == 8
+    train.train_and_evaluate(experiment_from_config_dict(single), str(tmp_path / "single"))
+    codes = [p.wait(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
   losses = {}
   for name in ("multi", "single"):
     records = read_metrics(tmp_path / name / "metrics.jsonl")

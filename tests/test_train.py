@@ -117,17 +117,17 @@ def test_resume_is_bit_identical(tmp_path):
 
 
 def test_workdir_with_another_config_is_refused(tmp_path):
-  first = experiment_from_config_dict(smoke("dense", warmup_steps=1, steps=3, eval_batches=1))
+  first = experiment_from_config_dict(smoke("dense", warmup_steps=1, steps=3, eval_batches=0))
   train.train_and_evaluate(first, str(tmp_path))
   other = experiment_from_config_dict(
-      smoke("dense", warmup_steps=1, steps=2, eval_batches=1, learning_rate=1e-3)
+      smoke("dense", warmup_steps=1, steps=2, eval_batches=0, learning_rate=1e-3)
   )
   with pytest.raises(ValueError, match=r"different config:\n  train.learning_rate: 0.003 -> 0.001"):
     train.train_and_evaluate(other, str(tmp_path))
   assert json.loads((tmp_path / "config.json").read_text())["train"]["learning_rate"] == 0.003
 
   overwrite = experiment_from_config_dict(
-      smoke("dense", warmup_steps=1, steps=2, eval_batches=1, learning_rate=1e-3, overwrite=True)
+      smoke("dense", warmup_steps=1, steps=2, eval_batches=0, learning_rate=1e-3, overwrite=True)
   )
   train.train_and_evaluate(overwrite, str(tmp_path))
   # The old run (3 steps) is gone: otherwise its step-3 checkpoint would have been "resumed".
@@ -136,7 +136,7 @@ def test_workdir_with_another_config_is_refused(tmp_path):
   assert json.loads((tmp_path / "config.json").read_text())["train"]["learning_rate"] == 0.001
 
   # train.steps changes the schedule: refused unless train.allow_steps_change, then recorded.
-  longer = smoke("dense", warmup_steps=1, steps=3, eval_batches=1, learning_rate=1e-3)
+  longer = smoke("dense", warmup_steps=1, steps=3, eval_batches=0, learning_rate=1e-3)
   with pytest.raises(ValueError, match=r"train.steps: 2 -> 3 \(changes the learning-rate schedule"):
     train.train_and_evaluate(experiment_from_config_dict(longer), str(tmp_path))
   longer.train.allow_steps_change = True

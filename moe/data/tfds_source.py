@@ -116,33 +116,7 @@ def locate_prepared(
   how = "Prepare it once (the preparation may need internet) with:\n  " + prepare_command(
       unversioned, data_dir
   )
-  ds_dir = data_dir / base / config if config else data_dir / base
-  if version:
-    candidates = [ds_dir / version]
-  else:
-    found = ds_dir.iterdir() if ds_dir.is_dir() else []
-    candidates = sorted(
-        (p for p in found if _VERSION_RE.match(p.name)),
-        key=lambda p: tuple(int(x) for x in p.name.split(".")),
-        reverse=True,
-    )
-  candidates = [p for p in candidates if (p / "dataset_info.json").is_file()]
-  if not candidates:
-    hint = ""
-    if config is None and ds_dir.is_dir():
-      configs = sorted(
-          p.name for p in ds_dir.iterdir() if p.is_dir() and not _VERSION_RE.match(p.name)
-      )
-      if configs:
-        hint = (
-            f"\nConfigs present under {ds_dir}: {configs}; name one, e.g. "
-            f"'{base}/{configs[0]}'."
-        )
-    raise DatasetNotPreparedError(
-        f"TFDS dataset '{name}' is not prepared in {data_dir} (no "
-        f"{ds_dir}/<version>/dataset_info.json).{hint}\n{how}"
-    )
-  version_dir = candidates[0]
+  version_dir = _version_dir(name, data_dir, how)
   info_text = (version_dir / "dataset_info.json").read_text()
   info = json.loads(info_text)
   formats = [info.get("fileFormat", "tfrecord")] + list(info.get("alternativeFileFormats", []))
@@ -155,7 +129,56 @@ def locate_prepared(
   lengths = {
       s["name"]: sum(int(n) for n in s.get("shardLengths", [])) for s in info.get("splits", [])
   }
-  file_base = info.get("name", base)
+  _check_splits(name, version_dir, info.get("name", base), lengths, splits, how)
+  return PreparedDataset(
+      name=f"{unversioned}:{version_dir.name}",
+      data_dir=data_dir,
+      version_dir=version_dir,
+      split_lengths=lengths,
+      fingerprint=hashlib.sha1(info_text.encode()).hexdigest()[:16],
+  )
+
+
+def _version_dir(name: str, data_dir: pathlib.Path, how: str) -> pathlib.Path:
+  """The directory of `name`'s version (the highest on disk when none is named) holding a
+  dataset_info.json; else DatasetNotPreparedError, naming the configs present when none was given.
+  """
+  base, config, version = parse_name(name)
+  ds_dir = data_dir / base / config if config else data_dir / base
+  if version:
+    candidates = [ds_dir / version]
+  else:
+    found = ds_dir.iterdir() if ds_dir.is_dir() else []
+    candidates = sorted(
+        (p for p in found if _VERSION_RE.match(p.name)),
+        key=lambda p: tuple(int(x) for x in p.name.split(".")),
+        reverse=True,
+    )
+  candidates = [p for p in candidates if (p / "dataset_info.json").is_file()]
+  if candidates:
+    return candidates[0]
+  hint = ""
+  if config is None and ds_dir.is_dir():
+    configs = sorted(
+        p.name for p in ds_dir.iterdir() if p.is_dir() and not _VERSION_RE.match(p.name)
+    )
+    if configs:
+      hint = f"\nConfigs present under {ds_dir}: {configs}; name one, e.g. '{base}/{configs[0]}'."
+  raise DatasetNotPreparedError(
+      f"TFDS dataset '{name}' is not prepared in {data_dir} (no "
+      f"{ds_dir}/<version>/dataset_info.json).{hint}\n{how}"
+  )
+
+
+def _check_splits(
+    name: str,
+    version_dir: pathlib.Path,
+    file_base: str,
+    lengths: dict[str, int],
+    splits: Sequence[str],
+    how: str,
+) -> None:
+  """Every split that `splits` names is in dataset_info.json and has array_record shards on disk."""
   for spec in splits:
     for split in _split_bases(spec):
       if split not in lengths:
@@ -169,13 +192,6 @@ def locate_prepared(
             f"No array_record shards for split '{split}' in {version_dir}; "
             f"the preparation looks incomplete. {how}"
         )
-  return PreparedDataset(
-      name=f"{unversioned}:{version_dir.name}",
-      data_dir=data_dir,
-      version_dir=version_dir,
-      split_lengths=lengths,
-      fingerprint=hashlib.sha1(info_text.encode()).hexdigest()[:16],
-  )
 
 
 def open_split(prepared: PreparedDataset, split: str) -> Sequence[dict]:
@@ -287,6 +303,45 @@ def _read_line(path: str, line_no: int) -> str:
   return _file_lines(path)[line_no]
 
 
+def _text_file_examples(
+    tfds_name: str,
+    train: list[pathlib.Path],
+    valid: list[pathlib.Path] | None,
+    doc_per: str,
+    validation_fraction: float,
+) -> dict[str, list]:
+  """The documents of each split as (key, path, line index or None). Keys are paths relative to the
+  files' common parent (plus ':<line>' per line): without `valid`, the sha1 of the key picks the
+  validation documents, the same on every machine."""
+  root = pathlib.Path(os.path.commonpath([p.parent for p in train + (valid or [])]))
+  examples: dict[str, list] = {"train": [], "validation": []}
+
+  def add(paths, split):
+    for p in paths:
+      rel = p.relative_to(root).as_posix()
+      if doc_per == "file":
+        keys = [(rel, None)]
+      else:
+        keys = [
+            (f"{rel}:{i + 1}", i)
+            for i, line in enumerate(_file_lines(os.fspath(p)))
+            if line.strip()
+        ]
+      for key, line_no in keys:
+        s = split or ("validation" if _is_validation(key, validation_fraction) else "train")
+        examples[s].append((key, os.fspath(p), line_no))
+
+  add(train, "train" if valid is not None else None)
+  add(valid or [], "validation")
+  for split, items in examples.items():
+    if not items:
+      raise ValueError(
+          f"Split '{split}' of {tfds_name} would be empty; pass "
+          "validation_files or a larger validation_fraction / more files."
+      )
+  return examples
+
+
 def build_text_files_dataset(
     name: str,
     *,
@@ -328,34 +383,13 @@ def build_text_files_dataset(
   if (version_dir / "dataset_info.json").is_file() and not overwrite:
     return tfds_name
 
-  train = _expand(train_files)
-  valid = _expand(validation_files) if validation_files is not None else []
-  root = pathlib.Path(os.path.commonpath([p.parent for p in train + valid]))
-  examples: dict[str, list] = {"train": [], "validation": []}
-
-  def add(paths, split):
-    for p in paths:
-      rel = p.relative_to(root).as_posix()
-      if doc_per == "file":
-        keys = [(rel, None)]
-      else:
-        keys = [
-            (f"{rel}:{i + 1}", i)
-            for i, line in enumerate(_file_lines(os.fspath(p)))
-            if line.strip()
-        ]
-      for key, line_no in keys:
-        s = split or ("validation" if _is_validation(key, validation_fraction) else "train")
-        examples[s].append((key, os.fspath(p), line_no))
-
-  add(train, "train" if validation_files is not None else None)
-  add(valid, "validation")
-  for split, items in examples.items():
-    if not items:
-      raise ValueError(
-          f"Split '{split}' of {tfds_name} would be empty; pass "
-          "validation_files or a larger validation_fraction / more files."
-      )
+  examples = _text_file_examples(
+      tfds_name,
+      _expand(train_files),
+      _expand(validation_files) if validation_files is not None else None,
+      doc_per,
+      validation_fraction,
+  )
   builder = _text_files_builder_cls()(
       examples=examples,
       config=tfds.core.BuilderConfig(name=name),
