@@ -105,6 +105,16 @@ REGIMES: dict[str, Regime] = {
         " many tokens per parameter make parameter-bound, where the experts' parameters should pay"
         " most (Clark et al. 2022: routing gains shrink as the dense model grows).",
     ),
+    "stdlib_d64_e16_every1_group4096_1000": Regime(
+        "python_stdlib",
+        16,
+        1,
+        1000,
+        group_size=4096,
+        d_model=64,
+        why="stdlib_d64_e16_every1_group4096 for a quarter of the steps (its schedule ends at 1000): a"
+        " sparse-vs-dense pair that fits about 10 minutes on 2 cores, the candidate for MAIN.",
+    ),
     # Dropless is left out on the CPU: jax.lax.ragged_dot ran the E=16 every-layer step at 4.3x the
     # gather step time here (benchmarks.train_step, 2026-11-26), so 2000 steps exceed 30 minutes.
 }
