@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine that has only Python (>= 3.12) on it.
-#   ./run.sh main    set up, then train the tiny dense and switch models on the embedded corpus and compare
+#   ./run.sh main    set up, then train a sparse model and its FLOPs-matched dense model and compare
 #   ./run.sh test    set up, then check the formatting and run the test suite
 #   ./run.sh format  set up, then format the tree (pyink, configured in pyproject.toml)
 #   ./run.sh bench   set up, then run the MoE layer benchmark
