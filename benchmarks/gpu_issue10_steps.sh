@@ -8,7 +8,8 @@
 #   benchmarks/gpu_issue10_steps.sh          # on the GPU (device tool: carry [".whl"]), ~2-3 minutes
 #
 # The GPU image has jax, flax, optax, orbax and absl but not ml-collections (config files) or grain (moe.data,
-# which the config builders import) with its array-record and portpicker: `wheels` downloads them into
+# which the config builders import) with its array-record and portpicker, nor tensorboardX (what
+# experiments.train logs to, for experiments/gpu_small.sh): `wheels` downloads them into
 # .whl/ (git-ignored) and the run installs them into /tmp/site from there.
 #
 # Batch: the base size trains 256 x 1024 tokens a step, which does not fit one 80 GB card without
@@ -26,7 +27,7 @@ if [ "${1:-}" = "wheels" ]; then
   "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    ml-collections==1.1.0 grain==0.2.18 array-record==0.8.6 portpicker==1.6.0
+    ml-collections==1.1.0 grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 tensorboardX==2.6.5
   exit $?
 fi
 
