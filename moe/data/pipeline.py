@@ -17,10 +17,8 @@ reads only the data of those rows.
   from p: `grain.MapDataset.range(...)[p::P]`. A batch is then one numpy gather
   of [local_batch, seq_len+1] tokens (~0.05 ms for 64 x 256).
 * TFDS (documents read lazily, too many to tokenise up front): row r of every
-  global batch is its own packed stream (grain ConcatThenSplitIterDataset) over
-  documents r, r+G, r+2G, ... of the per-epoch shuffled document order. Rows
-  depend on (seed, global_batch_size, r) only, so the contract holds, and a
-  process tokenises only the documents of its own rows.
+  global batch is its own packed stream over documents r, r+G, r+2G, ... of the
+  per-epoch shuffled document order (`tfds_pipeline`), so the contract holds.
 
 `train_iterator` returns a grain `DatasetIterator`; `get_state()/set_state()`
 round-trip, and it checkpoints with orbax through
@@ -34,14 +32,13 @@ import atexit
 from collections.abc import Sequence
 import math
 import pathlib
-import re
 import weakref
 
 import grain
 import numpy as np
 
 from moe.data import corpora
-from moe.data import tfds_source
+from moe.data import tfds_pipeline
 from moe.data import tokenizers as tok_lib
 from moe.data.config import DataConfig
 from moe.data.config import Source
@@ -56,10 +53,6 @@ _INFINITE = 1 << 62  # "Forever" in batches, still a valid range().
 
 def _cache_dir(cfg: DataConfig) -> pathlib.Path:
   return pathlib.Path(cfg.cache_dir) if cfg.cache_dir else corpora.default_cache_dir()
-
-
-def _tag(s: str) -> str:
-  return re.sub(r"[^A-Za-z0-9_.-]", "_", s)
 
 
 def _check_batching(
@@ -103,7 +96,7 @@ def tokenizer_for(cfg: DataConfig) -> tok_lib.Tokenizer:
   if cfg.tokenizer == TokenizerKind.BYTE:
     return tok_lib.ByteTokenizer()
   if cfg.source == Source.TFDS:
-    return _tfds_tokenizer(cfg)
+    return tfds_pipeline.tokenizer(cfg, _cache_dir(cfg))
   return corpora.corpus_sentencepiece(
       cfg.source, _cache_dir(cfg), vocab_size=cfg.sp_vocab_size, max_bytes=cfg.sp_train_bytes
   )
@@ -112,118 +105,6 @@ def tokenizer_for(cfg: DataConfig) -> tok_lib.Tokenizer:
 def vocab_size(cfg: DataConfig) -> int:
   """Number of token ids (the model's embedding size must be >= this)."""
   return tokenizer_for(cfg).vocab_size
-
-
-# ------------------------------------------------------------------- TFDS
-def _tfds_prepared(cfg: DataConfig, *splits: str) -> tfds_source.PreparedDataset:
-  return tfds_source.locate_prepared(cfg.tfds_name, cfg.tfds_data_dir, splits)
-
-
-def _getitems(src, indices: Sequence[int]) -> list:
-  if hasattr(src, "__getitems__"):  # One batched array_record read.
-    return list(src.__getitems__(list(indices)))
-  return [src[i] for i in indices]
-
-
-def _text(example, key: str):
-  try:
-    return example[key]
-  except (KeyError, TypeError) as e:
-    keys = list(example) if hasattr(example, "keys") else type(example)
-    raise KeyError(
-        f"data.tfds_text_key={key!r} is not a feature of the " f"dataset; features: {keys}."
-    ) from e
-
-
-def _tfds_tokenizer(cfg: DataConfig) -> tok_lib.SentencePieceTokenizer:
-  prepared = _tfds_prepared(cfg, cfg.tfds_train_split)
-  cache = tfds_source.moe_cache_dir(prepared, _cache_dir(cfg))
-  path = cache / (
-      f"spm-{_tag(cfg.tfds_train_split)}-{_tag(cfg.tfds_text_key)}"
-      f"-v{cfg.sp_vocab_size}-b{cfg.sp_train_bytes}"
-      f"-{prepared.fingerprint}.model"
-  )
-
-  def texts():
-    src = tfds_source.open_split(prepared, cfg.tfds_train_split)
-    # A fixed (seed 0, not cfg.seed) shuffled order: the byte budget then
-    # samples the whole split and every seed shares one tokenizer.
-    order = grain.MapDataset.range(len(src)).shuffle(seed=0)
-    for start in range(0, len(src), 256):
-      idx = [order[i] for i in range(start, min(start + 256, len(src)))]
-      for ex in _getitems(src, idx):
-        yield _text(ex, cfg.tfds_text_key)
-
-  return tok_lib.load_or_train_sentencepiece(
-      path, texts, vocab_size=cfg.sp_vocab_size, max_bytes=cfg.sp_train_bytes
-  )
-
-
-class _EncodeDoc:
-  """Example -> {'tokens': int32 [n + 1]}, the document followed by EOS."""
-
-  def __init__(self, tokenizer: tok_lib.Tokenizer, key: str):
-    self._tok, self._key = tokenizer, key
-
-  def __call__(self, example) -> dict[str, np.ndarray]:
-    ids = self._tok.encode(_text(example, self._key))
-    return {"tokens": np.append(ids, self._tok.eos_id).astype(np.int32)}
-
-
-def _stack_rows(rows: tuple[dict[str, np.ndarray], ...]) -> Batch:
-  return _make_batch(np.stack([r["tokens"] for r in rows]))
-
-
-def _tfds_train_dataset(
-    cfg: DataConfig,
-    tok: tok_lib.Tokenizer,
-    seq_len: int,
-    global_batch_size: int,
-    process_index: int,
-    local_batch: int,
-) -> grain.IterDataset:
-  prepared = _tfds_prepared(cfg, cfg.tfds_train_split)
-  src = tfds_source.open_split(prepared, cfg.tfds_train_split)
-  if len(src) == 0:
-    raise ValueError(f"Split {cfg.tfds_train_split!r} of {prepared.name} is empty.")
-  # shuffle() before repeat(): a new document order every epoch.
-  docs = grain.MapDataset.source(src).shuffle(seed=cfg.seed).repeat()
-  encode = _EncodeDoc(tok, cfg.tfds_text_key)
-  first = process_index * local_batch
-  rows = []
-  for r in range(first, first + local_batch):
-    row_docs = docs[r::global_batch_size].map(encode).to_iter_dataset(_NO_THREADS)
-    rows.append(
-        grain.experimental.ConcatThenSplitIterDataset(
-            row_docs, length_struct={"tokens": seq_len + 1}
-        )
-    )
-  return grain.experimental.ZipIterDataset(rows).map(_stack_rows)
-
-
-def _tfds_eval_stream(
-    cfg: DataConfig, tok: tok_lib.Tokenizer, need_tokens: int | None
-) -> np.ndarray:
-  """Validation documents in order, packed; the whole split is cached."""
-  prepared = _tfds_prepared(cfg, cfg.tfds_eval_split)
-  cache = tfds_source.moe_cache_dir(prepared, _cache_dir(cfg))
-  path = cache / (
-      f"stream-{_tag(cfg.tfds_eval_split)}-{_tag(cfg.tfds_text_key)}"
-      f"-{tok.fingerprint}-{prepared.fingerprint}.npy"
-  )
-  if path.exists():
-    return corpora.load_stream(path)
-  src = tfds_source.open_split(prepared, cfg.tfds_eval_split)
-  chunks, total = [], 0
-  for start in range(0, len(src), 1024):
-    exs = _getitems(src, range(start, min(start + 1024, len(src))))
-    chunks.append(tok.encode_documents(_text(e, cfg.tfds_text_key) for e in exs))
-    total += len(chunks[-1])
-    if need_tokens is not None and total >= need_tokens:
-      return np.concatenate(chunks)  # Only a prefix: not cached.
-  stream = np.concatenate(chunks) if chunks else np.zeros(0, tok_lib.stream_dtype(tok.vocab_size))
-  corpora.save_stream(path, stream)
-  return stream
 
 
 # ---------------------------------------------------------------- streams
@@ -343,7 +224,15 @@ def train_iterator(
   local_batch = _check_batching(seq_len, global_batch_size, process_index, process_count)
   tok = tokenizer_for(cfg)
   if cfg.source == Source.TFDS:
-    ds = _tfds_train_dataset(cfg, tok, seq_len, global_batch_size, process_index, local_batch)
+    windows = tfds_pipeline.train_windows(
+        cfg,
+        tok,
+        seq_len=seq_len,
+        global_batch_size=global_batch_size,
+        first_row=process_index * local_batch,
+        local_batch=local_batch,
+    )
+    ds = windows.map(_make_batch)
     prefetch = _TFDS_DEFAULT_PREFETCH if prefetch is None else prefetch
   else:
     ds = _stream_train_dataset(
@@ -462,7 +351,7 @@ def eval_batches(
   tok = tokenizer_for(cfg)
   if cfg.source == Source.TFDS:
     need = None if num_batches is None else num_batches * global_batch_size * seq_len + 1
-    stream = _tfds_eval_stream(cfg, tok, need)
+    stream = tfds_pipeline.eval_stream(cfg, tok, need, _cache_dir(cfg))
   else:
     stream = token_stream(cfg, corpora.VALIDATION)
   return EvalBatches(
@@ -481,21 +370,7 @@ def describe(cfg: DataConfig) -> str:
   tok = tokenizer_for(cfg)
   tok_desc = f"{cfg.tokenizer.value} tokenizer (vocab {tok.vocab_size})"
   if cfg.source == Source.TFDS:
-    prepared = _tfds_prepared(cfg, cfg.tfds_train_split)
-
-    def docs(split):
-      base = [s.split("[")[0] for s in split.split("+")]
-      if all(b in prepared.split_lengths for b in base):
-        if "[" in split:
-          return f"{split}: {len(tfds_source.open_split(prepared, split)):,} docs"
-        return f"{split}: {sum(prepared.split_lengths[b] for b in base):,} docs"
-      return f"{split}: missing"
-
-    return (
-        f"tfds {prepared.name} ({prepared.data_dir}): "
-        f"{docs(cfg.tfds_train_split)}, {docs(cfg.tfds_eval_split)}; "
-        f"{tok_desc}"
-    )
+    return f"{tfds_pipeline.describe(cfg)}; {tok_desc}"
   parts = []
   for split in corpora.SPLITS:
     n_docs = len(corpora.corpus_documents(cfg.source, split))
