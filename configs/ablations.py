@@ -7,6 +7,8 @@ Arguments (comma-separated key=value):
   family: which knob (see FAMILIES below; `members(family)` lists the values).
   member: one value of that knob (default: the family's first member).
   size: smoke | tiny | small | base | large (default tiny).  data: as configs/switch.py.
+  group: tokens per routing group, e.g. 4096 (the tiny batch, 32 x 128); default: one sequence.
+    Small groups overflow experts by chance alone, more so the more experts (docs/RESULTS.md, a).
 
 A sweep runs every member (no member= given) over seeds, with matched dense baselines, and a report
 aggregates it (see experiments/sweep.py and experiments/report.py):
@@ -124,6 +126,7 @@ def _parse(arg: str | None) -> dict:
           "member": arguments.Arg(""),
           "size": arguments.SIZE_ARG,
           "data": arguments.DATA_ARG,
+          "group": arguments.Arg(None, kind=int, minimum=1),
       },
   )
   if not args["family"]:
@@ -143,8 +146,11 @@ def get_config(arg: str | None = None):
     )
   cd = configs.switch.get_config(f"size={args['size']},data={args['data']}")
   apply(cd, member)
+  group = ""
+  if args["group"]:
+    cd.model.moe.group_size, group = args["group"], f"_group{args['group']}"
   # Members whose routing is not causal (top-k > 1 or batch-prioritised order with a capacity, experts
   # choose) run as the papers ran them, with the acknowledgement (MoEConfig.routing_is_causal).
   cd.model.moe.allow_noncausal_routing = not MoEConfig(**cd.model.moe).routing_is_causal
-  cd.name = f"{family}-{member}_{args['size']}"
+  cd.name = f"{family}-{member}{group}_{args['size']}"
   return cd

@@ -207,6 +207,19 @@ def test_ablation_members_change_one_knob():
     ablations.members("colour")
 
 
+def test_ablation_group_routes_in_groups_and_names_the_runs():
+  ablations = load("ablations")
+  plain = ablations.get_config("family=experts,member=32")
+  grouped = ablations.get_config("family=experts,member=32,group=4096")
+  exp = experiment_from_config_dict(grouped)
+  assert exp.model.moe.group_size == 4096 and exp.model.moe.num_experts == 32
+  changed = {k for k, v in grouped.model.moe.to_dict().items() if plain.model.moe[k] != v}
+  assert changed == {"group_size"} and grouped.name != plain.name
+  assert all("group=4096" in a for a in ablations.sweep("family=capacity,group=4096"))
+  with pytest.raises(ValueError, match="group"):
+    ablations.get_config("family=experts,group=0")
+
+
 @pytest.mark.parametrize("regime", tuple(load("regimes").REGIMES))
 def test_every_regime_builds_what_it_says(regime):
   regimes = load("regimes")
