@@ -22,8 +22,10 @@ a() {  # Sparse vs dense at equal training FLOPs per token: every regime of conf
   sweep --config=configs/regimes.py:regime=$main --baselines=active_params,total_params \
     --root=runs/sweeps/regimes
 }
-b() {  # Experts 2..32 at fixed active FLOPs (top-1, cf 1.25), with the dense tiny model for reference.
-  sweep --config=configs/ablations.py:family=experts --config=configs/dense.py:size=tiny \
+b() {  # Experts 2..32 at fixed active FLOPs (top-1, cf 1.25), with the dense tiny model for reference;
+  # the whole batch (4096 tokens) per routing group, or at E=32 an expert would expect 4 tokens of a
+  # 128-token group and chance alone would overflow it (finding a).
+  sweep --config=configs/ablations.py:family=experts,group=4096 --config=configs/dense.py:size=tiny \
     --root=runs/sweeps/experts
 }
 c() {  # Capacity factor 1.0, 1.25, 2.0 and dropless (Switch Table 1).
