@@ -29,7 +29,7 @@ OUT = REPO / "docs" / "results"
 SWEEPS: dict[str, tuple[str, str | None]] = {
     "regimes": ("runs/sweeps/regimes", None),
     "gpu_small": ("runs/sweeps/gpu_small", None),  # Finding a at the small size, one H200.
-    "experts": ("runs/sweeps/experts", None),
+    "experts": ("runs/sweeps/experts", "experts-32_group4096_tiny"),
     "capacity": ("runs/sweeps/capacity", None),
     "topk": ("runs/sweeps/topk", None),
     "balance": ("runs/sweeps/balance", "balance-0_tiny"),
