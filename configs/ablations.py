@@ -9,6 +9,8 @@ Arguments (comma-separated key=value):
   size: smoke | tiny | small | base | large (default tiny).  data: as configs/switch.py.
   group: tokens per routing group, e.g. 4096 (the tiny batch, 32 x 128); default: one sequence.
     Small groups overflow experts by chance alone, more so the more experts (docs/RESULTS.md, a).
+  capacity: a member of the capacity family applied to every member of another family, e.g.
+    family=experts,capacity=dropless (default: the switch config's 1.25 train / 2.0 eval).
 
 A sweep runs every member (no member= given) over seeds, with matched dense baselines, and a report
 aggregates it (see experiments/sweep.py and experiments/report.py):
@@ -127,10 +129,13 @@ def _parse(arg: str | None) -> dict:
           "size": arguments.SIZE_ARG,
           "data": arguments.DATA_ARG,
           "group": arguments.Arg(None, kind=int, minimum=1),
+          "capacity": arguments.Arg(None, FAMILIES["capacity"][0]),
       },
   )
   if not args["family"]:
     raise ValueError(f"config argument family is required; allowed values: {', '.join(FAMILIES)}")
+  if args["capacity"] and args["family"] in ("capacity", "dispatch"):
+    raise ValueError(f"config argument capacity is for the other families, not {args['family']}")
   return args
 
 
@@ -146,11 +151,15 @@ def get_config(arg: str | None = None):
     )
   cd = configs.switch.get_config(f"size={args['size']},data={args['data']}")
   apply(cd, member)
-  group = ""
+  suffix = ""
+  if args["capacity"]:
+    _capacity(cd, args["capacity"])
+    suffix += f"_capacity-{args['capacity']}"
   if args["group"]:
-    cd.model.moe.group_size, group = args["group"], f"_group{args['group']}"
+    cd.model.moe.group_size = args["group"]
+    suffix += f"_group{args['group']}"
   # Members whose routing is not causal (top-k > 1 or batch-prioritised order with a capacity, experts
   # choose) run as the papers ran them, with the acknowledgement (MoEConfig.routing_is_causal).
   cd.model.moe.allow_noncausal_routing = not MoEConfig(**cd.model.moe).routing_is_causal
-  cd.name = f"{family}-{member}{group}_{args['size']}"
+  cd.name = f"{family}-{member}{suffix}_{args['size']}"
   return cd

@@ -27,6 +27,11 @@ b() {  # Experts 2..32 at fixed active FLOPs (top-1, cf 1.25), with the dense ti
   # 128-token group and chance alone would overflow it (finding a).
   sweep --config=configs/ablations.py:family=experts,group=4096 --config=configs/dense.py:size=tiny \
     --root=runs/sweeps/experts
+  # E=8 and E=32 dropless: does E=32 still trail E=8 once no token is dropped?
+  for e in 8 32; do
+    sweep --config=configs/ablations.py:family=experts,member=$e,group=4096,capacity=dropless \
+      --root=runs/sweeps/experts
+  done
 }
 c() {  # Capacity factor 1.0, 1.25, 2.0 and dropless (Switch Table 1).
   for m in 1.0 1.25 2.0 dropless; do

@@ -220,6 +220,24 @@ def test_ablation_group_routes_in_groups_and_names_the_runs():
     ablations.get_config("family=experts,group=0")
 
 
+def test_ablation_capacity_applies_to_every_member_of_another_family():
+  ablations = load("ablations")
+  plain = ablations.get_config("family=experts,member=32")
+  dropless = ablations.get_config("family=experts,member=32,capacity=dropless")
+  exp = experiment_from_config_dict(dropless)
+  assert exp.model.moe.dispatch.value == "dropless" and exp.model.moe.num_experts == 32
+  assert exp.model.moe.train_capacity_factor is None and exp.model.moe.eval_capacity_factor is None
+  changed = {k for k, v in dropless.model.moe.to_dict().items() if plain.model.moe[k] != v}
+  assert changed == {"dispatch", "train_capacity_factor", "eval_capacity_factor"}
+  assert dropless.name != plain.name
+  two = ablations.get_config("family=topk,member=2,capacity=2.0")
+  assert two.model.moe.train_capacity_factor == 2.0 and two.model.moe.top_k == 2
+  with pytest.raises(ValueError, match="capacity must be one of"):
+    ablations.get_config("family=experts,capacity=3")
+  with pytest.raises(ValueError, match="capacity is for the other families"):
+    ablations.get_config("family=capacity,capacity=1.0")
+
+
 @pytest.mark.parametrize("regime", tuple(load("regimes").REGIMES))
 def test_every_regime_builds_what_it_says(regime):
   regimes = load("regimes")
