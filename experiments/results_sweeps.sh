@@ -13,11 +13,14 @@ export XLA_FLAGS="${XLA_FLAGS:-}"  # One CPU device: the sweeps measure models, 
 sweep() { "$PY" -m experiments.sweep --seeds="$SEEDS" "$@"; }
 
 a() {  # Sparse vs dense at equal training FLOPs per token: every regime of configs/regimes.py. Then
-  # the main job's regime against its dense baselines matched on active and on total parameters (a
-  # total-parameter baseline of the E=16 every-layer models is 16x wider: too slow for this CPU).
+  # the winning regime against its dense baseline matched on active parameters, and the main job's
+  # (the same model, a quarter of the steps) on active and on total parameters (a total-parameter
+  # baseline of the E=16 every-layer models is 7x the FLOPs: 4000 steps of it are too slow here).
   for r in $("$PY" -c "import configs.regimes as r; print(*r.REGIMES)"); do
     sweep --config=configs/regimes.py:regime=$r --baselines=active_flops --root=runs/sweeps/regimes
   done
+  sweep --config=configs/regimes.py:regime=stdlib_d64_e16_every1_group4096 --baselines=active_params \
+    --root=runs/sweeps/regimes
   main=$("$PY" -c "import configs.regimes as r; print(r.MAIN)")
   sweep --config=configs/regimes.py:regime=$main --baselines=active_params,total_params \
     --root=runs/sweeps/regimes
