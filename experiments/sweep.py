@@ -34,8 +34,14 @@ from moe.preemption import EXIT_CODE
 _CONFIG = flags.DEFINE_multi_string("config", None, "Config spec path[:arg]; repeatable.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (train.seed), comma-separated.")
 _ROOT = flags.DEFINE_string("root", None, "Directory of the sweep: one workdir per run under it.")
-_BASELINES = flags.DEFINE_multi_enum(
-    "baselines", [], list(MATCHES), "Matched dense baselines to add, comma-separated or repeated."
+# A list, not absl's multi_enum: that one takes a repeated flag but refuses "a,b" (seen in a sweep).
+_BASELINES = flags.DEFINE_list(
+    "baselines", [], f"Matched dense baselines to add, comma-separated: {', '.join(MATCHES)}."
+)
+flags.register_validator(
+    "baselines",
+    lambda names: all(n in MATCHES for n in names),
+    message=f"--baselines: each value must be one of {', '.join(MATCHES)}",
 )
 _SET = flags.DEFINE_multi_string("set", [], "field.path=value applied to every run; repeatable.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print one launch command per run and exit.")

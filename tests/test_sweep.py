@@ -93,6 +93,17 @@ def test_dry_run_prints_one_command_per_run_and_writes_nothing(tmp_path):
       l.startswith("python -m experiments.train --config=configs/ablations.py:") for l in lines
   )
   assert not (tmp_path / "sweep").exists()
+  both = _cli(
+      "experiments.sweep",
+      f"--config={FAMILY}",
+      "--seeds=0",
+      "--baselines=active_flops,total_params",
+      f"--root={tmp_path / 'sweep'}",
+      "--dry_run",
+  )
+  assert both.returncode == 0, both.stderr
+  assert len(both.stdout.strip().splitlines()) == 3 * 3
+  assert sum("--match_dense=total_params" in l for l in both.stdout.splitlines()) == 3
 
 
 # A smoke sweep short enough for the suite: every run trains 4 steps and evaluates twice.
