@@ -31,7 +31,8 @@ top-2 of 8 experts, every other layer, gates renormalised, dropless: the paper's
 token-choice top-K with K=2 (expert choice is not causal); renormalised gates make step 0 exactly the
 dense model and stay trainable (top-1 renormalised is a gate of 1); dropless routing is causal and
 drops nothing (a capacity could drop tokens at step 0). The sparse arm costs more FLOPs per token
-(two expert MLPs in each sparse layer, plus the router): the comparison is at equal extra tokens, not equal extra compute (`experiments.train` reports both).
+(two expert MLPs in each sparse layer, plus the router): the comparison is at equal extra tokens,
+not equal extra compute (`experiments.train` reports both).
 """
 
 from __future__ import annotations

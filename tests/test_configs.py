@@ -174,6 +174,11 @@ _KNOBS = {
 }
 
 
+def _changed_moe_fields(base, cd) -> set[str]:
+  """The model.moe fields whose value in config dict `cd` differs from `base`'s."""
+  return {k for k, v in cd.model.moe.to_dict().items() if base.model.moe[k] != v}
+
+
 def test_ablation_members_change_one_knob():
   ablations = load("ablations")
   base = load("switch").get_config("size=tiny")
@@ -184,7 +189,7 @@ def test_ablation_members_change_one_knob():
       cd = ablations.get_config(f"family={family},member={member}")
       exp = experiment_from_config_dict(cd)
       names.add(cd.name)
-      changed = {k for k, v in cd.model.moe.to_dict().items() if base.model.moe[k] != v}
+      changed = _changed_moe_fields(base, cd)
       if family == "every":
         assert exp.model.sparse_every == int(member) and not changed
         continue
@@ -213,7 +218,7 @@ def test_ablation_group_routes_in_groups_and_names_the_runs():
   grouped = ablations.get_config("family=experts,member=32,group=4096")
   exp = experiment_from_config_dict(grouped)
   assert exp.model.moe.group_size == 4096 and exp.model.moe.num_experts == 32
-  changed = {k for k, v in grouped.model.moe.to_dict().items() if plain.model.moe[k] != v}
+  changed = _changed_moe_fields(plain, grouped)
   assert changed == {"group_size"} and grouped.name != plain.name
   assert all("group=4096" in a for a in ablations.sweep("family=capacity,group=4096"))
   with pytest.raises(ValueError, match="group"):
@@ -227,7 +232,7 @@ def test_ablation_capacity_applies_to_every_member_of_another_family():
   exp = experiment_from_config_dict(dropless)
   assert exp.model.moe.dispatch.value == "dropless" and exp.model.moe.num_experts == 32
   assert exp.model.moe.train_capacity_factor is None and exp.model.moe.eval_capacity_factor is None
-  changed = {k for k, v in dropless.model.moe.to_dict().items() if plain.model.moe[k] != v}
+  changed = _changed_moe_fields(plain, dropless)
   assert changed == {"dispatch", "train_capacity_factor", "eval_capacity_factor"}
   assert dropless.name != plain.name
   two = ablations.get_config("family=topk,member=2,capacity=2.0")
