@@ -48,6 +48,10 @@ def _save(fig, path: pathlib.Path) -> None:
   tmp.replace(path)
 
 
+# Line style of a matched dense baseline (moe.baselines); its sparse config is solid, in the same colour.
+_BASELINE_STYLES = {"active_flops": "--", "active_params": ":", "total_params": "-."}
+
+
 def _by_name(runs: list[RunResult]) -> dict[str, list[RunResult]]:
   groups: dict[str, list[RunResult]] = {}
   for run in runs:
@@ -60,16 +64,21 @@ def loss_curves(runs: list[RunResult], axis: str, path: pathlib.Path, title: str
   """Validation loss against steps, cumulative training FLOPs or wall-clock: a line per config."""
   plt = _pyplot()
   label, x_of = LOSS_AXES[axis]
-  fig, ax = plt.subplots(figsize=(8, 5))
-  for name, group in _by_name(runs).items():
+  groups = _by_name(runs)
+  fig, ax = plt.subplots(figsize=(8 if len(groups) <= 8 else 12, 5))
+  # A config and its matched baselines share a colour; the line style says which baseline it is.
+  families = list(dict.fromkeys(g[0].baseline_of or name for name, g in groups.items()))
+  colours = plt.get_cmap("tab10" if len(families) <= 10 else "tab20").colors
+  for name, group in groups.items():
     steps = sorted(set.intersection(*(set(r.eval_steps) for r in group)))
     losses = np.asarray([[dict(zip(r.eval_steps, r.eval_losses))[s] for s in steps] for r in group])
     x = np.mean([x_of(r, steps) for r in group], axis=0)
-    dashed = group[0].cfg.model.moe is None or not group[0].cfg.model.num_sparse_layers
+    dense = group[0].cfg.model.moe is None or not group[0].cfg.model.num_sparse_layers
     (line,) = ax.plot(
         x,
         losses.mean(axis=0),
-        "--" if dashed else "-",
+        _BASELINE_STYLES.get(group[0].match, "--" if dense else "-"),
+        color=colours[families.index(group[0].baseline_of or name) % len(colours)],
         marker="o",
         markersize=3,
         label=f"{name} ({len(group)} seed{'s' * (len(group) > 1)})",
@@ -79,6 +88,7 @@ def loss_curves(runs: list[RunResult], axis: str, path: pathlib.Path, title: str
   ax.set_xlabel(label)
   if axis == "flops":
     ax.set_xscale("log")
+    ax.tick_params(axis="x", which="minor", labelsize=7)  # 2x10^12 ... labels otherwise collide.
   ax.set_ylabel("validation loss (nats per token; per byte for byte-level data)")
   ax.set_title(title or f"Validation loss against {label.split(' (')[0]}; band: min-max over seeds")
   # The first evaluations are far above the rest: show the part where configs differ.
@@ -86,7 +96,10 @@ def loss_curves(runs: list[RunResult], axis: str, path: pathlib.Path, title: str
   if finals:
     ax.set_ylim(min(finals) - 0.05, max(finals) + 0.25)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  if len(groups) <= 8:
+    ax.legend(fontsize=7)
+  else:  # Beside the axes: inside, a long legend hides the curves.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   _save(fig, path)
 
