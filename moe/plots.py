@@ -50,6 +50,8 @@ def _save(fig, path: pathlib.Path) -> None:
 
 # Line style of a matched dense baseline (moe.baselines); its sparse config is solid, in the same colour.
 _BASELINE_STYLES = {"active_flops": "--", "active_params": ":", "total_params": "-."}
+# More configs than this: a wider figure, the legend beside the axes (inside, it hides the curves).
+_LEGEND_INSIDE_MAX = 8
 
 
 def _by_name(runs: list[RunResult]) -> dict[str, list[RunResult]]:
@@ -65,7 +67,7 @@ def loss_curves(runs: list[RunResult], axis: str, path: pathlib.Path, title: str
   plt = _pyplot()
   label, x_of = LOSS_AXES[axis]
   groups = _by_name(runs)
-  fig, ax = plt.subplots(figsize=(8 if len(groups) <= 8 else 12, 5))
+  fig, ax = plt.subplots(figsize=(8 if len(groups) <= _LEGEND_INSIDE_MAX else 12, 5))
   # A config and its matched baselines share a colour; the line style says which baseline it is.
   families = list(dict.fromkeys(g[0].baseline_of or name for name, g in groups.items()))
   colours = plt.get_cmap("tab10" if len(families) <= 10 else "tab20").colors
@@ -96,9 +98,9 @@ def loss_curves(runs: list[RunResult], axis: str, path: pathlib.Path, title: str
   if finals:
     ax.set_ylim(min(finals) - 0.05, max(finals) + 0.25)
   ax.grid(alpha=0.3)
-  if len(groups) <= 8:
+  if len(groups) <= _LEGEND_INSIDE_MAX:
     ax.legend(fontsize=7)
-  else:  # Beside the axes: inside, a long legend hides the curves.
+  else:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   _save(fig, path)

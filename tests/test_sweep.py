@@ -104,6 +104,8 @@ def test_dry_run_prints_one_command_per_run_and_writes_nothing(tmp_path):
   assert both.returncode == 0, both.stderr
   assert len(both.stdout.strip().splitlines()) == 3 * 3
   assert sum("--match_dense=total_params" in l for l in both.stdout.splitlines()) == 3
+  typo = _cli("experiments.sweep", f"--config={FAMILY}", "--baselines=active_flop", "--dry_run")
+  assert typo.returncode != 0 and "--baselines" in typo.stderr and "active_params" in typo.stderr
 
 
 # A smoke sweep short enough for the suite: every run trains 4 steps and evaluates twice.
