@@ -120,6 +120,10 @@ REGIMES: dict[str, Regime] = {
     # gather step time here (benchmarks.train_step, 2026-11-26), so 2000 steps exceed 30 minutes.
 }
 MAIN = "stdlib_d64_e16_every1_group4096_1000"
+# Evaluations per run: the loss curves are read at these points, and the compute a dense model needs
+# to reach a loss is interpolated between them (`moe.report`), so they must be dense in log-FLOPs
+# too: with 20 points the last decade of steps holds 18 of them.
+EVAL_POINTS = 20
 
 
 def sweep(arg: str | None = None) -> list[str]:
@@ -141,8 +145,12 @@ def get_config(arg: str | None = None):
   args = _parse(arg)
   if not args["regime"]:
     raise ValueError(f"config argument regime is required; allowed values: {', '.join(REGIMES)}")
-  r = REGIMES[args["regime"]]
-  cd = builders.switch_config(args["size"], r.data, experts=r.experts, dispatch=r.dispatch)
+  return regime_config(REGIMES[args["regime"]], args["size"], f"{args['regime']}_{args['size']}")
+
+
+def regime_config(r: Regime, size: str, name: str):
+  """The Switch model of configs/switch.py at `size` with the levers of `r` set, named `name`."""
+  cd = builders.switch_config(size, r.data, experts=r.experts, dispatch=r.dispatch)
   if r.d_model:
     cd.model.d_model, cd.model.num_heads = r.d_model, r.d_model // 32
     cd.model.mlp_hidden = 4 * r.d_model
@@ -150,12 +158,12 @@ def get_config(arg: str | None = None):
   cd.model.moe.top_k = r.top_k
   cd.model.moe.expert_hidden = r.expert_hidden or cd.model.mlp_hidden
   cd.model.moe.shared_expert_hidden = r.shared_hidden
-  if args["size"] != "smoke":  # A batch-sized group needs the size's batch.
+  if size != "smoke":  # A batch-sized group needs the size's batch.
     cd.model.moe.group_size = r.group_size
   cd.model.moe.allow_noncausal_routing = not MoEConfig(**cd.model.moe).routing_is_causal
-  if args["size"] != "smoke":  # Smoke keeps its seconds-long schedule (tests).
+  if size != "smoke":  # Smoke keeps its seconds-long schedule (tests).
     cd.train.steps = r.steps
-    cd.train.eval_every = max(1, r.steps // 4)
+    cd.train.eval_every = max(1, r.steps // EVAL_POINTS)
     cd.train.checkpoint_every = min(500, r.steps)
-  cd.name = f"{args['regime']}_{args['size']}"
+  cd.name = name
   return cd

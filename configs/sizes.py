@@ -72,7 +72,7 @@ SIZES: dict[str, Size] = {
         warmup_steps=40,
         log_every=20,
         eval_every=100,
-        eval_batches=8,
+        eval_batches=64,
         checkpoint_every=400,
     ),
     "small": Size(

@@ -43,6 +43,9 @@ class RunResult:
   complete: bool
   eval_steps: list[int]
   eval_losses: list[float]
+  eval_tokens: (
+      int | None
+  )  # Tokens the final evaluation scored (None: recorded before it was logged).
   train: list[dict]  # The train records of metrics.jsonl, in order.
 
   @property
@@ -63,7 +66,8 @@ def _load_run(workdir: pathlib.Path, entry: dict) -> RunResult | None:
   )
   records = read_metrics(workdir / METRICS)
   # A resumed run may have logged a step twice (before and after the restart): keep the last.
-  evals = {r["step"]: r["loss"] for r in records if r.get("split") == "eval"}
+  eval_records = {r["step"]: r for r in records if r.get("split") == "eval"}
+  evals = {step: r["loss"] for step, r in eval_records.items()}
   train = list({r["step"]: r for r in records if r.get("split") == "train"}.values())
   steps = sorted(evals)
   return RunResult(
@@ -76,6 +80,7 @@ def _load_run(workdir: pathlib.Path, entry: dict) -> RunResult | None:
       complete=cfg.train.steps in evals,
       eval_steps=steps,
       eval_losses=[evals[s] for s in steps],
+      eval_tokens=eval_records[steps[-1]].get("tokens") if steps else None,
       train=train,
   )
 
@@ -150,6 +155,7 @@ def summarize(runs: list[RunResult]) -> list[dict]:
         "total_params": counts.total,
         "active_params": counts.active,
         "train_flops_per_token": accounting.flops_per_token(cfg.model, cfg.train.seq_len).total,
+        "eval_tokens": group[0].eval_tokens,
         "final_loss": final,
         "best_loss": best,
         "tokens_per_s": _mean_std(tokens_per_s)[0],
@@ -213,7 +219,8 @@ def _gap_cell(g: dict | None) -> str:
 def markdown_table(summaries: list[dict]) -> str:
   """The sweep as a Markdown table: one row per config (losses in nats per token)."""
   matches = sorted({m for s in summaries for m in s.get("gaps", {})})
-  header = ["config", "seeds", "params total / active", "train GFLOPs/token", "final val loss"]
+  header = ["config", "seeds", "params total / active", "train GFLOPs/token", "eval tokens"]
+  header += ["final val loss"]
   header += ["best val loss"] + [f"gap vs dense {m}" for m in matches]
   header += ["tokens/s", "dropped per rank", "load entropy", "max load"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -229,6 +236,7 @@ def markdown_table(summaries: list[dict]) -> str:
         str(len(s["seeds"])),
         f"{s['total_params'] / 1e6:.2f}M / {s['active_params'] / 1e6:.2f}M",
         f"{s['train_flops_per_token'] / 1e9:.4f}",
+        "" if s.get("eval_tokens") is None else f"{s['eval_tokens']:,}",
         _pm(s["final_mean"], s["final_std"]),
         _pm(s["best_mean"], s["best_std"]),
         *(_gap_cell(s.get("gaps", {}).get(m)) for m in matches),

@@ -47,13 +47,13 @@ def _forward(
     train: bool,
     rng: jax.Array | None,
 ):
-  """Weighted CE sum, weight sum and the MoE aux (None when dense) of one batch."""
+  """Weighted CE per token [B, L], the weights [B, L] and the MoE aux (None when dense)."""
   model = nnx.merge(graphdef, params, rest)
   weights_BL = batch["weights"].astype(jnp.float32)
   # Padding (weight 0) claims no expert slot and is left out of the router losses and statistics.
   logits_BLV, aux = model(batch["inputs"], train=train, rng=rng, token_mask_BL=weights_BL > 0)
   ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
-  return jnp.sum(ce_BL * weights_BL), jnp.sum(weights_BL), aux
+  return ce_BL * weights_BL, weights_BL, aux
 
 
 def _router_metrics(aux) -> dict[str, jax.Array]:
@@ -100,8 +100,9 @@ def make_train_step(
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
     def loss_fn(params):
-      ce_sum, w_sum, aux = _forward(graphdef, params, rest, batch, train=True, rng=rng)
-      ce = ce_sum / jnp.maximum(w_sum, 1.0)
+      ce_BL, weights_BL, aux = _forward(graphdef, params, rest, batch, train=True, rng=rng)
+      w_sum = jnp.sum(weights_BL)
+      ce = jnp.sum(ce_BL) / jnp.maximum(w_sum, 1.0)
       extra = {"ce": ce, "tokens": w_sum}
       loss = ce
       if moe_cfg is not None:
@@ -143,14 +144,22 @@ def make_eval_step(
 ) -> Callable:
   """Builds the jitted eval step `(params, batch) -> sums` (eval capacity factor, no jitter).
 
-  Returns sums to be added over batches: ce_sum, tokens and, for a sparse model, the per-layer
-  `_router_metrics` of the batch (averaged over batches by `evaluate`).
+  Returns sums to be added over batches: ce_sum, tokens, the same two over the batch's even and odd
+  rows (ce_halves, tokens_halves [2]: two disjoint halves of the scored windows, each spread over
+  the whole split, whose difference measures the evaluation's own sampling noise) and, for a sparse
+  model, the per-layer `_router_metrics` of the batch (averaged over batches by `evaluate`).
   """
   sparse = bool(cfg.model.num_sparse_layers)
 
   def eval_step(params: nnx.State, batch: Batch):
-    ce_sum, w_sum, aux = _forward(graphdef, params, rest, batch, train=False, rng=None)
-    out = {"ce_sum": ce_sum, "tokens": w_sum}
+    ce_BL, weights_BL, aux = _forward(graphdef, params, rest, batch, train=False, rng=None)
+    half_B = jnp.arange(ce_BL.shape[0]) % 2
+    out = {
+        "ce_sum": jnp.sum(ce_BL),
+        "tokens": jnp.sum(weights_BL),
+        "ce_halves": jax.ops.segment_sum(jnp.sum(ce_BL, axis=1), half_B, 2),
+        "tokens_halves": jax.ops.segment_sum(jnp.sum(weights_BL, axis=1), half_B, 2),
+    }
     if sparse:
       out.update(_router_metrics(aux))
     return out
@@ -160,6 +169,18 @@ def make_eval_step(
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.P())
     kwargs = dict(in_shardings=(params_sharding, batch_sharding), out_shardings=replicated)
   return jax.jit(eval_step, **kwargs)
+
+
+def make_window_losses_step(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable:
+  """Builds the jitted `(params, batch) -> (ce [B], tokens [B])`: each row's (window's) summed
+  cross-entropy and scored tokens, computed as the eval step computes them (no jitter, the eval
+  capacity factor); `moe.evaluation` re-scores trained runs with it."""
+
+  def window_losses(params: nnx.State, batch: Batch):
+    ce_BL, weights_BL, _ = _forward(graphdef, params, rest, batch, train=False, rng=None)
+    return jnp.sum(ce_BL, axis=1), jnp.sum(weights_BL, axis=1)
+
+  return jax.jit(window_losses)
 
 
 def init_train_state(
@@ -227,18 +248,29 @@ def to_device(batch: Batch, batch_sharding: Any = None) -> Batch:
   return {k: jax.device_put(np.asarray(v), batch_sharding) for k, v in batch.items()}
 
 
+_SUMMED = ("ce_sum", "tokens", "ce_halves", "tokens_halves")  # Eval outputs added over batches.
+
+
 def evaluate(eval_step: Callable, params: nnx.State, batches, batch_sharding: Any = None) -> dict:
-  """Token-weighted eval loss (= cross-entropy), perplexity and batch-averaged router statistics."""
-  totals, stats, n = {"ce_sum": 0.0, "tokens": 0.0}, {}, 0
+  """The evaluation over `batches`: token-weighted loss (= cross-entropy), perplexity, the tokens
+  scored, the loss of each half of the windows (even and odd rows: `loss_even_rows`,
+  `loss_odd_rows`) and batch-averaged router statistics."""
+  totals, stats, n = {}, {}, 0
   for batch in batches:
     out = jax.device_get(eval_step(params, to_device(batch, batch_sharding)))  # Blocks: no backlog.
     n += 1
     for key, value in out.items():
-      if key in totals:
-        totals[key] += float(value)
-      else:
-        stats[key] = stats.get(key, 0.0) + np.asarray(value, np.float64)
-  ce = totals["ce_sum"] / max(totals["tokens"], 1.0)
-  result = {"loss": ce, "ce": ce, "perplexity": math.exp(min(ce, 700.0))}
+      into = totals if key in _SUMMED else stats
+      into[key] = into.get(key, 0.0) + np.asarray(value, np.float64)
+  ce = float(totals["ce_sum"]) / max(float(totals["tokens"]), 1.0)
+  halves = totals["ce_halves"] / np.maximum(totals["tokens_halves"], 1.0)
+  result = {
+      "loss": ce,
+      "ce": ce,
+      "perplexity": math.exp(min(ce, 700.0)),
+      "tokens": int(totals["tokens"]),
+      "loss_even_rows": float(halves[0]),
+      "loss_odd_rows": float(halves[1]),
+  }
   result.update({k: (v / n).tolist() for k, v in stats.items()})
   return result

@@ -26,6 +26,7 @@ from moe.accounting import peak_flops_per_device, summary
 from moe.experiment import ExperimentConfig
 from moe.preemption import Preempted, PreemptionWatch
 from moe.progress import Progress, print_line
+from moe.train_config import EvalWindows
 
 
 def _check(cfg: ExperimentConfig):
@@ -66,9 +67,10 @@ def _data(cfg: ExperimentConfig):
           seq_len=tc.seq_len,
           global_batch_size=tc.global_batch_size,
           num_batches=tc.eval_batches,
+          spread=tc.eval_windows is EvalWindows.SPREAD,
           **proc,
       )
-      if tc.eval_batches
+      if tc.eval_batches != 0
       else None
   )
   return train_it, eval_data
@@ -138,6 +140,7 @@ class _Run:
     self.evaluated.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
     print_line(
         f"eval  step {step} | loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}"
+        f" | {result['tokens']:,} tokens"
     )
 
 

@@ -18,6 +18,17 @@ class Schedule(enum.Enum):
   CONSTANT = "constant"  # Linear warmup, then constant.
 
 
+class EvalWindows(enum.Enum):
+  """Which windows of the validation split an evaluation of `eval_batches` batches scores."""
+
+  # Windows spread evenly over the whole split (window i of m is floor((i + 1/2) n / m) of the
+  # split's n): every document is scored in proportion to its length, whatever the batch count.
+  SPREAD = "spread"
+  # The first windows in document order. The split's first document(s) only: kept to re-score
+  # numbers measured that way, not for new measurements.
+  PREFIX = "prefix"
+
+
 class NonFinite(enum.Enum):
   """What a step with a non-finite loss or gradient norm does to the run."""
 
@@ -39,7 +50,12 @@ class TrainConfig:
     weight_decay: AdamW decay, masked off norms, biases and embeddings.
     b1, b2, eps: Adam moments.
     grad_clip_norm: global-norm clipping threshold (0 disables it).
-    log_every, eval_every, eval_batches: progress/metrics period, evaluation period and size.
+    log_every, eval_every: progress/metrics period, evaluation period.
+    eval_batches: global batches per evaluation (each `global_batch_size` windows of `seq_len`
+      targets); None: the whole validation split; 0: no evaluation.
+    eval_windows: which windows of the split those batches hold (`EvalWindows`): spread evenly over
+      the split (the default), or its prefix. The evaluation's size in tokens is logged with every
+      eval loss.
     checkpoint_every, keep_checkpoints: orbax checkpoint period and how many to keep (plus the last).
     peak_flops_per_device: for MFU; None looks the accelerator up in a table of known peaks.
     overwrite: allow a workdir that holds a run with a different config to be reused (its checkpoints
@@ -77,7 +93,8 @@ class TrainConfig:
   grad_clip_norm: float = 1.0
   log_every: int = 10
   eval_every: int = 200
-  eval_batches: int = 8
+  eval_batches: int | None = 8
+  eval_windows: EvalWindows | str = EvalWindows.SPREAD
   checkpoint_every: int = 500
   keep_checkpoints: int = 2
   peak_flops_per_device: float | None = None
@@ -93,6 +110,9 @@ class TrainConfig:
     object.__setattr__(
         self, "on_nonfinite", as_enum(NonFinite, self.on_nonfinite, "train.on_nonfinite")
     )
+    object.__setattr__(
+        self, "eval_windows", as_enum(EvalWindows, self.eval_windows, "train.eval_windows")
+    )
     for name in (
         "steps",
         "global_batch_size",
@@ -106,10 +126,16 @@ class TrainConfig:
       value = getattr(self, name)
       if not (isinstance(value, int) and value >= 1):
         raise ValueError(f"train.{name}={value!r} must be an integer >= 1")
-    for name in ("warmup_steps", "eval_batches"):
-      value = getattr(self, name)
-      if not (isinstance(value, int) and value >= 0):
-        raise ValueError(f"train.{name}={value!r} must be an integer >= 0")
+    if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+      raise ValueError(f"train.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
+    if self.eval_batches is not None:
+      check_number(
+          "train.eval_batches",
+          self.eval_batches,
+          low=0,
+          integer=True,
+          hint=", or None (the whole validation split)",
+      )
     if self.warmup_steps > self.steps:
       raise ValueError(
           f"train.warmup_steps={self.warmup_steps} must be <= train.steps={self.steps}"

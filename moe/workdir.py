@@ -88,9 +88,15 @@ def config_differences(old: dict, new: dict, resumable: tuple[str, ...] = ()) ->
   ]
 
 
+# Fields that runs recorded before they existed behaved differently from today's default: their
+# absence from a recorded config means this value (runs scored the split's prefix before
+# `train.eval_windows` existed).
+_VALUE_BEFORE_FIELD = {"train.eval_windows": "prefix"}
+
+
 def _fields_added_at_default(old: dict, new: dict) -> tuple[str, ...]:
-  """Dotted fields absent from a recorded config and at their default in `new`: the run was recorded
-  before the field existed, and behaved as its default, so resuming with it is no change."""
+  """Dotted fields absent from a recorded config and, in `new`, at the value the run had before the
+  field existed (its default, or `_VALUE_BEFORE_FIELD`): resuming with it is no change."""
   sections = {
       "train": TrainConfig,
       "model": ModelConfig,
@@ -106,7 +112,7 @@ def _fields_added_at_default(old: dict, new: dict) -> tuple[str, ...]:
       if field.default is not dataclasses.MISSING
       and (key := f"{prefix}.{field.name}") not in recorded
       and key in current
-      and current[key] == to_json({"v": field.default})["v"]
+      and current[key] == _VALUE_BEFORE_FIELD.get(key, to_json({"v": field.default})["v"])
   )
 
 

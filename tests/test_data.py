@@ -296,21 +296,45 @@ def test_eval_batches_finite_deterministic_validation_only(shakespeare):
   _assert_batches_equal(
       list(data.eval_batches(shakespeare, seq_len=seq_len, global_batch_size=gbs)), list(ev)
   )
-  # Same slicing rule across processes; num_batches bounds the length.
-  halves = [
-      data.eval_batches(
-          shakespeare,
-          seq_len=seq_len,
-          global_batch_size=gbs,
-          num_batches=3,
-          process_index=p,
-          process_count=2,
+  # Same slicing rule across processes, for spread and prefix windows; num_batches sets the length.
+  for spread in (True, False):
+    kw = dict(seq_len=seq_len, global_batch_size=gbs, num_batches=3, spread=spread)
+    one = data.eval_batches(shakespeare, **kw)
+    halves = [
+        data.eval_batches(shakespeare, process_index=p, process_count=2, **kw) for p in range(2)
+    ]
+    assert len(one) == len(halves[0]) == 3
+    for i in range(3):
+      np.testing.assert_array_equal(
+          np.concatenate([h[i]["inputs"] for h in halves]), one[i]["inputs"]
       )
-      for p in range(2)
-  ]
-  assert len(halves[0]) == 3
-  for i in range(3):
-    np.testing.assert_array_equal(np.concatenate([h[i]["inputs"] for h in halves]), ev[i]["inputs"])
+      if not spread:  # The prefix: the whole split's first batches.
+        np.testing.assert_array_equal(one[i]["inputs"], ev[i]["inputs"])
+
+
+def test_spread_eval_windows_cover_the_split_evenly(shakespeare):
+  """num_batches * G windows spread over the split: the i-th lies in the i-th of as many equal
+  stretches of the stream, so every document is scored in proportion to its length."""
+  seq_len, gbs, num_batches = 128, 8, 5
+  valid = data.token_stream(shakespeare, "validation")
+  n = (len(valid) - 1) // seq_len
+  ev = data.eval_batches(
+      shakespeare, seq_len=seq_len, global_batch_size=gbs, num_batches=num_batches
+  )
+  m = num_batches * gbs
+  ids = ev.window_ids
+  assert len(ids) == m and ev.num_targets == m * seq_len
+  for i, window in enumerate(ids):
+    assert i * n / m <= window < (i + 1) * n / m
+  inputs = np.concatenate([b["inputs"] for b in ev])
+  assert (np.concatenate([b["weights"] for b in ev]) == 1).all()
+  for row, window in zip(inputs, ids):
+    np.testing.assert_array_equal(row, valid[window * seq_len : (window + 1) * seq_len])
+  # More windows asked for than the split holds: each window once.
+  everything = data.eval_batches(
+      shakespeare, seq_len=seq_len, global_batch_size=gbs, num_batches=10 * n
+  )
+  np.testing.assert_array_equal(everything.window_ids, np.arange(n))
 
 
 def test_a_long_run_of_large_batches(shakespeare):

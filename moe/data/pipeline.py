@@ -263,13 +263,26 @@ def _close_prefetching() -> None:
     it.close()
 
 
+def spread_window_ids(n_windows: int, count: int) -> np.ndarray:
+  """`count` window ids spread evenly over `n_windows`: floor((i + 1/2) * n / count), increasing.
+
+  Every stretch of the stream holds its share of the ids, so each document is scored in proportion
+  to its length; `count >= n_windows` gives every window once.
+  """
+  if count >= n_windows:
+    return np.arange(n_windows, dtype=np.int64)
+  return ((np.arange(count, dtype=np.float64) + 0.5) * (n_windows / count)).astype(np.int64)
+
+
 class EvalBatches(Sequence):
   """Finite, deterministic eval batches; re-iterable (build once, reuse).
 
-  Global batch i holds windows [i*G, (i+1)*G) of the validation stream in
-  order (window k = stream[k*seq_len : k*seq_len + seq_len + 1], so every
-  token is a target exactly once). The last global batch is padded with rows
-  of pad ids and weight 0; every process sees the same number of batches.
+  The scored windows (window k = stream[k*seq_len : k*seq_len + seq_len + 1], seq_len targets
+  each) are `window_ids`: all of the validation stream's windows, or `num_batches * G` of them
+  spread evenly over it (`spread_window_ids`), or its first `num_batches * G` (`spread=False`).
+  Global batch i holds ids [i*G, (i+1)*G) of them, in stream order; no token is a target twice.
+  A last global batch with fewer ids is padded with rows of pad ids and weight 0; every process
+  sees the same number of batches.
   """
 
   def __init__(
@@ -282,12 +295,18 @@ class EvalBatches(Sequence):
       process_index: int,
       local_batch: int,
       pad_id: int,
+      spread: bool = True,
   ):
     self._stream = stream
     self._n_windows = _num_windows(stream, seq_len, "validation")
-    total = math.ceil(self._n_windows / global_batch_size)
-    self._len = total if num_batches is None else min(num_batches, total)
+    wanted = self._n_windows if num_batches is None else num_batches * global_batch_size
+    if spread:
+      self._ids = spread_window_ids(self._n_windows, wanted)
+    else:
+      self._ids = np.arange(min(wanted, self._n_windows), dtype=np.int64)
+    self._len = math.ceil(len(self._ids) / global_batch_size)
     self._gather = _GatherWindows(stream, seq_len)
+    self._seq_len = seq_len
     self._global, self._local = global_batch_size, local_batch
     self._first_row = process_index * local_batch
     self._pad_id = pad_id
@@ -296,6 +315,21 @@ class EvalBatches(Sequence):
   def num_windows(self) -> int:
     """Windows (seq_len targets each) in the whole validation stream."""
     return self._n_windows
+
+  @property
+  def stream(self) -> np.ndarray:
+    """The validation token stream the windows are cut from."""
+    return self._stream
+
+  @property
+  def window_ids(self) -> np.ndarray:
+    """The scored windows of the stream, in the order the batches hold them."""
+    return self._ids
+
+  @property
+  def num_targets(self) -> int:
+    """Tokens scored by one pass over the batches (every process's rows together)."""
+    return len(self._ids) * self._seq_len
 
   def __len__(self) -> int:
     return self._len
@@ -307,9 +341,9 @@ class EvalBatches(Sequence):
       i += self._len
     if not 0 <= i < self._len:
       raise IndexError(f"eval batch {i} out of range [0, {self._len}).")
-    ids = i * self._global + self._first_row + np.arange(self._local)
-    valid = ids < self._n_windows
-    batch = self._gather(np.where(valid, ids, 0))
+    rows = i * self._global + self._first_row + np.arange(self._local)
+    valid = rows < len(self._ids)
+    batch = self._gather(self._ids[np.where(valid, rows, 0)])
     if not valid.all():
       for k in ("inputs", "targets"):
         batch[k][~valid] = self._pad_id
@@ -325,6 +359,7 @@ def eval_batches(
     num_batches: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    spread: bool = True,
 ) -> EvalBatches:
   """Deterministic, finite batches of the validation split.
 
@@ -333,11 +368,13 @@ def eval_batches(
       or cfg.tfds_eval_split).
     seq_len: tokens per row.
     global_batch_size: rows per batch over all processes.
-    num_batches: at most this many batches (None: the whole split). With TFDS
-      and num_batches set only the needed prefix of the split is tokenised;
-      with None the whole split is tokenised once and cached next to the data.
+    num_batches: this many batches (None: the whole split; fewer when the split
+      is smaller).
     process_index: this process, in [0, process_count).
     process_count: number of processes; must divide global_batch_size.
+    spread: the batches' windows spread evenly over the whole split (True), or
+      its first windows (False). With TFDS, spread windows need the whole split
+      tokenised, once, cached next to the data; a prefix tokenises only itself.
 
   Returns:
     `EvalBatches`, a Sequence of the same dicts as `train_iterator`
@@ -350,7 +387,8 @@ def eval_batches(
     raise ValueError(f"num_batches must be None or an int >= 1, got " f"{num_batches!r}.")
   tok = tokenizer_for(cfg)
   if cfg.source == Source.TFDS:
-    need = None if num_batches is None else num_batches * global_batch_size * seq_len + 1
+    prefix = num_batches is not None and not spread
+    need = num_batches * global_batch_size * seq_len + 1 if prefix else None
     stream = tfds_pipeline.eval_stream(cfg, tok, need, _cache_dir(cfg))
   else:
     stream = token_stream(cfg, corpora.VALIDATION)
@@ -362,6 +400,7 @@ def eval_batches(
       process_index=process_index,
       local_batch=local_batch,
       pad_id=tok.pad_id,
+      spread=spread,
   )
 
 

@@ -1,0 +1,122 @@
+"""Re-scores a trained run's latest checkpoint on a chosen evaluation, without writing to its workdir.
+
+    python -m experiments.evaluate --workdir=runs/r                  # the run's own evaluation
+    python -m experiments.evaluate --workdir=runs/r --eval=all       # the whole validation split
+    python -m experiments.evaluate --workdir=runs/r --eval=spread:64 --compare=runs/dense \
+        --output=/tmp/r.json
+
+--eval: `spread:N` (N global batches of windows spread evenly over the split), `prefix:N` (the
+first N batches, how the split was scored before `train.eval_windows` existed), `all` (every
+window); default: the run's own `train.eval_batches` and `train.eval_windows`. Prints the loss, the
+tokens scored, the loss of the even and odd windows and the standard error of a bootstrap over
+the split's documents (`moe.evaluation`); with --compare, the gap to another run scored on the
+same windows and its paired bootstrap error. --output writes the numbers, with every window's loss
+and document, as JSON (never into a workdir).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+from absl import app, flags
+
+from moe import evaluation, files, trained
+from moe.train_config import EvalWindows
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run to re-score.")
+_EVAL = flags.DEFINE_string("eval", None, "spread:N | prefix:N | all (default: the run's own).")
+_COMPARE = flags.DEFINE_string("compare", None, "Another run, scored on the same windows.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the numbers and per-window losses as JSON.")
+flags.mark_flag_as_required("workdir")
+
+
+def parse_eval(text: str | None, cfg) -> tuple[bool, int | None]:
+  """(spread, num_batches) of an --eval value; None: the run's own evaluation."""
+  if text is None:
+    if cfg.train.eval_batches == 0:
+      raise ValueError("the run was trained without evaluation (train.eval_batches=0): pass --eval")
+    return cfg.train.eval_windows is EvalWindows.SPREAD, cfg.train.eval_batches
+  if text == "all":
+    return True, None
+  kind, _, count = text.partition(":")
+  if kind not in ("spread", "prefix") or not count.isdigit() or int(count) < 1:
+    raise ValueError(f"--eval={text!r} must be spread:N, prefix:N (N >= 1 batches) or all")
+  return kind == "spread", int(count)
+
+
+def _summary(name: str, scored: evaluation.Scored) -> dict:
+  even, odd = scored.halves
+  return {
+      "workdir": name,
+      "step": scored.step,
+      "loss": scored.loss,
+      "tokens": scored.tokens,
+      "windows": len(scored.window_W),
+      "split_windows": scored.num_windows,
+      "documents": scored.num_documents,
+      "loss_even_windows": even,
+      "loss_odd_windows": odd,
+      "halves_se": abs(even - odd) / 2,
+      "document_bootstrap_se": evaluation.document_bootstrap(scored),
+  }
+
+
+def _print(s: dict) -> None:
+  print(
+      f"{s['workdir']} (checkpoint {s['step']}): loss {s['loss']:.4f} on {s['tokens']:,} tokens"
+      f" ({s['windows']:,} of {s['split_windows']:,} windows, {s['documents']} documents)\n"
+      f"  halves {s['loss_even_windows']:.4f} / {s['loss_odd_windows']:.4f} (sampling SE ~"
+      f" {s['halves_se']:.4f}); bootstrap over documents: SE {s['document_bootstrap_se']:.4f}"
+  )
+
+
+def _inside_a_workdir(path: pathlib.Path, workdirs: list[str]) -> bool:
+  return any(pathlib.Path(w).resolve() in path.resolve().parents for w in workdirs)
+
+
+def run(workdir: str, eval_text: str | None, compare: str | None, output: str | None) -> dict:
+  workdirs = [workdir] + ([compare] if compare else [])
+  if output and _inside_a_workdir(pathlib.Path(output), workdirs):
+    raise ValueError(f"--output={output} is inside a run's workdir; write it elsewhere")
+  cfg = trained.load_config(workdir)
+  spread, num_batches = parse_eval(eval_text, cfg)
+  scored = evaluation.score(workdir, cfg, spread=spread, num_batches=num_batches)
+  result = {"eval": eval_text or "the run's own", "runs": [_summary(workdir, scored)]}
+  _print(result["runs"][0])
+  windows = {workdir: scored}
+  if compare:
+    other_cfg = trained.load_config(compare)
+    other = evaluation.score(compare, other_cfg, spread=spread, num_batches=num_batches)
+    result["runs"].append(_summary(compare, other))
+    _print(result["runs"][1])
+    gap, se = evaluation.paired_bootstrap(scored, other)
+    result["gap"] = {"gap": gap, "document_bootstrap_se": se}
+    print(f"gap {gap:+.4f} ± {se:.4f} (paired bootstrap over documents)")
+    windows[compare] = other
+  if output:
+    result["windows"] = {
+        name: {
+            "window": s.window_W.tolist(),
+            "document": s.document_W.tolist(),
+            "ce": s.ce_W.tolist(),
+            "tokens": s.tokens_W.tolist(),
+        }
+        for name, s in windows.items()
+    }
+    files.atomic_write(pathlib.Path(output), json.dumps(result) + "\n")
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    run(_WORKDIR.value, _EVAL.value, _COMPARE.value, _OUTPUT.value)
+  except ValueError as error:
+    sys.exit(f"experiments.evaluate: {error}")
+
+
+if __name__ == "__main__":
+  app.run(main)
