@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Downloads into .whl/ the wheels that tokamax needs and the GPU image lacks (the image has jax 0.11.2,
 # flax, triton, jaxtyping, tqdm, treescope, protobuf; it reaches no package index). Run it here, where
-# PyPI is reachable; benchmarks/gpu_issue10.sh installs .whl/*.whl on the GPU machine when the run
+# PyPI is reachable; benchmarks/gpu_kernels.sh installs .whl/*.whl on the GPU machine when the run
 # carries it (carry=[".whl"]). Versions are the ones `pip install tokamax==0.0.17` chose on 2026-11-26.
 set -euo pipefail
 cd "$(dirname "$0")/.."

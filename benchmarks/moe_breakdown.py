@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.moe_layer import PRESETS, _grad_fn, build, time_fn
-from moe import dispatch, routing
-from moe.config import capacity
+from moe.config.model import capacity
+from moe.layers import dispatch, routing
 
 
 def main(argv=None):

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe import grouped_matmul
-from moe.config import Activation, GroupedMatmul, MoEConfig
-from moe.ffn import MLP
-from moe.layer import MoEFeedForward
+from moe.config.model import Activation, GroupedMatmul, MoEConfig
+from moe.kernels import grouped_matmul
+from moe.layers.ffn import MLP
+from moe.layers.moe_layer import MoEFeedForward
 
 PRESETS = {
     "cpu": dict(
@@ -218,7 +218,7 @@ def check_agreement(paths, dtype: str) -> dict[str, float]:
 def probe_tokamax() -> list[str]:
   """Which tokamax kernel runs each of the three matmuls here, each alone (bf16, E=8, T=1024): one
   line per (direction, kernel), 'ok' or the exception. Without this, a kernel that refuses a call
-  falls back to the next in `moe.grouped_matmul.tokamax_kernels` silently."""
+  falls back to the next in `moe.kernels.grouped_matmul.tokamax_kernels` silently."""
   if unavailable(DROPLESS + "tokamax"):
     return [f"tokamax: {unavailable(DROPLESS + 'tokamax')}"]
   kx, kw, kd = jax.random.split(jax.random.key(2), 3)

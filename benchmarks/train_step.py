@@ -5,8 +5,8 @@
         --steps 10 --warmup 3 --json benchmarks/results/train_step_h100.json
 
 Each `--config` is a config file spec as `experiments.train` takes it (`path[:arg]`, read by
-ml_collections' config file parser and `moe.config_dict.experiment_from_config_dict`). The train state
-and the jitted train step are built as training builds them (`moe.steps.init_train_state`,
+ml_collections' config file parser and `moe.config.config_dict.experiment_from_config_dict`). The train state
+and the jitted train step are built as training builds them (`moe.trainer.steps.init_train_state`,
 `make_train_step` under the config's mesh and logical rules) and fed synthetic batches of the config's
 shape: random token ids in the vocabulary, every weight 1 (random tokens route about evenly, which a
 trained router on real text need not do). `--sparse_counterparts` adds, for `configs/dense.py:size=X`,
@@ -14,7 +14,7 @@ trained router on real text need not do). `--sparse_counterparts` adds, for `con
 
 Measured per config: the compile time of the step, the median wall time of `--steps` steps after
 `--warmup` (each step blocked on), tokens/s = tokens per step / that median, and against the table's
-peak FLOP/s (`moe.accounting.peak_flops_per_device`; none for a CPU, shown as n/a):
+peak FLOP/s (`moe.models.accounting.peak_flops_per_device`; none for a CPU, shown as n/a):
 
 * MFU in model FLOPs (`accounting.model_flops_per_token`): the k experts a token uses, no capacity slack
   and no dispatch einsums, as PaLM counts it (Chowdhery et al. 2022, App. B), so the same model has the
@@ -47,8 +47,10 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from moe import accounting, config_dict, sharding
-from moe import steps as steps_lib
+from moe.config import config_dict
+from moe.models import accounting
+from moe.parallel import sharding
+from moe.trainer import steps as steps_lib
 
 # Config file arguments a sparse counterpart keeps (the size and the corpus); `match=` and its kin
 # only make sense for the dense file.
@@ -154,7 +156,7 @@ def measure(spec: str, cfg, *, steps: int, warmup: int) -> dict:
   batch_sharding = sharding.batch_sharding(mesh)
   batches = synthetic_batches(cfg, min(warmup + steps, 8), batch_sharding)  # Cycled.
 
-  t0 = time.perf_counter()  # As moe.train._compile_train_step: trace, lower and compile.
+  t0 = time.perf_counter()  # As moe.trainer.loop._compile_train_step: trace, lower and compile.
   with sharding.use_mesh(mesh, rules):
     step = steps_lib.make_train_step(
         graphdef, rest, cfg, tx, state_sharding=state_sharding, batch_sharding=batch_sharding

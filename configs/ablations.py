@@ -13,11 +13,11 @@ Arguments (comma-separated key=value):
     family=experts,capacity=dropless (default: the switch config's 1.25 train / 2.0 eval).
 
 A sweep runs every member (no member= given) over seeds, with matched dense baselines, and a report
-aggregates it (see experiments/sweep.py and experiments/report.py):
+aggregates it (see research/sweep.py and research/report.py):
 
-  python -m experiments.sweep --config=configs/ablations.py:family=experts --seeds=0,1,2 \
+  python -m research.sweep --config=configs/ablations.py:family=experts --seeds=0,1,2 \
       --baselines=active_flops --root=runs/sweeps/experts
-  python -m experiments.report runs/sweeps/experts
+  python -m research.report runs/sweeps/experts
 
 Families (base: configs/switch.py, 8 experts, top-1, gather, cf 1.25/2.0, balance 1e-2, z-loss 1e-3):
   experts   E in 2, 4, 8, 16, 32 (Switch Transformer Fig. 4: more experts at fixed FLOPs per token).
@@ -38,7 +38,7 @@ from __future__ import annotations
 import configs.expert_choice
 import configs.switch
 from configs import arguments
-from moe.config import MoEConfig
+from moe.config.model import MoEConfig
 
 
 def _set_moe(field: str, cast=float):

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from configs.sizes import DATA, SIZES
-from moe.config import Dispatch, MoEConfig
+from moe.config.model import Dispatch, MoEConfig
 
 
 @dataclasses.dataclass(frozen=True)

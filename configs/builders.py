@@ -2,9 +2,9 @@
 
 A config file is `get_config(arg)`: it parses its argument string (`configs.arguments.parse_arg`) and
 calls one builder here. Builders return an ml_collections ConfigDict laid out as
-`moe.config_dict.experiment_from_config_dict` reads it: `name`, `model` (with `model.moe` a section or
+`moe.config.config_dict.experiment_from_config_dict` reads it: `name`, `model` (with `model.moe` a section or
 None), `train`, `data` and `mesh`. Every section is generated from its dataclass
-(`moe.config_dict.section`), so each default is written once, in `moe.config` and its siblings, and
+(`moe.config.config_dict.section`), so each default is written once, in `moe.config` and its siblings, and
 every field is present and typed: any override such as `--config.model.moe.num_experts=16` works.
 Builders set only what a size, a corpus or a paper's recipe changes, and have no defaults of their
 own: the user-facing defaults are the config files' arguments (`configs.arguments.Arg`).
@@ -18,11 +18,11 @@ import ml_collections
 
 from configs.sizes import DATA, SIZES
 from moe import data as data_lib
-from moe.config import ModelConfig, MoEConfig
-from moe.train_config import TrainConfig
-from moe.config_dict import section
-from moe.data.config import DataConfig
-from moe.sharding import MeshConfig
+from moe.config.config_dict import section
+from moe.config.data import DataConfig
+from moe.config.mesh import MeshConfig
+from moe.config.model import ModelConfig, MoEConfig
+from moe.config.train import TrainConfig
 
 
 def data_vocab_size(data: DataConfig) -> int:
@@ -71,7 +71,7 @@ def dense_config(size: str, data: str, *, name: str | None = None) -> ml_collect
       checkpoint_every=s.checkpoint_every,
   )
   # Every device on 'data' by default; `--config.mesh.expert=4 --config.mesh.rules=expert` etc. pick
-  # another layout (moe.sharding.MeshConfig, Rules).
+  # another layout (moe.parallel.sharding.MeshConfig, Rules).
   cd.mesh = section(MeshConfig)
   return cd
 

@@ -8,18 +8,18 @@ Arguments (comma-separated key=value):
   data: shakespeare | python_stdlib | lm1b | c4 (default shakespeare).
   match: the name of a sparse config (switch4 ... switch64, top2, expert_choice; see
     NAMED_SPARSE below): the dense model whose training FLOPs per token, as computed (router,
-    capacity slack and dispatch included; moe.accounting), equal that sparse model's.
+    capacity slack and dispatch included; moe.models.accounting), equal that sparse model's.
   match_params: the same, matched on total parameters instead.
   match_active_params: the same, matched on active parameters (k experts, no capacity slack: the Switch
     paper's "FLOP-matched" T5 baseline).
-Only mlp_hidden changes (rounded to a multiple of 8); see moe.baselines.matched_dense.
+Only mlp_hidden changes (rounded to a multiple of 8); see research.baselines.matched_dense.
 """
 
 import configs.expert_choice
 import configs.switch
 import configs.top2
 from configs import arguments, builders
-from moe import baselines
+from research import baselines
 
 # Sparse configs a dense baseline can be matched to: the default config of configs/switch.py with E
 # experts (switch<E>), of configs/top2.py and of configs/expert_choice.py.

@@ -13,7 +13,7 @@ Why `allow_noncausal_routing=True`: an expert ranks all S tokens of a sequence a
 whether position t is processed depends on the router scores of positions after t. In a decoder this
 leaks the future into training (its loss is optimistic) and cannot be reproduced when generating one
 token at a time. Zhou et al. evaluate encoders; we run it as a comparison point, and the model refuses
-it unless this flag acknowledges the leak (moe.config.ModelConfig).
+it unless this flag acknowledges the leak (moe.config.model.ModelConfig).
 """
 
 from configs import arguments, builders

@@ -1,7 +1,7 @@
 """Regimes for the sparse-vs-dense question (docs/RESULTS.md, finding a): where does sparse win?
 
   python -m experiments.train --config=configs/regimes.py:regime=stdlib_e16_every1 --workdir=runs/r
-  python -m experiments.sweep --config=configs/regimes.py --seeds=0,1,2 --baselines=active_flops \
+  python -m research.sweep --config=configs/regimes.py --seeds=0,1,2 --baselines=active_flops \
       --root=runs/sweeps/regimes     # every regime (no regime= given), each with its dense baseline
 
 Arguments (comma-separated key=value):
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 from configs import arguments, builders
-from moe.config import MoEConfig
+from moe.config.model import MoEConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +121,7 @@ REGIMES: dict[str, Regime] = {
 }
 MAIN = "stdlib_d64_e16_every1_group4096_1000"
 # Evaluations per run: the loss curves are read at these points, and the compute a dense model needs
-# to reach a loss is interpolated between them (`moe.report`), so they must be dense in log-FLOPs
+# to reach a loss is interpolated between them (`research.report`), so they must be dense in log-FLOPs
 # too: with 20 points the last decade of steps holds 18 of them.
 EVAL_POINTS = 20
 

@@ -2,7 +2,7 @@
 counts, on the Python stdlib, for the compute a dense model needs to reach each sparse model's loss.
 
   python -m experiments.train --config=configs/scaling.py:d=64,experts=16 --workdir=runs/s
-  python -m experiments.sweep --config=configs/scaling.py --seeds=0 --root=runs/sweeps/scaling
+  python -m research.sweep --config=configs/scaling.py --seeds=0 --root=runs/sweeps/scaling
 
 Arguments (comma-separated key=value):
   d: the model width, one of WIDTHS (4 layers, heads of 32, dense FFN and experts 4d wide).
@@ -14,7 +14,7 @@ Every sparse model is finding a's winning design (configs/regimes.py
 experts of the dense FFN's width in every layer, the whole 4096-token batch as one routing group,
 capacity factor 1.25 train / 2.0 eval, 4000 steps (16M tokens), the same learning rate (3e-3) and
 schedule at every width. The dense models of every width are the frontier a sparse model's loss is
-read against (`moe.report`). A sweep without `d=` / `experts=` runs `GRID`.
+read against (`research.report`). A sweep without `d=` / `experts=` runs `GRID`.
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ def get_config(arg: str | None = None):
   d, experts = int(args["d"]), int(args["experts"])
   regime = regimes.Regime("python_stdlib", max(experts, 1), 1, STEPS, group_size=4096, d_model=d)
   cd = regimes.regime_config(regime, args["size"], name(d, experts, args["size"]))
-  if experts == 0:  # The same model with its FFN dense (what moe.baselines.matched_dense does).
+  if (
+      experts == 0
+  ):  # The same model with its FFN dense (what research.baselines.matched_dense does).
     cd.model.moe = None
     cd.mesh.rules = "data"
   return cd

@@ -1,5 +1,5 @@
 """Sparse upcycling (Komatsuzaki et al. 2022): continue a trained dense run, as a sparse model or as
-itself, for the same extra steps under the same fresh schedule (`moe.upcycle`).
+itself, for the same extra steps under the same fresh schedule (`moe.models.upcycle`).
 
   python -m experiments.train --config=configs/dense.py:size=tiny --workdir=runs/dense_tiny
   python -m experiments.train --config=configs/upcycle.py:size=tiny \
@@ -19,7 +19,7 @@ cosine decay over the M steps, and read the same batches: they differ only in th
 the paper's decoders route top-2 and, renormalised, its gates stay trainable (top-1 renormalised is a
 gate of 1: the router would learn from the balance loss only); dropless because top-2 with a capacity is
 not causal in a decoder and could drop tokens at step 0. The measurement's commands (3 seeds) are in
-moe/upcycle.py's docstring.
+moe/models/upcycle.py's docstring.
 """
 
 from configs import arguments, builders

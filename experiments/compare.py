@@ -6,7 +6,7 @@
 
 Trains the sparse model of a regime (configs/regimes.py; default MAIN, the regime docs/RESULTS.md found
 strongest among those that fit) and its dense baseline matched on training FLOPs per token
-(moe.baselines.matched_dense: router and capacity slack paid for by a wider dense FFN), each seed in its
+(research.baselines.matched_dense: router and capacity slack paid for by a wider dense FFN), each seed in its
 own workdir under --workdir_root (a rerun resumes or, when finished, just reports). Then prints the
 table, the gap with its uncertainty and what it means, and writes <root>/val_loss.png and
 <root>/comparison.json. With one seed, the uncertainty is the seed-to-seed spread of this regime
@@ -23,8 +23,10 @@ from absl import app, flags
 
 from configs import regimes
 from configs.sizes import SIZES
-from moe import files, plots, report, sweep, train
-from moe.config_dict import experiment_from_config_dict
+from moe import atomic_file
+from moe.config.config_dict import experiment_from_config_dict
+from moe.trainer import loop
+from research import plots, statistics, sweep_plan
 
 _ROOT = flags.DEFINE_string("workdir_root", "runs/compare", "Where the runs' workdirs go.")
 _REGIME = flags.DEFINE_enum(
@@ -42,7 +44,7 @@ MEASURED = (
 def _overrides(spec: str) -> tuple[str, ...]:
   if _STEPS.value is None:
     return ()
-  warmup = min(sweep.load_config(spec).train.warmup_steps, _STEPS.value)
+  warmup = min(sweep_plan.load_config(spec).train.warmup_steps, _STEPS.value)
   return (f"train.steps={_STEPS.value}", f"train.warmup_steps={warmup}")
 
 
@@ -94,32 +96,32 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   root = pathlib.Path(_ROOT.value)
   spec = f"configs/regimes.py:regime={_REGIME.value},size={_SIZE.value}"
-  runs = sweep.plan(
+  runs = sweep_plan.plan(
       [spec],
       seeds=[int(s) for s in _SEEDS.value],
       root=root,
       baselines=("active_flops",),
       overrides=_overrides(spec),
   )
-  sweep.write_manifest(root, runs)
+  sweep_plan.write_manifest(root, runs)
   for run in sorted(runs, key=lambda r: (r.seed, r.match is None)):  # Dense first, as before.
     print(f"\n=== {run.name} seed {run.seed} in {run.workdir}", flush=True)
-    train.train_and_evaluate(experiment_from_config_dict(sweep.config_of(run)), run.workdir)
-  results = report.load_runs(root)
-  summaries = [s for s in report.summarize(results) if s["name"] in {r.name for r in runs}]
+    loop.train_and_evaluate(experiment_from_config_dict(sweep_plan.config_of(run)), run.workdir)
+  results = statistics.load_runs(root)
+  summaries = [s for s in statistics.summarize(results) if s["name"] in {r.name for r in runs}]
   plots.loss_curves(
       [r for r in results if r.name in {s["name"] for s in summaries}],
       "steps",
       root / "val_loss.png",
       title=f"{_REGIME.value}: sparse vs dense at equal training FLOPs per token",
   )
-  files.atomic_write(
-      root / "comparison.json", json.dumps(report.json_ready(summaries), indent=1) + "\n"
+  atomic_file.atomic_write(
+      root / "comparison.json", json.dumps(statistics.json_ready(summaries), indent=1) + "\n"
   )
   sparse = next(s for s in summaries if s["match"] is None)
   dense = next(s for s in summaries if s["match"] == "active_flops")
   print(f"\nRegime {_REGIME.value}: {regimes.REGIMES[_REGIME.value].why}\n")
-  print(report.markdown_table(summaries))
+  print(statistics.markdown_table(summaries))
   print("\n" + verdict(sparse, dense))
   print(f"\nValidation loss curves: {root / 'val_loss.png'}; numbers: {root / 'comparison.json'}")
 

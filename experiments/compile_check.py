@@ -7,7 +7,7 @@ Catches an out-of-memory (and any sharding error) before a launch, as MaxText's 
 Nothing is allocated: the train state is abstract (shapes, dtypes and shardings), and with
 `--fake_devices=N` the step is compiled for N fake CPU devices, so a slice's program can be checked
 on a laptop (CPU temporaries differ somewhat from an accelerator's; parameters and optimiser state are
-exact). `--mesh` takes the fields of moe.sharding.MeshConfig (data, fsdp, expert, tensor, rules) and
+exact). `--mesh` takes the fields of moe.parallel.sharding.MeshConfig (data, fsdp, expert, tensor, rules) and
 overrides the config's mesh section.
 """
 
@@ -64,7 +64,9 @@ def main(argv):
         + f" --xla_force_host_platform_device_count={_FAKE_DEVICES.value}"
     )
   import jax  # pylint: disable=g-import-not-at-top
-  from moe import config_dict, sharding, steps  # pylint: disable=g-import-not-at-top
+  from moe.trainer import steps  # pylint: disable=g-import-not-at-top
+  from moe.config import config_dict
+  from moe.parallel import sharding
 
   if _FAKE_DEVICES.value:
     jax.config.update("jax_platforms", "cpu")

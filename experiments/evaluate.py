@@ -9,7 +9,7 @@
 first N batches, how the split was scored before `train.eval_windows` existed), `all` (every
 window); default: the run's own `train.eval_batches` and `train.eval_windows`. Prints the loss, the
 tokens scored, the loss of the even and odd windows and the standard error of a bootstrap over
-the split's documents (`moe.evaluation`); with --compare, the gap to another run scored on the
+the split's documents (`moe.trainer.evaluation`); with --compare, the gap to another run scored on the
 same windows and its paired bootstrap error. --output writes the numbers, with every window's loss
 and document, as JSON (never into a workdir).
 """
@@ -22,8 +22,9 @@ import sys
 
 from absl import app, flags
 
-from moe import evaluation, files, trained
-from moe.train_config import EvalWindows
+from moe import atomic_file
+from moe.config.train import EvalWindows
+from moe.trainer import evaluation, trained_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run to re-score.")
 _EVAL = flags.DEFINE_string("eval", None, "spread:N | prefix:N | all (default: the run's own).")
@@ -80,14 +81,14 @@ def run(workdir: str, eval_text: str | None, compare: str | None, output: str | 
   workdirs = [workdir] + ([compare] if compare else [])
   if output and _inside_a_workdir(pathlib.Path(output), workdirs):
     raise ValueError(f"--output={output} is inside a run's workdir; write it elsewhere")
-  cfg = trained.load_config(workdir)
+  cfg = trained_run.load_config(workdir)
   spread, num_batches = parse_eval(eval_text, cfg)
   scored = evaluation.score(workdir, cfg, spread=spread, num_batches=num_batches)
   result = {"eval": eval_text or "the run's own", "runs": [_summary(workdir, scored)]}
   _print(result["runs"][0])
   windows = {workdir: scored}
   if compare:
-    other_cfg = trained.load_config(compare)
+    other_cfg = trained_run.load_config(compare)
     other = evaluation.score(compare, other_cfg, spread=spread, num_batches=num_batches)
     result["runs"].append(_summary(compare, other))
     _print(result["runs"][1])
@@ -105,7 +106,7 @@ def run(workdir: str, eval_text: str | None, compare: str | None, output: str | 
         }
         for name, s in windows.items()
     }
-    files.atomic_write(pathlib.Path(output), json.dumps(result) + "\n")
+    atomic_file.atomic_write(pathlib.Path(output), json.dumps(result) + "\n")
   return result
 
 

@@ -6,7 +6,7 @@
 Prints the prompt and its continuation. Works for dense and sparse runs of any size (on one device),
 byte-level or SentencePiece; `--temperature=0` is greedy. Generation stops after --max_new_tokens
 tokens, or earlier when the model has read model.max_len tokens (it says so). MoE layers route
-each token dropless at decode time (see `moe.decode`).
+each token dropless at decode time (see `moe.models.decode`).
 
 Exit status: 0, or 1 with one line saying why (no workdir, no checkpoint, an empty or too long
 prompt, a bad flag value); --verbose shows the traceback.
@@ -18,7 +18,8 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
-from moe import sampling, trained
+from moe.models import sampling
+from moe.trainer import trained_run
 
 _DEFAULTS = sampling.SamplingConfig()
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (config.json, checkpoints/).")
@@ -48,11 +49,11 @@ def sample() -> str:
   cfg = sampling.SamplingConfig(
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value
   )
-  run = trained.load_config(_WORKDIR.value)
+  run = trained_run.load_config(_WORKDIR.value)
   data = run.data
   if _CACHE_DIR.value:
     data = dataclasses.replace(data, cache_dir=_CACHE_DIR.value)
-  tokenizer = trained.run_tokenizer(data)
+  tokenizer = trained_run.run_tokenizer(data)
   if tokenizer.vocab_size > run.model.vocab_size:
     raise ValueError(
         f"the {data.tokenizer.value} tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -61,7 +62,7 @@ def sample() -> str:
   prompt_ids = tokenizer.encode(_PROMPT.value)
   if len(prompt_ids) == 0:
     raise ValueError("--prompt is empty: give the model some text to continue")
-  model, step = trained.load_model(_WORKDIR.value, run)
+  model, step = trained_run.load_model(_WORKDIR.value, run)
   result = sampling.generate(
       model, prompt_ids[None, :], cfg, max_new_tokens=_MAX_NEW_TOKENS.value, seed=_SEED.value
   )

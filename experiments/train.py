@@ -1,20 +1,20 @@
-"""Trains one experiment: flags -> config -> `moe.train.train_and_evaluate`.
+"""Trains one experiment: flags -> config -> `moe.trainer.loop.train_and_evaluate`.
 
     python -m experiments.train --config=configs/switch.py:size=smoke --workdir=runs/smoke
 
 Rerunning with the same --workdir resumes from its latest checkpoint.
 
-The dense baseline of any sparse config, after its overrides (see moe.baselines.matched_dense):
+The dense baseline of any sparse config, after its overrides (see research.baselines.matched_dense):
 
     python -m experiments.train --config=configs/top2.py:size=tiny --config.model.sparse_every=1 \
         --match_dense=active_flops --workdir=runs/top2_every1_dense
 
  Override fields on the command
-line, e.g. --config.mesh.expert=4 --config.mesh.rules=expert (see moe.sharding), or
---config.train.steps=2000 --config.train.allow_steps_change=True to extend a run (see moe.workdir).
+line, e.g. --config.mesh.expert=4 --config.mesh.rules=expert (see moe.parallel.sharding), or
+--config.train.steps=2000 --config.train.allow_steps_change=True to extend a run (see moe.trainer.workdir).
 
 Exit status: 0 when the run is complete; 75 after a preemption (SIGTERM or SIGINT: the current step is
-finished and saved, rerun the same command to resume; see moe.preemption); 1 with one line saying why
+finished and saved, rerun the same command to resume; see moe.trainer.preemption); 1 with one line saying why
 when the config or the workdir is refused, no checkpoint restores, or the run diverged (--verbose
 shows the traceback).
 
@@ -29,10 +29,13 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe import baselines, config_dict, sharding, train
-from moe.checkpoints import CheckpointsDamaged
-from moe.preemption import EXIT_CODE, Preempted
-from moe.progress import Diverged
+from moe.config import config_dict
+from moe.parallel import distributed
+from moe.trainer import loop
+from moe.trainer.checkpoints import CheckpointsDamaged
+from moe.trainer.preemption import EXIT_CODE, Preempted
+from moe.trainer.progress import Diverged
+from research import baselines
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (path[:arg]).", lock_config=True
@@ -91,15 +94,17 @@ def main(argv):
     if _MATCH_DENSE.value is not None:
       cd = baselines.matched_dense(cd, _MATCH_DENSE.value)
     cfg = config_dict.experiment_from_config_dict(cd)  # Validates before compiling.
-    sharding.initialize_distributed(
+    distributed.initialize_distributed(
         _COORDINATOR.value,
         _NUM_PROCESSES.value,
         _PROCESS_ID.value,
         cpu_collectives=_CPU_COLLECTIVES.value,
     )
-    train.train_and_evaluate(cfg, _WORKDIR.value)
+    loop.train_and_evaluate(cfg, _WORKDIR.value)
   except Preempted:
-    sys.exit(EXIT_CODE)  # The loop printed the step it saved; "requeue me" (moe.preemption).
+    sys.exit(
+        EXIT_CODE
+    )  # The loop printed the step it saved; "requeue me" (moe.trainer.preemption).
   except (ValueError, Diverged, CheckpointsDamaged) as error:
     if _VERBOSE.value:
       raise

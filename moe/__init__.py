@@ -1,10 +1,13 @@
 """Sparse Mixture-of-Experts research in JAX/Flax NNX.
 
-The layer: `moe.MoEConfig`, `moe.MoEFeedForward`; routing pieces and losses in `moe.routing`, dispatch
-implementations in `moe.dispatch`, expert FFNs in `moe.ffn`.
+The face of the library: the MoE layer and its configuration (`from moe import MoEConfig,
+MoEFeedForward`). The parts live in sub-packages: `moe.layers` (routing, dispatch, experts, the layer),
+`moe.kernels` (grouped matmuls), `moe.models` (the decoder, decoding, upcycling, FLOP counts),
+`moe.config` (every configuration dataclass), `moe.parallel` (meshes and shardings), `moe.trainer`
+(the training loop and everything a run writes) and `moe.data` (corpora, tokenizers, pipelines).
 """
 
-from moe.config import (
+from moe.config.model import (
     Activation,
     Dispatch,
     GroupedMatmul,
@@ -14,7 +17,7 @@ from moe.config import (
     ServingOrder,
     capacity,
 )
-from moe.layer import MoEAux, MoEFeedForward
+from moe.layers.moe_layer import MoEAux, MoEFeedForward
 
 __all__ = [
     "Activation",

@@ -1,8 +1,8 @@
 """A slow, obviously correct MoE layer: one token and one claim at a time, in float64 numpy.
 
 It re-derives capacity, routing, priority, slots, combine, the auxiliary losses and the routing
-statistics from the rules written in the docstrings of moe/config.py, moe/routing.py and
-moe/dispatch.py. It calls no function of the `moe` package: it only reads the attributes of an
+statistics from the rules written in the docstrings of moe/config/model.py, moe/layers/routing.py and
+moe/layers/dispatch.py. It calls no function of the `moe` package: it only reads the attributes of an
 `MoEConfig` and compares enum members.
 
 Functions work on one routing group at a time (arrays [S, ...]) unless their shapes say [G, ...].
@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from moe.config import Activation, Dispatch, MoEConfig, Priority, RouterKind, ServingOrder
+from moe.config.model import Activation, Dispatch, MoEConfig, Priority, RouterKind, ServingOrder
 
 # --------------------------------------------------------------------------------------------------
 # Capacity and routing groups.

@@ -14,7 +14,7 @@ import jax
 import pytest
 
 from benchmarks import train_step
-from moe import accounting
+from moe.models import accounting
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = (

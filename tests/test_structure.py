@@ -1,5 +1,6 @@
 """The package's shape: no import cycle inside `moe`, no dependency of `moe` on the checkout's
-`configs/`, and the experiments run against a non-editable install."""
+`configs/` or on the research tooling (`research/`), and the experiments run against a non-editable
+install."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _graph() -> dict[str, set[str]]:
 
 def test_no_import_cycle_in_moe():
   graph = _graph()
-  assert {"moe.config", "moe.sharding", "moe.experiment", "moe.train"} <= set(graph)
+  assert {"moe.config.model", "moe.parallel.sharding", "moe.trainer.loop"} <= set(graph)
   state: dict[str, str] = {}
 
   def visit(node: str, stack: list[str]) -> None:
@@ -63,30 +64,45 @@ def test_no_import_cycle_in_moe():
       visit(node, [node])
 
 
-def test_moe_does_not_depend_on_configs():
+def test_moe_imports_neither_configs_nor_research():
   for path in PACKAGE.rglob("*.py"):
-    assert not any(m == "configs" or m.startswith("configs.") for m in _imports(path)), path
-    tree = ast.parse(path.read_text())
-    docstrings = {
-        id(n.body[0].value)
-        for n in ast.walk(tree)
-        if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
-        and n.body
-        and isinstance(n.body[0], ast.Expr)
-        and isinstance(n.body[0].value, ast.Constant)
-    }
-    strings = [
-        n.value
-        for n in ast.walk(tree)
-        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
-    ]
-    assert not any("configs" in s for s in strings), (path, [s for s in strings if "configs" in s])
+    outside = [m for m in _imports(path) if m.split(".")[0] in ("configs", "research")]
+    assert not outside, (path, outside)
+
+
+def test_importing_the_library_reads_no_file_of_configs():
+  """Every module of `moe` imported in a fresh interpreter, with an audit hook on `open`: none of
+  them reads a file under the checkout's configs/ (a path string built at run time would pass an
+  import check)."""
+  script = (
+      "import importlib, pathlib, pkgutil, sys\n"
+      f"configs = pathlib.Path({str(ROOT / 'configs')!r})\n"
+      "opened = []\n"
+      "def hook(event, args):\n"
+      "  if event == 'open' and isinstance(args[0], str) and pathlib.Path(args[0]).resolve()"
+      ".is_relative_to(configs):\n"
+      "    opened.append(args[0])\n"
+      "sys.addaudithook(hook)\n"
+      "import moe\n"
+      "for info in pkgutil.walk_packages(moe.__path__, 'moe.'):\n"
+      "  importlib.import_module(info.name)\n"
+      "print(len(opened), opened)\n"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", script],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  ).stdout
+  assert out.startswith("0 []"), out
 
 
 @pytest.mark.timeout(600)
 def test_compare_runs_from_a_non_editable_install(tmp_path):
   """`pip install .` (a wheel: only `moe` is packaged), then the main job from a directory that holds
-  experiments/ and configs/ but no moe/: the library must come from site-packages."""
+  experiments/, configs/ and research/ but no moe/: the library must come from site-packages."""
   site, source = tmp_path / "site", tmp_path / "source"
   # Built from a copy: pip builds in the source tree, and the checkout must stay as it is.
   shutil.copytree(ROOT / "moe", source / "moe", ignore=shutil.ignore_patterns("__pycache__"))
@@ -109,9 +125,10 @@ def test_compare_runs_from_a_non_editable_install(tmp_path):
       capture_output=True,
       text=True,
   )
-  assert (site / "moe" / "train.py").exists() and not (site / "configs").exists()
+  assert (site / "moe" / "trainer" / "loop.py").exists()
+  assert not (site / "configs").exists() and not (site / "research").exists()
   work = tmp_path / "work"
-  for name in ("experiments", "configs"):
+  for name in ("experiments", "configs", "research"):
     shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
   env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu", XLA_FLAGS="")
   out = subprocess.run(

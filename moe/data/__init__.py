@@ -15,22 +15,11 @@ Checkpoint the iterator with orbax: `grain.checkpoint.CheckpointSave(it)` /
 `grain.checkpoint.CheckpointRestore(it)`, or `it.get_state()`/`it.set_state()`.
 """
 
-from moe.data.config import DataConfig
-from moe.data.config import Source
-from moe.data.config import TokenizerKind
+from moe.config.data import DataConfig, Source, TokenizerKind
 from moe.data.corpora import SHAKESPEARE_VALIDATION_WORKS
-from moe.data.pipeline import describe
-from moe.data.pipeline import eval_batches
-from moe.data.pipeline import EvalBatches
-from moe.data.pipeline import token_stream
-from moe.data.pipeline import tokenizer_for
-from moe.data.pipeline import train_iterator
-from moe.data.pipeline import vocab_size
-from moe.data.tfds_source import build_text_files_dataset
-from moe.data.tfds_source import DatasetNotPreparedError
-from moe.data.tokenizers import ByteTokenizer
-from moe.data.tokenizers import SentencePieceTokenizer
-from moe.data.tokenizers import Tokenizer
+from moe.data.pipeline import describe, eval_batches, EvalBatches, token_stream, tokenizer_for, train_iterator, vocab_size
+from moe.data.tfds_source import build_text_files_dataset, DatasetNotPreparedError
+from moe.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer
 
 __all__ = [
     "build_text_files_dataset",

@@ -32,9 +32,9 @@ import sysconfig
 
 import numpy as np
 
-from moe import files
+from moe import atomic_file
+from moe.config.data import Source
 from moe.data import tokenizers as tok_lib
-from moe.data.config import Source
 
 TRAIN = "train"
 VALIDATION = "validation"
@@ -252,4 +252,4 @@ def save_stream(path: pathlib.Path, stream: np.ndarray) -> None:
   """Atomic .npy write (write-then-rename)."""
   buf = io.BytesIO()
   np.save(buf, np.ascontiguousarray(stream))
-  files.atomic_write(path, buf.getvalue())
+  atomic_file.atomic_write(path, buf.getvalue())

@@ -37,12 +37,8 @@ import weakref
 import grain
 import numpy as np
 
-from moe.data import corpora
-from moe.data import tfds_pipeline
-from moe.data import tokenizers as tok_lib
-from moe.data.config import DataConfig
-from moe.data.config import Source
-from moe.data.config import TokenizerKind
+from moe.config.data import DataConfig, Source, TokenizerKind
+from moe.data import corpora, tfds_pipeline, tokenizers as tok_lib
 
 Batch = dict[str, np.ndarray]
 # In-memory work: threads would only fight over the GIL (grain's advice).

@@ -19,10 +19,8 @@ import re
 import grain
 import numpy as np
 
-from moe.data import corpora
-from moe.data import tfds_source
-from moe.data import tokenizers as tok_lib
-from moe.data.config import DataConfig
+from moe.config.data import DataConfig
+from moe.data import corpora, tfds_source, tokenizers as tok_lib
 
 # Documents are read in the thread that packs them (the caller prefetches whole batches).
 _READ_IN_CALLER = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from moe import files
+from moe import atomic_file
 
 
 class Tokenizer(Protocol):
@@ -211,7 +211,7 @@ def load_or_train_sentencepiece(
   path = pathlib.Path(path)
   if not path.exists():
     proto = train_sentencepiece(texts_fn(), vocab_size=vocab_size, max_bytes=max_bytes)
-    files.atomic_write(path, proto)
+    atomic_file.atomic_write(path, proto)
   return _load_sentencepiece(os.fspath(path))
 
 

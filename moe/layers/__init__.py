@@ -1,0 +1,4 @@
+"""The MoE feed-forward layer and its parts: the router and its losses (`routing`), the three
+dispatch paths (`dispatch`), the expert FFNs (`ffn`), the layer itself (`moe_layer`) and dropless
+expert parallelism (`expert_parallel`).
+"""

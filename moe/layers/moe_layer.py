@@ -1,0 +1,235 @@
+"""The MoE feed-forward layer: route, dispatch, run the experts, combine; return losses and stats.
+
+    y, aux = MoEFeedForward(cfg, d_model, rngs=nnx.Rngs(0))(x_BLD, train=True, rng=key)
+    loss = (task_loss + cfg.balance_loss_weight * aux.losses.balance
+            + cfg.z_loss_weight * aux.losses.z)
+
+Tokens [B, L, d] are cut into routing groups [G, S, d] along the flattened token axis (per sequence
+by default, or `group_size` tokens), so which tokens drop depends on the data only, never on the
+mesh.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe.config.model import Dispatch, MoEConfig, RouterKind
+from moe.layers import dispatch, expert_parallel, routing
+from moe.layers.ffn import Experts, MLP
+from moe.parallel import axes
+
+
+class MoEAux(NamedTuple):
+  """What a MoE layer returns beside its output: unweighted losses and routing statistics."""
+
+  losses: routing.Losses
+  stats: routing.Stats
+
+
+class MoEFeedForward(nnx.Module):
+  """E expert FFNs behind a router, with an optional always-on shared expert.
+
+  Args:
+    cfg: the layer's configuration (validated on construction).
+    d_model: model width d.
+    rngs: parameter initialisation.
+  """
+
+  def __init__(self, cfg: MoEConfig, d_model: int, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.router = routing.Router(d_model, cfg.num_experts, jitter_eps=cfg.jitter_eps, rngs=rngs)
+    self.experts = Experts(
+        cfg.num_experts,
+        d_model,
+        cfg.expert_hidden,
+        cfg.activation,
+        dtype=cfg.compute_dtype,
+        grouped_matmul=cfg.grouped_matmul,
+        rngs=rngs,
+    )
+    self.shared_expert = (
+        MLP(d_model, cfg.shared_expert_hidden, cfg.activation, dtype=cfg.compute_dtype, rngs=rngs)
+        if cfg.shared_expert_hidden
+        else None
+    )
+
+  def _experts_on_buffers(self, x_GECD: jax.Array) -> jax.Array:
+    # Buffers are split over the expert mesh axis here: the resharding from token-side groups to
+    # expert-side buffers is the all-to-all of expert parallelism (GShard Sec. 3.2).
+    spec = (axes.EXPERT_GROUP, axes.ACT_EXPERT, None, axes.ACT_EMBED)
+    y_GECD = self.experts(axes.constrain(x_GECD, spec))
+    return axes.constrain(y_GECD, spec)
+
+  def _groups_and_router(self, x_BLD, train: bool, rng):
+    """Tokens cut into routing groups [G, S, d], their float32 logits and probabilities [G, S, E].
+
+    Returns:
+      (x_GSD, logits_GSE, probs_GSE).
+    """
+    cfg = self.cfg
+    b, l, d = x_BLD.shape
+    g, s = cfg.group_shape(b, l)
+    x_GSD = axes.constrain(
+        x_BLD.astype(cfg.compute_dtype).reshape(g, s, d), (axes.GROUP, None, axes.ACT_EMBED)
+    )
+    logits_GSE = self.router(x_GSD, train=train, rng=rng)
+    return x_GSD, logits_GSE, jax.nn.softmax(logits_GSE, axis=-1)
+
+  def _token_mask(self, token_mask_BL, x_GSD) -> jax.Array | None:
+    """The padding mask as routing groups, bool [G, S] (True: a real token), or None."""
+    if token_mask_BL is None:
+      return None
+    g, s, _ = x_GSD.shape
+    return axes.constrain(jnp.asarray(token_mask_BL).astype(bool).reshape(g, s), (axes.GROUP, None))
+
+  def _slots(self, expert_index_GSK, probs_GSE, mask_GS):
+    """Each claim's slot in its expert's buffer [G, S, k], as the configured dispatch numbers it."""
+    cfg = self.cfg
+    slots_fn = (
+        dispatch.slots_by_cumsum if cfg.dispatch is Dispatch.EINSUM else dispatch.slots_by_sort
+    )
+    order_GS = routing.priority_order(probs_GSE, cfg.priority)
+    return slots_fn(
+        expert_index_GSK,
+        order_GS,
+        cfg.num_experts,
+        token_mask_GS=mask_GS,
+        serving_order=cfg.serving_order,
+    )
+
+  def routing_decisions(
+      self,
+      x_BLD: jax.Array,
+      *,
+      train: bool = False,
+      rng: jax.Array | None = None,
+      token_mask_BL: jax.Array | None = None,
+  ) -> tuple[jax.Array, jax.Array]:
+    """Which expert each claim goes to and whether it keeps its slot, for inspection and tests.
+
+    Tokens choose: (expert_index [G, S, k], kept [G, S, k] bool; a padded token keeps nothing).
+    Experts choose: (token_index [G, E, C], [G, E, C] bool: False where the pick is padding).
+    Computes what `__call__` decides, without running the experts.
+    """
+    cfg = self.cfg
+    x_GSD, _, probs_GSE = self._groups_and_router(x_BLD, train, rng)
+    mask_GS = self._token_mask(token_mask_BL, x_GSD)
+    s = probs_GSE.shape[1]
+    if cfg.router is RouterKind.EXPERTS_CHOOSE:
+      choice = routing.experts_choose(probs_GSE, cfg.capacity(s, train), mask_GS)
+      if mask_GS is None:
+        return choice.token_index, jnp.ones(choice.token_index.shape, bool)
+      return choice.token_index, jax.vmap(lambda m, i: m[i])(mask_GS, choice.token_index)
+    top = routing.tokens_choose(probs_GSE, cfg.top_k, cfg.renormalize_gates, mask_GS)
+    kept_GSK = jnp.ones(top.expert_index.shape, bool)
+    if mask_GS is not None:
+      kept_GSK = kept_GSK & mask_GS[..., None]
+    if cfg.dispatch is Dispatch.DROPLESS:
+      return top.expert_index, kept_GSK
+    slots_GSK = self._slots(top.expert_index, probs_GSE, mask_GS)
+    return top.expert_index, slots_GSK < cfg.capacity(s, train)
+
+  def _experts_choose(self, x_GSD, probs_GSE, mask_GS, train: bool):
+    """Experts choose: (y [G, S, d], covered [G, S, 1], load [G, E], None)."""
+    cfg = self.cfg
+    g, s, _ = x_GSD.shape
+    choice = routing.experts_choose(probs_GSE, cfg.capacity(s, train), mask_GS)
+    run = (
+        dispatch.einsum_expert_choice
+        if cfg.dispatch is Dispatch.EINSUM
+        else dispatch.gather_expert_choice
+    )
+    y_GSD, covered_GS1 = run(x_GSD, choice.token_index, choice.gates, self._experts_on_buffers)
+    if mask_GS is not None:  # A padded pick (gate 0) covers nothing.
+      covered_GS1 = covered_GS1 & mask_GS[..., None]
+    # Every expert takes exactly C tokens: the load is uniform by construction and every slot is
+    # used (capacity_used 1.0).
+    load_GE = jnp.full((g, cfg.num_experts), 1.0 / cfg.num_experts, jnp.float32)
+    if mask_GS is not None:
+      # In `expert_load`'s units (real assignments over all S tokens), as the statistics expect.
+      load_GE = load_GE * (jnp.sum(mask_GS.astype(jnp.float32), axis=1, keepdims=True) / s)
+    return y_GSD, covered_GS1, load_GE, None
+
+  def _tokens_choose(self, x_GSD, probs_GSE, mask_GS, train: bool):
+    """Tokens choose: (y [G, S, d], kept [G, S, k], load [G, E], C of the buffers or None)."""
+    cfg = self.cfg
+    top = routing.tokens_choose(probs_GSE, cfg.top_k, cfg.renormalize_gates, mask_GS)
+    load_GE = routing.expert_load(top.expert_index, cfg.num_experts, mask_GS)
+    if cfg.dispatch is Dispatch.DROPLESS:
+      # No buffers: it computes exactly the assignments (capacity_used 1.0).
+      if expert_parallel.expert_axis() is None:
+        y_GSD, kept_GSK = dispatch.dropless_moe(
+            x_GSD, top.expert_index, top.gates, self.experts.grouped, cfg.num_experts, mask_GS
+        )
+        return y_GSD, kept_GSK, load_GE, None
+      # Experts split over a mesh axis: each claim travels to its expert's device (all-to-all);
+      # left to the partitioner, ragged_dot would gather the weights or replicate the claims.
+      # Padded tokens' gates are already 0 (`tokens_choose`), so their output is zero.
+      y_GSD, kept_GSK = expert_parallel.dropless_moe(
+          x_GSD, top.expert_index, top.gates, self.experts, cfg.num_experts
+      )
+      if mask_GS is not None:
+        kept_GSK = kept_GSK & mask_GS[..., None]
+      return y_GSD, kept_GSK, load_GE, None
+    capacity = cfg.capacity(x_GSD.shape[1], train)
+    run = dispatch.einsum_moe if cfg.dispatch is Dispatch.EINSUM else dispatch.gather_moe
+    y_GSD, kept_GSK = run(
+        x_GSD,
+        top.expert_index,
+        top.gates,
+        routing.priority_order(probs_GSE, cfg.priority),
+        capacity,
+        cfg.num_experts,
+        self._experts_on_buffers,
+        token_mask_GS=mask_GS,
+        serving_order=cfg.serving_order,
+    )
+    return y_GSD, kept_GSK, load_GE, capacity
+
+  def __call__(
+      self,
+      x_BLD: jax.Array,
+      *,
+      train: bool = False,
+      rng: jax.Array | None = None,
+      token_mask_BL: jax.Array | None = None,
+  ) -> tuple[jax.Array, MoEAux]:
+    """Applies the layer.
+
+    Args:
+      x_BLD: tokens [batch, length, d].
+      train: training mode: train capacity factor and router jitter.
+      rng: key for the router jitter (needed only when training with jitter_eps > 0).
+      token_mask_BL: [batch, length], nonzero for a real token and 0 for padding (the batch's
+        `weights`), or None (every token real). A padded token claims nothing: it takes no slot,
+        is never picked by an expert while a real token remains, gets zero from the routed experts
+        (a shared expert, a dense FFN, still runs on it), and the losses and statistics leave it
+        out (see `moe.layers.routing`). An all-ones mask gives exactly the result of None.
+
+    Returns:
+      y [batch, length, d] in the compute dtype, and `MoEAux` (losses, stats). The balance loss
+      is 0.0 for experts choose (see `routing.Losses`).
+    """
+    cfg = self.cfg
+    x_GSD, logits_GSE, probs_GSE = self._groups_and_router(x_BLD, train, rng)
+    mask_GS = self._token_mask(token_mask_BL, x_GSD)
+    route = self._experts_choose if cfg.router is RouterKind.EXPERTS_CHOOSE else self._tokens_choose
+    y_GSD, kept_GSK, load_GE, stats_capacity = route(x_GSD, probs_GSE, mask_GS, train)
+
+    y_GSD = axes.constrain(y_GSD, (axes.GROUP, None, axes.ACT_EMBED))
+    if self.shared_expert is not None:
+      y_GSD = y_GSD + self.shared_expert(x_GSD)
+    if cfg.router is RouterKind.EXPERTS_CHOOSE:
+      # Every expert is full by construction (Zhou et al. 2022 use no balance loss), so the Switch
+      # loss would be E * sum_e (1/E) * P_e = 1.0 for any router: a constant with zero gradient that
+      # reads as perfect balance on a dashboard. Report 0.0 instead, as flaxformer does.
+      balance = jnp.zeros((), jnp.float32)
+    else:
+      balance = routing.load_balancing_loss(probs_GSE, load_GE, mask_GS)
+    losses = routing.Losses(balance=balance, z=routing.router_z_loss(logits_GSE, mask_GS))
+    stats = routing.router_stats(probs_GSE, load_GE, kept_GSK, stats_capacity, mask_GS)
+    return y_GSD.reshape(x_BLD.shape), MoEAux(losses, stats)

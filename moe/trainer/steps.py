@@ -1,0 +1,277 @@
+"""The pure, jitted train and eval steps, the train state and its initialisation under a mesh.
+
+    graphdef, rest, tx, state, state_sharding = init_train_state(cfg, mesh, rules)
+    train_step = make_train_step(graphdef, rest, cfg, tx, state_sharding=..., batch_sharding=...)
+    state, metrics = train_step(state, to_device(batch, batch_sharding))
+
+The train state is `TrainState(params, opt_state, step)`: the model's nnx.Param variables (split from the
+model once), the optax state (over the bare arrays) and the number of completed optimiser steps. The
+step merges the graph definition with the parameters inside `jax.jit`, so one compiled function runs
+the whole run. Randomness is a function of (seed, step): parameters come from `nnx.Rngs(train.seed)`,
+the router jitter of step t from `fold_in(key(train.seed), t)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from moe.config.experiment import ExperimentConfig
+from moe.config.model import RouterKind
+from moe.models.transformer import Transformer
+from moe.parallel import sharding
+from moe.trainer import optimizer
+
+Batch = dict[str, Any]  # 'inputs', 'targets' int32 [B, L], 'weights' float32 [B, L]
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training; a pytree, donated to each step."""
+
+  params: nnx.State  # nnx.Param variables, as split from the model.
+  opt_state: Any  # optax state over nnx.as_pure(params).
+  step: jax.Array  # int32 []: completed optimiser steps.
+
+
+def _forward(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    rest: nnx.State,
+    batch: Batch,
+    *,
+    train: bool,
+    rng: jax.Array | None,
+):
+  """Weighted CE per token [B, L], the weights [B, L] and the MoE aux (None when dense)."""
+  model = nnx.merge(graphdef, params, rest)
+  weights_BL = batch["weights"].astype(jnp.float32)
+  # Padding (weight 0) claims no expert slot and is left out of the router losses and statistics.
+  logits_BLV, aux = model(batch["inputs"], train=train, rng=rng, token_mask_BL=weights_BL > 0)
+  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
+  return ce_BL * weights_BL, weights_BL, aux
+
+
+def _router_metrics(aux) -> dict[str, jax.Array]:
+  """Per sparse layer statistics: dropped_fraction [n, k], expert_load [n, E], router_entropy [n]."""
+  return dict(
+      dropped_fraction=aux.stats.dropped_fraction,
+      expert_load=aux.stats.expert_load,
+      router_entropy=aux.stats.router_entropy,
+  )
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    cfg: ExperimentConfig,
+    tx: optax.GradientTransformation,
+    *,
+    state_sharding: Any = None,
+    batch_sharding: Any = None,
+) -> Callable[[TrainState, Batch], tuple]:
+  """Builds the jitted train step `(state, batch) -> (new state, metrics)`; `state` is donated.
+
+  Loss = weighted mean token cross-entropy + moe.balance_loss_weight * mean over sparse layers of the
+  balance loss + moe.z_loss_weight * mean of the z-loss (a dense model: the cross-entropy alone).
+
+  Args:
+    graphdef: the model's graph definition (`nnx.split(model, nnx.Param, ...)`).
+    rest: the model's non-parameter state from the same split (closed over as constants).
+    cfg: the experiment (train.seed for the jitter, model.moe for the loss weights).
+    tx: the optimiser (`moe.trainer.optimizer.make_optimizer`).
+    state_sharding / batch_sharding: pytrees of shardings for `TrainState` and the batch; when either
+      is given the step is jitted with in/out shardings (the state keeps its sharding).
+
+  Returns:
+    The step. Metrics: loss, ce, grad_norm (before clipping), learning_rate (of this step), tokens
+    (weight sum) and, for a sparse model, z_loss, the per-layer `_router_metrics` and, when tokens
+    choose, balance_loss.
+  """
+  moe_cfg = cfg.model.moe if cfg.model.num_sparse_layers else None
+  schedule = optimizer.learning_rate_schedule(cfg.train)
+  seed = cfg.train.seed
+
+  def train_step(state: TrainState, batch: Batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
+    def loss_fn(params):
+      ce_BL, weights_BL, aux = _forward(graphdef, params, rest, batch, train=True, rng=rng)
+      w_sum = jnp.sum(weights_BL)
+      ce = jnp.sum(ce_BL) / jnp.maximum(w_sum, 1.0)
+      extra = {"ce": ce, "tokens": w_sum}
+      loss = ce
+      if moe_cfg is not None:
+        balance, z = jnp.mean(aux.losses.balance), jnp.mean(aux.losses.z)
+        loss = ce + moe_cfg.balance_loss_weight * balance + moe_cfg.z_loss_weight * z
+        extra.update(z_loss=z, **_router_metrics(aux))
+        if moe_cfg.router is RouterKind.TOKENS_CHOOSE:  # Experts choose has no balance loss: every
+          extra["balance_loss"] = balance  # expert is full by construction (Zhou et al. 2022).
+      return loss, extra
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    pure_params, pure_grads = nnx.as_pure(state.params), nnx.as_pure(grads)
+    updates, opt_state = tx.update(pure_grads, state.opt_state, pure_params)
+    new_pure = optax.apply_updates(pure_params, updates)
+    # Same leaves in the same order: put the new arrays back into the nnx.Param variables.
+    params = jax.tree.unflatten(jax.tree.structure(state.params), jax.tree.leaves(new_pure))
+    metrics.update(
+        loss=loss, grad_norm=optimizer.global_norm(pure_grads), learning_rate=schedule(state.step)
+    )
+    return TrainState(params, opt_state, state.step + 1), metrics
+
+  kwargs = {}
+  if batch_sharding is not None:  # Sharded: the state and the batch are placed, metrics replicated.
+    # Metrics are replicated: every process can read them (a split metric is not addressable).
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.P())
+    kwargs = dict(
+        in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated)
+    )
+  return jax.jit(train_step, donate_argnames=("state",), **kwargs)
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    cfg: ExperimentConfig,
+    *,
+    params_sharding: Any = None,
+    batch_sharding: Any = None,
+) -> Callable:
+  """Builds the jitted eval step `(params, batch) -> sums` (eval capacity factor, no jitter).
+
+  Returns sums to be added over batches: ce_sum, tokens, the same two over the batch's even and odd
+  rows (ce_halves, tokens_halves [2]: two disjoint halves of the scored windows, each spread over
+  the whole split, whose difference measures the evaluation's own sampling noise) and, for a sparse
+  model, the per-layer `_router_metrics` of the batch (averaged over batches by `evaluate`).
+  """
+  sparse = bool(cfg.model.num_sparse_layers)
+
+  def eval_step(params: nnx.State, batch: Batch):
+    ce_BL, weights_BL, aux = _forward(graphdef, params, rest, batch, train=False, rng=None)
+    half_B = jnp.arange(ce_BL.shape[0]) % 2
+    out = {
+        "ce_sum": jnp.sum(ce_BL),
+        "tokens": jnp.sum(weights_BL),
+        "ce_halves": jax.ops.segment_sum(jnp.sum(ce_BL, axis=1), half_B, 2),
+        "tokens_halves": jax.ops.segment_sum(jnp.sum(weights_BL, axis=1), half_B, 2),
+    }
+    if sparse:
+      out.update(_router_metrics(aux))
+    return out
+
+  kwargs = {}
+  if batch_sharding is not None:
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.P())
+    kwargs = dict(in_shardings=(params_sharding, batch_sharding), out_shardings=replicated)
+  return jax.jit(eval_step, **kwargs)
+
+
+def make_window_losses_step(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable:
+  """Builds the jitted `(params, batch) -> (ce [B], tokens [B])`: each row's (window's) summed
+  cross-entropy and scored tokens, computed as the eval step computes them (no jitter, the eval
+  capacity factor); `moe.trainer.evaluation` re-scores trained runs with it."""
+
+  def window_losses(params: nnx.State, batch: Batch):
+    ce_BL, weights_BL, _ = _forward(graphdef, params, rest, batch, train=False, rng=None)
+    return jnp.sum(ce_BL, axis=1), jnp.sum(weights_BL, axis=1)
+
+  return jax.jit(window_losses)
+
+
+def init_train_state(
+    cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules, *, abstract: bool = False
+):
+  """Builds the model under the mesh, the optimiser and the train state, placed by the logical rules.
+
+  Parameters are initialised inside one `jax.jit` whose out_shardings come from their logical axis
+  names, so each device only ever holds its own shards; the optimiser moments mirror the parameters'
+  shardings and scalars are replicated. Random initialisation does not depend on the mesh
+  (partitionable threefry), so every mesh starts from the same parameters.
+
+  Args:
+    cfg: the experiment.
+    mesh: from `moe.parallel.sharding.make_mesh`.
+    rules: from `moe.parallel.sharding.logical_rules`.
+    abstract: return ShapeDtypeStructs (with shardings) instead of arrays: nothing is allocated.
+
+  Returns:
+    (graphdef, rest, tx, state, state_sharding): the model's graph definition and non-parameter state
+    (for `make_train_step`), the optimiser, the `TrainState` and its pytree of NamedShardings.
+  """
+  make_model = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+  replicated = sharding.replicated(mesh)
+  with sharding.use_mesh(mesh, rules):
+    graphdef, abstract_params, rest = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
+    params_sharding = sharding.named_shardings(abstract_params, mesh, rules)
+    tx = optimizer.make_optimizer(cfg.train, abstract_params)
+    opt_sharding = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        jax.eval_shape(tx.init, nnx.as_pure(abstract_params)),
+        nnx.as_pure(params_sharding),
+        transform_non_params=lambda _: replicated,
+    )
+    state_sharding = TrainState(params_sharding, opt_sharding, replicated)
+
+    def init() -> TrainState:
+      params = nnx.state(make_model(), nnx.Param)
+      return TrainState(params, tx.init(nnx.as_pure(params)), jnp.zeros((), jnp.int32))
+
+    if abstract:
+      state = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          jax.eval_shape(init),
+          state_sharding,
+      )
+    else:
+      state = jax.jit(init, out_shardings=state_sharding)()
+  return graphdef, rest, tx, state, state_sharding
+
+
+def to_device(batch: Batch, batch_sharding: Any = None) -> Batch:
+  """Numpy batch (this process's rows) -> jax arrays split over the batch axes.
+
+  With several processes, each passes only its own rows (process p holds rows [p * B_local,
+  (p + 1) * B_local) of the global batch, as `moe.data` produces them) and they are assembled into
+  global arrays with `jax.make_array_from_process_local_data`.
+  """
+  if batch_sharding is not None and jax.process_count() > 1:
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+        for k, v in batch.items()
+    }
+  return {k: jax.device_put(np.asarray(v), batch_sharding) for k, v in batch.items()}
+
+
+_SUMMED = ("ce_sum", "tokens", "ce_halves", "tokens_halves")  # Eval outputs added over batches.
+
+
+def evaluate(eval_step: Callable, params: nnx.State, batches, batch_sharding: Any = None) -> dict:
+  """The evaluation over `batches`: token-weighted loss (= cross-entropy), perplexity, the tokens
+  scored, the loss of each half of the windows (even and odd rows: `loss_even_rows`,
+  `loss_odd_rows`) and batch-averaged router statistics."""
+  totals, stats, n = {}, {}, 0
+  for batch in batches:
+    out = jax.device_get(eval_step(params, to_device(batch, batch_sharding)))  # Blocks: no backlog.
+    n += 1
+    for key, value in out.items():
+      into = totals if key in _SUMMED else stats
+      into[key] = into.get(key, 0.0) + np.asarray(value, np.float64)
+  ce = float(totals["ce_sum"]) / max(float(totals["tokens"]), 1.0)
+  halves = totals["ce_halves"] / np.maximum(totals["tokens_halves"], 1.0)
+  result = {
+      "loss": ce,
+      "ce": ce,
+      "perplexity": math.exp(min(ce, 700.0)),
+      "tokens": int(totals["tokens"]),
+      "loss_even_rows": float(halves[0]),
+      "loss_odd_rows": float(halves[1]),
+  }
+  result.update({k: (v / n).tolist() for k, v in stats.items()})
+  return result

@@ -1,0 +1,70 @@
+"""Aggregates a sweep over seeds: prints the table, writes it as Markdown and JSON, and draws the plots.
+
+    python -m research.report runs/sweeps/experts
+    python -m research.report runs/sweeps/experts --out=docs/results/experts --heatmap=experts-16_tiny
+
+Writes to --out (default <root>/report): statistics.md, statistics.json, val_loss_steps.png, val_loss_flops.png,
+val_loss_wall.png (validation loss against steps, cumulative training FLOPs and wall-clock; seeds as a
+band), expert_load.png (expert x step per sparse layer, for the --heatmap config's lowest seed; default
+the first sparse config) and dropped.png (dropped fraction per sparse layer over steps). Statistics:
+see research/statistics.py. Runs still in progress are listed as pending and left out of the statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+from absl import app, flags
+
+from moe import atomic_file
+from research import plots, statistics
+
+_OUT = flags.DEFINE_string("out", None, "Output directory (default <root>/report).")
+_HEATMAP = flags.DEFINE_string("heatmap", None, "Config whose expert load is drawn.")
+
+
+def write_report(root: pathlib.Path, out: pathlib.Path, heatmap: str | None = None) -> str:
+  """Writes every output of one sweep root to `out`; returns the Markdown table."""
+  runs = statistics.load_runs(root)
+  if not runs:
+    raise ValueError(f"{root}: no runs (no */seed*/config.json and no sweep.json)")
+  summaries = statistics.summarize(runs)
+  table = statistics.markdown_table(summaries)
+  out.mkdir(parents=True, exist_ok=True)
+  atomic_file.atomic_write(out / "report.md", table + "\n")
+  payload = {"root": str(root), "configs": summaries}
+  atomic_file.atomic_write(
+      out / "report.json", json.dumps(statistics.json_ready(payload), indent=1) + "\n"
+  )
+  complete = [r for r in runs if r.complete]  # A run in progress would bend its config's band.
+  for axis in plots.LOSS_AXES:
+    plots.loss_curves(complete, axis, out / f"val_loss_{axis}.png")
+  sparse = [r for r in runs if r.cfg.model.moe is not None and r.cfg.model.num_sparse_layers]
+  if heatmap is not None and not any(r.name == heatmap for r in sparse):
+    raise ValueError(f"--heatmap={heatmap}: not a sparse config of {root}")
+  chosen = sorted(
+      (r for r in sparse if r.name == (heatmap or sparse[0].name)), key=lambda r: r.seed
+  )
+  if chosen:
+    plots.load_heatmap(chosen[0], out / "expert_load.png")
+  plots.dropped_per_layer(runs, out / "dropped.png")
+  return table
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError("usage: python -m research.report SWEEP_ROOT [--out=DIR] [--heatmap=NAME]")
+  root = pathlib.Path(argv[1])
+  out = pathlib.Path(_OUT.value) if _OUT.value else root / "report"
+  try:
+    table = write_report(root, out, _HEATMAP.value)
+  except ValueError as error:
+    sys.exit(f"research.report: {error}")
+  print(table)
+  print(f"\nWritten to {out}: statistics.md, statistics.json and the plots (*.png).")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The sweeps behind docs/RESULTS.md, in order; resumable: rerun to continue where it stopped (complete
+# runs are skipped, unfinished ones resume from their checkpoints). Then regenerate the tables:
+#   bash research/results_sweeps.sh [FINDING ...]   # default: findings a-e (issue 8), in this order;
+#                                                    # serving, upcycle: issue 11
+#   python -m research.results
+# Each run is one CPU process using every core; 3 seeds per config (docs/RESULTS.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-.venv/bin/python}"
+SEEDS="${SEEDS:-0,1,2}"
+export XLA_FLAGS="${XLA_FLAGS:-}"  # One CPU device: the sweeps measure models, not sharding.
+sweep() { "$PY" -m research.sweep --seeds="$SEEDS" "$@"; }
+
+a() {  # Sparse vs dense at equal training FLOPs per token: every regime of configs/regimes.py. Then
+  # the winning regime against its dense baseline matched on active parameters, and the main job's
+  # (the same model, a quarter of the steps) on active and on total parameters (a total-parameter
+  # baseline of the E=16 every-layer models is 7x the FLOPs: 4000 steps of it are too slow here).
+  for r in $("$PY" -c "import configs.regimes as r; print(*r.REGIMES)"); do
+    sweep --config=configs/regimes.py:regime=$r --baselines=active_flops --root=runs/sweeps/regimes
+  done
+  sweep --config=configs/regimes.py:regime=stdlib_d64_e16_every1_group4096 --baselines=active_params \
+    --root=runs/sweeps/regimes
+  main=$("$PY" -c "import configs.regimes as r; print(r.MAIN)")
+  sweep --config=configs/regimes.py:regime=$main --baselines=active_params,total_params \
+    --root=runs/sweeps/regimes
+}
+b() {  # Experts 2..32 at fixed active FLOPs (top-1, cf 1.25), with the dense tiny model for reference;
+  # the whole batch (4096 tokens) per routing group, or at E=32 an expert would expect 4 tokens of a
+  # 128-token group and chance alone would overflow it (finding a).
+  sweep --config=configs/ablations.py:family=experts,group=4096 --config=configs/dense.py:size=tiny \
+    --root=runs/sweeps/experts
+  # E=8 and E=32 dropless: does E=32 still trail E=8 once no token is dropped?
+  for e in 8 32; do
+    sweep --config=configs/ablations.py:family=experts,member=$e,group=4096,capacity=dropless \
+      --root=runs/sweeps/experts
+  done
+}
+c() {  # Capacity factor 1.0, 1.25, 2.0 and dropless (Switch Table 1).
+  for m in 1.0 1.25 2.0 dropless; do
+    sweep --config=configs/ablations.py:family=capacity,member=$m --root=runs/sweeps/capacity
+  done
+}
+d() {  # Top-1 vs top-2 at equal steps, and top-1 trained for the top-2 run's training FLOPs (529 steps:
+  # 400 x 8.07 / 6.11 GFLOPs per token, moe.accounting).
+  for m in 1 2; do
+    sweep --config=configs/ablations.py:family=topk,member=$m --root=runs/sweeps/topk
+  done
+  sweep --config=configs/ablations.py:family=topk,member=1 --set=train.steps=529 \
+    --set=name=topk-1-equal-flops_tiny --root=runs/sweeps/topk
+}
+e() {  # Balance loss weight 0 vs 1e-2: collapse or not.
+  for m in 0 1e-2; do
+    sweep --config=configs/ablations.py:family=balance,member=$m --root=runs/sweeps/balance
+  done
+}
+
+serving() {  # Issue 11: top-2 decoder routing with the rank-major (GShard) vs token-major (causal) fill order.
+  for o in rank_major token_major; do
+    sweep --config=configs/top2.py:size=tiny --set=model.moe.serving_order=$o --set=name=top2-$o"_tiny" \
+      --set=model.moe.allow_noncausal_routing=True --root=runs/sweeps/serving_order
+  done
+}
+complete() {  # Whether workdir $1 holds the final evaluation of config spec $2 (moe.sweep).
+  "$PY" -c "import sys; from moe import sweep
+sys.exit(not sweep.holds_final_eval(sys.argv[1], sweep.load_config(sys.argv[2]).train.steps))" "$@"
+}
+upcycle() {  # Issue 11: a dense tiny run of 400 steps, then 200 more as itself or upcycled to top-2 of 8
+  # (configs/upcycle.py); same fresh schedule and batches, so the arms differ only in the model.
+  local root=runs/sweeps/upcycle
+  for s in ${SEEDS//,/ }; do
+    local base=$root/dense_tiny/seed$s
+    complete "$base" configs/dense.py:size=tiny || "$PY" -m experiments.train --config=configs/dense.py:size=tiny \
+      --config.train.seed=$s --workdir="$base"
+    for arm in dense sparse; do
+      local w=$root/upcycle_${arm}_tiny/seed$s
+      complete "$w" configs/upcycle.py:size=tiny,arm=$arm || "$PY" -m experiments.train --config=configs/upcycle.py:size=tiny,arm=$arm \
+        --config.train.seed=$s --config.train.init_from="$base" --workdir="$w"
+    done
+  done
+  # The manifest pairs the arms, so that the report gives the upcycled arm's gap to the continued one.
+  "$PY" - "$root" "$SEEDS" <<'PY'
+import sys
+from moe import sweep
+root, seeds = sys.argv[1], [int(s) for s in sys.argv[2].split(",")]
+arms = [  # (name, spec, match, baseline_of)
+    ("dense_tiny", "configs/dense.py:size=tiny", None, None),
+    ("upcycle_sparse_tiny", "configs/upcycle.py:size=tiny,arm=sparse", None, None),
+    ("upcycle_dense_tiny", "configs/upcycle.py:size=tiny,arm=dense", "continued", "upcycle_sparse_tiny"),
+]
+runs = []
+for name, spec, match, of in arms:
+  steps = sweep.load_config(spec).train.steps
+  for s in seeds:
+    init = () if name == "dense_tiny" else (f"train.init_from={root}/dense_tiny/seed{s}",)
+    runs.append(sweep.Run(name, s, spec, init, match, of, f"{root}/{name}/seed{s}", steps))
+sweep.write_manifest(root, runs)
+PY
+}
+
+for finding in "${@:-a b c d e}"; do
+  for f in $finding; do "$f"; done
+done
