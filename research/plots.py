@@ -162,3 +162,70 @@ def dropped_per_layer(runs: list[RunResult], path: pathlib.Path) -> None:
     ax.set_visible(False)
   fig.tight_layout()
   _save(fig, path)
+
+
+def frontier(runs: list[RunResult], leverage: dict, path: pathlib.Path) -> None:
+  """Validation loss against training FLOPs: every config's seed-mean curve, the dense frontier
+  (black) and its fitted power law (dotted), and each sparse config's final point."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(9, 5.5))
+  _, x_of = LOSS_AXES["flops"]
+  for name, group in _by_name(runs).items():
+    steps = sorted(set.intersection(*(set(r.eval_steps) for r in group)) - {0})
+    losses = np.mean([[dict(zip(r.eval_steps, r.eval_losses))[s] for s in steps] for r in group], 0)
+    dense = group[0].cfg.model.moe is None or not group[0].cfg.model.num_sparse_layers
+    ax.plot(x_of(group[0], steps), losses, "--" if dense else "-", lw=1, alpha=0.8, label=name)
+  front = leverage["frontier"]
+  ax.plot(front["flops"], front["loss"], "k-", lw=2.5, alpha=0.6, label="dense frontier")
+  if front["fit"] is not None:
+    c = np.geomspace(front["flops"][0], front["flops"][-1] * 10, 200)
+    law = front["fit"]
+    ax.plot(c, law["a"] * c ** -law["b"] + law["c"], "k:", lw=1, label="power-law fit")
+  for row in leverage["configs"]:
+    ax.plot(row["train_flops"], row["final_loss"], "k*", markersize=8)
+  ax.set_xscale("log")
+  ax.set_xlabel(LOSS_AXES["flops"][0])
+  ax.set_ylabel("validation loss")
+  finals = [row["final_loss"] for row in leverage["configs"]] + front["loss"][-1:]
+  ax.set_ylim(min(finals) - 0.1, max(finals) + 0.6)
+  ax.set_title("Loss against training compute; stars: sparse models' final points", fontsize=10)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def multipliers(leverage: dict, path: pathlib.Path) -> None:
+  """Compute multiplier EL against active parameters, one line per expert count (bars: the
+  16-84% bootstrap interval over seeds; hollow markers: extrapolated)."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  by_e: dict[int, list[dict]] = {}
+  for row in leverage["configs"]:
+    if row["el"] is not None:
+      by_e.setdefault(row["experts"], []).append(row)
+  for e, rows in sorted(by_e.items()):
+    rows = sorted(rows, key=lambda r: r["active_params"])
+    x = [r["active_params"] for r in rows]
+    (line,) = ax.plot(x, [r["el"] for r in rows], "-", label=f"E = {e}")
+    for r in rows:
+      filled = r["el_read"] != "extrapolated"
+      ax.plot(
+          r["active_params"],
+          r["el"],
+          "o",
+          color=line.get_color(),
+          markerfacecolor=line.get_color() if filled else "none",
+      )
+      if "el_interval" in r:
+        lo, hi = r["el_interval"]
+        ax.vlines(r["active_params"], lo, hi, color=line.get_color(), alpha=0.6)
+  ax.axhline(1.0, color="grey", lw=1, ls="--")
+  ax.set_xscale("log")
+  ax.set_xlabel("active parameters")
+  ax.set_ylabel("EL = dense FLOPs to reach its loss / its FLOPs")
+  ax.set_title("Compute multiplier of sparse over dense", fontsize=10)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  _save(fig, path)

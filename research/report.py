@@ -19,7 +19,7 @@ import sys
 from absl import app, flags
 
 from moe import atomic_file
-from research import plots, statistics
+from research import frontier, plots, scaling_fit, statistics
 
 _OUT = flags.DEFINE_string("out", None, "Output directory (default <root>/report).")
 _HEATMAP = flags.DEFINE_string("heatmap", None, "Config whose expert load is drawn.")
@@ -32,13 +32,24 @@ def write_report(root: pathlib.Path, out: pathlib.Path, heatmap: str | None = No
     raise ValueError(f"{root}: no runs (no */seed*/config.json and no sweep.json)")
   summaries = statistics.summarize(runs)
   table = statistics.markdown_table(summaries)
-  out.mkdir(parents=True, exist_ok=True)
-  atomic_file.atomic_write(out / "report.md", table + "\n")
   payload = {"root": str(root), "configs": summaries}
+  complete = [r for r in runs if r.complete]  # A run in progress would bend its config's band.
+  leverage = frontier.multipliers(runs)
+  out.mkdir(parents=True, exist_ok=True)
+  if leverage.get("configs"):
+    payload["multipliers"] = leverage
+    table += "\n\nCompute multiplier against the dense frontier:\n\n"
+    table += frontier.markdown_table(leverage)
+    plots.frontier(complete, leverage, out / "frontier.png")
+    plots.multipliers(leverage, out / "multipliers.png")
+  joint = _joint_fit(summaries)
+  if joint is not None:
+    payload["scaling_fit"] = joint
+    table += "\n\n" + _fit_text(joint)
+  atomic_file.atomic_write(out / "report.md", table + "\n")
   atomic_file.atomic_write(
       out / "report.json", json.dumps(statistics.json_ready(payload), indent=1) + "\n"
   )
-  complete = [r for r in runs if r.complete]  # A run in progress would bend its config's band.
   for axis in plots.LOSS_AXES:
     plots.loss_curves(complete, axis, out / f"val_loss_{axis}.png")
   sparse = [r for r in runs if r.cfg.model.moe is not None and r.cfg.model.num_sparse_layers]
@@ -53,6 +64,48 @@ def write_report(root: pathlib.Path, out: pathlib.Path, heatmap: str | None = No
   return table
 
 
+def _joint_fit(summaries: list[dict]) -> dict | None:
+  """Clark et al.'s law fitted to the configs' mean final losses, when the sweep varies only the
+  model (one corpus, one schedule, one batch) and its points determine the fit; else None."""
+  done = [s for s in summaries if s["seeds"]]
+  if len({(s["steps"], s["tokens_per_step"], s["data"]) for s in done}) != 1:
+    return None
+  n = [s["active_non_embedding_params"] for s in done]
+  e = [s["experts"] for s in done]
+  try:
+    fitted = scaling_fit.fit(n, e, [s["final_mean"] for s in done])
+  except ValueError:
+    return None
+  return {
+      "n": "active non-embedding parameters",
+      "coefficients": dict(zip(scaling_fit.COEFFICIENTS, fitted.coefficients.tolist())),
+      "stderr": dict(zip(scaling_fit.COEFFICIENTS, fitted.stderr.tolist())),
+      "dof": fitted.dof,
+      "residuals": {s["name"]: float(r) for s, r in zip(done, fitted.residuals)},
+      "interaction_resolved": fitted.resolved("c"),
+  }
+
+
+def _fit_text(joint: dict) -> str:
+  coefficient = lambda k: f"{k} = {joint['coefficients'][k]:+.4f} ± {joint['stderr'][k]:.4f}"
+  lines = [
+      "Fit of log L = a log N + b log E + c log N log E + d (N: active non-embedding parameters; "
+      f"{joint['dof']} degrees of freedom): "
+      + ", ".join(coefficient(k) for k in scaling_fit.COEFFICIENTS)
+      + ".",
+      "Residuals in log L: "
+      + ", ".join(f"{name} {r:+.4f}" for name, r in joint["residuals"].items())
+      + ".",
+      "The interaction c is "
+      + (
+          "resolved (|c| > 2 standard errors)."
+          if joint["interaction_resolved"]
+          else "not resolved (within 2 standard errors of 0)."
+      ),
+  ]
+  return "\n".join(lines)
+
+
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: python -m research.report SWEEP_ROOT [--out=DIR] [--heatmap=NAME]")
@@ -63,7 +116,7 @@ def main(argv):
   except ValueError as error:
     sys.exit(f"research.report: {error}")
   print(table)
-  print(f"\nWritten to {out}: statistics.md, statistics.json and the plots (*.png).")
+  print(f"\nWritten to {out}: report.md, report.json and the plots (*.png).")
 
 
 if __name__ == "__main__":
