@@ -23,6 +23,7 @@ import pathlib
 
 import ml_collections
 import numpy as np
+from scipy import special
 
 from moe.config.config_dict import experiment_from_config_dict
 from moe.config.experiment import ExperimentConfig
@@ -118,7 +119,7 @@ def _router_stats(runs: list[RunResult]) -> dict:
   entropy, max_load = [], []
   for load_NE in loads:  # [sparse layers, E] fractions of claims per expert.
     p = load_NE / load_NE.sum(axis=-1, keepdims=True)
-    h = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    h = np.sum(special.entr(p), axis=-1)
     entropy.append(float(np.mean(h / math.log(p.shape[-1]))) if p.shape[-1] > 1 else 1.0)
     max_load.append(float(np.max(p) * p.shape[-1]))
   out["load_entropy"] = float(np.mean(entropy))  # 1.0: uniform; 0.0: one expert takes everything.

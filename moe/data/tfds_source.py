@@ -8,7 +8,7 @@ raises `DatasetNotPreparedError` within milliseconds, with the command that
 prepares the dataset. Only then is TFDS called, always with download=False.
 
 Writing your own text: `build_text_files_dataset` (or
-`python -m moe.data.tfds_source --name=NAME --train=GLOB ... --data_dir=DIR`)
+`python -m experiments.prepare_text_dataset --name=NAME --train=GLOB ... --data_dir=DIR`)
 turns text files into the TFDS dataset `text_files/NAME`, one document per file
 (default) or per non-empty line (`doc_per='line'`), features
 {'text': Text, 'id': Text}, splits 'train' and 'validation'. It uses TFDS's own
@@ -22,19 +22,16 @@ text_files-train.array_record-00000-of-00001, ...}`) is exactly what
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 import dataclasses
 import functools
 import glob
 import hashlib
-import json
 import logging
 import os
 import pathlib
 import re
 import shutil
-import sys
 
 TEXT_FILES = "text_files"
 TEXT_FILES_VERSION = "1.0.0"
@@ -70,7 +67,7 @@ def prepare_command(name: str, data_dir: str | os.PathLike) -> str:
   base, config, _ = parse_name(name)
   if base == TEXT_FILES:
     return (
-        f'python -m moe.data.tfds_source --name={config or "NAME"} '
+        f'python -m experiments.prepare_text_dataset --name={config or "NAME"} '
         f"--train='/path/to/train/*.txt' "
         f"[--validation='/path/to/valid/*.txt'] --data_dir={data_dir}"
         "  (or moe.data.build_text_files_dataset(...) from Python)"
@@ -117,25 +114,30 @@ def locate_prepared(
       unversioned, data_dir
   )
   version_dir = _version_dir(name, data_dir, how)
-  info_text = (version_dir / "dataset_info.json").read_text()
-  info = json.loads(info_text)
-  formats = [info.get("fileFormat", "tfrecord")] + list(info.get("alternativeFileFormats", []))
-  if "array_record" not in formats:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  # Reads dataset_info.json and features.json only: no builder code, no download.
+  try:
+    info = tfds.builder_from_directory(os.fspath(version_dir)).info
+  except Exception as error:  # pylint: disable=broad-except  # TFDS raises several kinds.
     raise DatasetNotPreparedError(
-        f"TFDS dataset '{name}' in {version_dir} is stored as {formats}, but "
+        f"{version_dir / 'dataset_info.json'} cannot be read as a TFDS dataset ({error}). {how}"
+    ) from error
+  formats = [info.file_format] + list(info.alternative_file_formats)
+  if tfds.core.FileFormat.ARRAY_RECORD not in formats:
+    raise DatasetNotPreparedError(
+        f"TFDS dataset '{name}' in {version_dir} is stored as {[f.value for f in formats]}, but "
         "random access without TensorFlow needs array_record. Rebuild it:\n  "
         + prepare_command(unversioned, data_dir)
     )
-  lengths = {
-      s["name"]: sum(int(n) for n in s.get("shardLengths", [])) for s in info.get("splits", [])
-  }
-  _check_splits(name, version_dir, info.get("name", base), lengths, splits, how)
+  _check_splits(name, version_dir, info.splits, splits, how)
+  info_text = (version_dir / "dataset_info.json").read_bytes()
   return PreparedDataset(
       name=f"{unversioned}:{version_dir.name}",
       data_dir=data_dir,
       version_dir=version_dir,
-      split_lengths=lengths,
-      fingerprint=hashlib.sha1(info_text.encode()).hexdigest()[:16],
+      split_lengths={split: info.splits[split].num_examples for split in info.splits},
+      fingerprint=hashlib.sha1(info_text).hexdigest()[:16],
   )
 
 
@@ -170,26 +172,19 @@ def _version_dir(name: str, data_dir: pathlib.Path, how: str) -> pathlib.Path:
   )
 
 
-def _check_splits(
-    name: str,
-    version_dir: pathlib.Path,
-    file_base: str,
-    lengths: dict[str, int],
-    splits: Sequence[str],
-    how: str,
-) -> None:
-  """Every split that `splits` names is in dataset_info.json and has array_record shards on disk."""
+def _check_splits(name: str, version_dir: pathlib.Path, prepared_splits, splits, how: str) -> None:
+  """Every split that `splits` names is in the dataset's info and has its shard files on disk."""
   for spec in splits:
     for split in _split_bases(spec):
-      if split not in lengths:
+      if split not in prepared_splits:
         raise DatasetNotPreparedError(
             f"Split '{split}' (from '{spec}') is not in TFDS dataset '{name}' "
-            f"at {version_dir}; available splits: {sorted(lengths)}."
+            f"at {version_dir}; available splits: {sorted(prepared_splits)}."
         )
-      shards = list(version_dir.glob(f"{file_base}-{split}.array_record-*"))
-      if not shards:
+      shards = [version_dir / f for f in prepared_splits[split].filenames]
+      if not shards or not all(f.is_file() for f in shards):
         raise DatasetNotPreparedError(
-            f"No array_record shards for split '{split}' in {version_dir}; "
+            f"Missing array_record shards for split '{split}' in {version_dir}; "
             f"the preparation looks incomplete. {how}"
         )
 
@@ -407,39 +402,3 @@ def build_text_files_dataset(
   if overwrite:  # Tokenizers/streams cached from the old content are stale.
     shutil.rmtree(version_dir / "moe_cache", ignore_errors=True)
   return tfds_name
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  """CLI for `build_text_files_dataset`."""
-  p = argparse.ArgumentParser(
-      prog="python -m moe.data.tfds_source",
-      description="Write text files as the TFDS dataset text_files/NAME "
-      '(array_record), for DataConfig(source="tfds", tfds_name="text_files/NAME").',
-  )
-  p.add_argument("--name", required=True)
-  p.add_argument("--train", action="append", required=True, help="file or glob (repeatable)")
-  p.add_argument(
-      "--validation",
-      action="append",
-      default=None,
-      help="file or glob (repeatable); default: hash split",
-  )
-  p.add_argument("--data_dir", default=None)
-  p.add_argument("--doc_per", choices=_DOC_PER, default="file")
-  p.add_argument("--validation_fraction", type=float, default=0.05)
-  p.add_argument("--overwrite", action="store_true")
-  a = p.parse_args(argv)
-  name = build_text_files_dataset(
-      a.name,
-      train_files=a.train,
-      validation_files=a.validation,
-      data_dir=a.data_dir,
-      doc_per=a.doc_per,
-      validation_fraction=a.validation_fraction,
-      overwrite=a.overwrite,
-  )
-  print(f"Prepared {name} in {a.data_dir or default_data_dir()}")
-
-
-if __name__ == "__main__":
-  main(sys.argv[1:])

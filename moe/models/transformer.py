@@ -65,17 +65,26 @@ def scan_plan(mask: tuple[bool, ...], scan_layers: bool = True) -> tuple[int, in
   return prefix, period
 
 
-class RMSNorm(nnx.Module):
-  """y = x / rms(x) * scale, computed in float32 (Zhang & Sennrich 2019)."""
+class RMSNorm(nnx.RMSNorm):
+  """`nnx.RMSNorm` (Zhang & Sennrich 2019) computed in float32, returned in the input's dtype, its
+  scale named by the logical axis `axes.NORM`.
+
+  Its scale starts at ones, which takes no randomness: it gets a throwaway `nnx.Rngs`, so building a
+  norm draws nothing from the model's key and the other parameters' initialisation does not depend on
+  how many norms come before them.
+  """
 
   def __init__(self, dim: int, *, eps: float = 1e-6):
-    self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(axes.NORM,))
+    super().__init__(
+        dim,
+        epsilon=eps,
+        dtype=jnp.float32,
+        scale_metadata={"out_sharding": (axes.NORM,)},
+        rngs=nnx.Rngs(0),
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...]).astype(x.dtype)
+    return super().__call__(x).astype(x.dtype)
 
 
 def rotary(x_BLNH: jax.Array, theta: float, positions_L: jax.Array | None = None) -> jax.Array:

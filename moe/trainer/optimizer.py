@@ -16,7 +16,6 @@ the update of a decayed parameter p is -lr(t) * (adam_direction + weight_decay *
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
@@ -39,24 +38,28 @@ _NO_DECAY_COMPONENT = re.compile(r"^(\w*norm|ln\d*|b)$")
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """The learning rate as a function of the step (a jnp scalar or int); see the module docstring."""
+  """The learning rate as a function of the step (a jnp scalar or int); see the module docstring.
+
+  Built from optax's schedules: linear warm-up from 0, then cosine decay to `end_lr_fraction` of the
+  peak over the remaining steps (`optax.warmup_cosine_decay_schedule`), T5's inverse square root, or
+  a constant, joined at the end of the warm-up (`optax.join_schedules`).
+  """
   peak, warmup, total = cfg.learning_rate, cfg.warmup_steps, cfg.steps
-  end = cfg.end_lr_fraction
-
-  def schedule(step):
-    t = jnp.asarray(step, jnp.float32)
-    warm = peak * t / max(warmup, 1)
-    if cfg.schedule is Schedule.COSINE:
-      progress = jnp.clip((t - warmup) / max(total - warmup, 1), 0.0, 1.0)
-      decayed = peak * (end + (1.0 - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress)))
-    elif cfg.schedule is Schedule.RSQRT:
-      floor = float(max(warmup, 1))
-      decayed = peak * jnp.sqrt(floor / jnp.maximum(t, floor))
-    else:
-      decayed = jnp.full_like(t, peak)
-    return jnp.where(t < warmup, warm, decayed)
-
-  return schedule
+  if cfg.schedule is Schedule.COSINE:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup,
+        decay_steps=max(total, warmup + 1),  # optax counts the warm-up in; at least one decay step.
+        end_value=peak * cfg.end_lr_fraction,
+    )
+  if cfg.schedule is Schedule.RSQRT:
+    floor = float(max(warmup, 1))
+    # join_schedules passes the steps since the boundary; this is peak * sqrt(w / t) from t = w on.
+    decayed = lambda since: peak * jnp.sqrt(floor / jnp.maximum(since + warmup, floor))
+  else:
+    decayed = optax.constant_schedule(peak)
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), decayed], [warmup])
 
 
 def _logical_axes(variable: Any) -> tuple:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import pathlib
 import socket
 
@@ -487,15 +488,18 @@ def test_unprepared_tfds_fails_fast_with_command(tmp_path):
       data.DataConfig(
           source="tfds", tfds_name="text_files/mine", tfds_data_dir=d, tokenizer="sentencepiece"
       ),
-      "python -m moe.data.tfds_source --name=mine",
+      "python -m experiments.prepare_text_dataset --name=mine",
       f"--data_dir={d}",
   )
 
 
-def test_tfds_wrong_format_or_split_fails_fast(tmp_path):
+def test_tfds_wrong_format_or_split_fails_fast(tmp_path, tiny_tfds):
+  # A real prepared dataset copied under another name, its info saying TFRecord (TFDS's default).
+  built = pathlib.Path(tiny_tfds[0].tfds_data_dir) / "text_files" / "tiny" / "1.0.0"
   version_dir = tmp_path / "wiki40b" / "en" / "1.3.0"
-  version_dir.mkdir(parents=True)
-  info = {"name": "wiki40b", "splits": [{"name": "train", "shardLengths": ["5"]}]}
+  shutil.copytree(built, version_dir, ignore=shutil.ignore_patterns("moe_cache"))
+  info = json.loads((version_dir / "dataset_info.json").read_text())
+  info["fileFormat"] = "tfrecord"
   (version_dir / "dataset_info.json").write_text(json.dumps(info))
   cfg = data.DataConfig(source="tfds", tfds_name="wiki40b/en", tfds_data_dir=str(tmp_path))
   _assert_fails_fast(cfg, "array_record", "tfds build wiki40b/en")
@@ -505,3 +509,6 @@ def test_tfds_wrong_format_or_split_fails_fast(tmp_path):
   (version_dir / "dataset_info.json").write_text(json.dumps(info))
   with pytest.raises(data.DatasetNotPreparedError, match="'test'.*available"):
     tfds_source.locate_prepared("wiki40b/en", tmp_path, ["test[:10%]"])
+  (version_dir / "dataset_info.json").write_text("{not json")
+  with pytest.raises(data.DatasetNotPreparedError, match="dataset_info.json.*cannot be read"):
+    tfds_source.locate_prepared("wiki40b/en", tmp_path, ["train"])
