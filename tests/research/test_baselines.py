@@ -8,8 +8,6 @@ import math
 import pytest
 
 import configs.dense
-from moe.config.config_dict import model_from_config_dict
-from moe.models import accounting
 from research import baselines
 
 
@@ -50,24 +48,20 @@ def test_matched_dense_tiny_by_hand():
 @pytest.mark.parametrize("sparse_name", ("switch8", "switch32", "top2", "expert_choice"))
 @pytest.mark.parametrize("match", baselines.MATCHES)
 def test_matched_dense_within_tolerance(size, sparse_name, match):
-  # Tolerance: mlp_hidden is a multiple of 8, so every layer may be off by up to 4 hidden units; the
-  # gap is at most 4 units of every layer's cost, and the neighbouring multiples are no closer.
+  # Measured by hand from the shapes (`_hand_measure`), not with the accounting the search uses.
+  # Tolerance: mlp_hidden is a multiple of 8, so every layer may be off by up to 4 hidden units, and
+  # the neighbouring multiples are no closer.
   sparse = configs.dense.named_sparse(sparse_name, size, "shakespeare")
   dense = baselines.matched_dense(sparse, match)
-  measure = {
-      "active_flops": lambda c: accounting.flops_per_token(c, sparse.train.seq_len).total,
-      "total_params": lambda c: accounting.param_counts(c).total,
-      "active_params": lambda c: accounting.param_counts(c).active,
-  }[match]
-  target = measure(model_from_config_dict(sparse.model))
-  cfg = model_from_config_dict(dense.model)
-  assert cfg.moe is None and cfg.mlp_hidden % 8 == 0
-  unit = measure(cfg.__class__(**{**cfg.__dict__, "mlp_hidden": cfg.mlp_hidden + 1})) - measure(cfg)
-  gap = abs(measure(cfg) - target)
-  assert gap <= 4 * unit + 1e-6
-  for neighbour in (cfg.mlp_hidden - 8, cfg.mlp_hidden + 8):
-    other = cfg.__class__(**{**cfg.__dict__, "mlp_hidden": neighbour})
-    assert abs(measure(other) - target) >= gap
+  seq_len = sparse.train.seq_len
+  target = _hand_measure(match, sparse.model.to_dict(), seq_len)
+  model = dense.model.to_dict()
+  assert model["moe"] is None and model["mlp_hidden"] % 8 == 0
+  measure = lambda f: _hand_measure(match, {**model, "mlp_hidden": f}, seq_len)
+  gap = abs(measure(model["mlp_hidden"]) - target)
+  assert gap <= 4 * measure(1) + 1e-6
+  for neighbour in (model["mlp_hidden"] - 8, model["mlp_hidden"] + 8):
+    assert abs(measure(neighbour) - target) >= gap
 
 
 def _layout(name: str):
@@ -98,7 +92,8 @@ def _hand_measure(match: str, model: dict, seq_len: int) -> float:
   per parameter per token in training (2 forward, 4 backward). Everything outside the FFNs is shared by
   the sparse model and its dense baseline, so it cancels and is left out. A sparse layer (the last of
   each run of sparse_every layers): E experts of width f_e and a d x E router; per token, E * C / S
-  expert evaluations with C = min(S, max(ceil(cf * k * S / E), 4)) (capacity slack), or k (dropless).
+  expert evaluations with C = min(S, max(ceil(cf * k * S / E), min_capacity)) (capacity slack), or
+  k (dropless), S the routing group (a sequence unless group_size says otherwise).
   """
   d, moe = model["d_model"], model["moe"]
   mats = lambda act: 3 if act == "swiglu" else 2
@@ -112,8 +107,9 @@ def _hand_measure(match: str, model: dict, seq_len: int) -> float:
     expert = mats(moe["activation"]) * d * moe["expert_hidden"]
     total += e * expert + d * e
     active += k * expert + d * e
-    s = seq_len
-    evaluations = k if cf is None else e * min(s, max(math.ceil(cf * k * s / e), 4)) / s
+    s = moe["group_size"] or seq_len
+    slots = min(s, max(math.ceil(cf * k * s / e), moe["min_capacity"])) if cf is not None else 0
+    evaluations = k if cf is None else e * slots / s
     flops += 6 * (evaluations * expert + d * e)
   return {"active_flops": flops, "total_params": total, "active_params": active}[match]
 

@@ -11,6 +11,7 @@ import math
 import pathlib
 
 import pytest
+from scipy import stats
 
 import configs.switch
 from moe.config.config_dict import experiment_from_config_dict, to_json
@@ -41,11 +42,11 @@ def _write_run(root: pathlib.Path, cd, seed: int, evals: list[float], loads=None
 def test_gap_is_welch_difference_of_means():
   sparse, dense = [1.0, 1.2, 1.1], [1.3, 1.5]
   g = statistics.gap(sparse, dense)
-  var = lambda xs: sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / (len(xs) - 1)
-  se = math.sqrt(var(sparse) / 3 + var(dense) / 2)
+  # scipy's Welch t-test: its statistic is the difference of the means over the same standard error.
+  welch = stats.ttest_ind(sparse, dense, equal_var=False)
   assert g["gap"] == pytest.approx(1.1 - 1.4)
-  assert g["se"] == pytest.approx(se)
-  assert g["sigma"] == pytest.approx(-0.3 / se)
+  assert g["sigma"] == pytest.approx(welch.statistic)
+  assert g["se"] == pytest.approx((1.1 - 1.4) / welch.statistic)
   assert math.isnan(statistics.gap([1.0], [2.0])["se"])  # One seed: no uncertainty, said as such.
 
 
@@ -92,7 +93,8 @@ def test_summary_over_seeds_with_baseline_and_router_statistics(tmp_path):
   g = by_name[sparse_cd.name]["gaps"]["active_flops"]
   assert g["baseline"] == dense_cd.name
   assert g["gap"] == pytest.approx(1.55 - 1.67)
-  assert g["se"] == pytest.approx(math.sqrt(0.05**2 / 3 + (0.06**2 / 2) / 2))
+  welch = stats.ttest_ind([1.5, 1.6, 1.55], [1.70, 1.64], equal_var=False)
+  assert g["sigma"] == pytest.approx(welch.statistic)
   assert by_name["unfinished"]["seeds"] == [] and by_name["unfinished"]["pending_seeds"] == [0]
   table = statistics.markdown_table(list(by_name.values()))
   assert f"| {sparse_cd.name} | 3 |" in table and "1.5500 ± 0.0500" in table
