@@ -17,7 +17,16 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from moe.config.model import Activation, Dispatch, MoEConfig, Priority, RouterKind, ServingOrder
+from moe.config.model import (
+    Activation,
+    BalanceScope,
+    Dispatch,
+    MoEConfig,
+    Priority,
+    RouterKind,
+    Score,
+    ServingOrder,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Capacity and routing groups.
@@ -66,11 +75,27 @@ def logsumexp(logits: np.ndarray) -> np.ndarray:
   return m + np.log(np.sum(np.exp(logits - m[..., None]), axis=-1))
 
 
-def top_k_choices(probs_SE: np.ndarray, k: int) -> np.ndarray:
-  """Each token's k experts, best first; ties go to the lower expert index. [S, k] int."""
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+  return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+
+
+def scores(logits: np.ndarray, score: Score) -> tuple[np.ndarray, np.ndarray]:
+  """(probabilities over experts, affinities): the softmax twice, or for sigmoid scores the
+  per-expert sigmoids normalised over the experts, and the sigmoids themselves."""
+  if score is Score.SOFTMAX:
+    p = softmax(logits)
+    return p, p
+  a = sigmoid(logits)
+  return a / a.sum(-1, keepdims=True), a
+
+
+def top_k_choices(probs_SE: np.ndarray, k: int, bias_E: np.ndarray | None = None) -> np.ndarray:
+  """Each token's k experts by score plus the selection bias, best first; ties go to the lower
+  expert index. [S, k] int."""
+  ranked_SE = probs_SE if bias_E is None else probs_SE + np.asarray(bias_E, np.float64)
   out = np.zeros((probs_SE.shape[0], k), int)
   for t in range(probs_SE.shape[0]):
-    ranked = sorted(range(probs_SE.shape[1]), key=lambda e: (-probs_SE[t, e], e))
+    ranked = sorted(range(probs_SE.shape[1]), key=lambda e: (-ranked_SE[t, e], e))
     out[t] = ranked[:k]
   return out
 
@@ -178,6 +203,21 @@ def balance_loss(
   return float(np.mean(per_group))
 
 
+def global_balance_loss(
+    probs_GSE: np.ndarray, choices_GSK: np.ndarray, real_GS: np.ndarray | None = None
+) -> float:
+  """E * sum_e f_e * P_e with f and P each pooled over all groups (the mean of the groups' f and of
+  the groups' P; padding as `balance_loss`)."""
+  g, s, e_count = probs_GSE.shape
+  real_GS = _all_real((g, s), real_GS)
+  f = assignment_fraction(choices_GSK, e_count, real_GS).mean(axis=0)
+  p = [
+      sum(probs_GSE[gi, t, e] for gi in range(g) for t in range(s) if real_GS[gi, t]) / (g * s)
+      for e in range(e_count)
+  ]
+  return float(e_count * sum(f[e] * p[e] for e in range(e_count)))
+
+
 def z_loss(logits_GSE: np.ndarray, real_GS: np.ndarray | None = None) -> float:
   """Mean over real tokens of logsumexp(logits)^2 (0.0 with no real token)."""
   lse = logsumexp(logits_GSE)
@@ -254,6 +294,7 @@ class Reference(NamedTuple):
   balance: float  # 0.0 for experts choose (every expert is full by construction).
   z: float
   stats: Stats
+  sequence_balance: float  # The Switch loss of each sequence, averaged (0.0 for experts choose).
 
 
 def _real_groups(token_mask_BL, shape_GS) -> np.ndarray | None:
@@ -285,9 +326,10 @@ def _experts_choose(x_GSD, probs_GSE, c, real_GS, expert_fn):
 
 
 def reference_moe(
-    x_BLD, params, cfg: MoEConfig, train: bool = False, token_mask_BL=None
+    x_BLD, params, cfg: MoEConfig, train: bool = False, token_mask_BL=None, bias_E=None
 ) -> Reference:
-  """The MoE layer (without a shared expert), token by token. `token_mask_BL`: 1 real, 0 padding."""
+  """The MoE layer (without a shared expert), token by token. `token_mask_BL`: 1 real, 0 padding;
+  `bias_E`: the selection bias of auxiliary-loss-free balancing (None: no bias)."""
   b, l, _ = np.shape(x_BLD)
   s = tokens_per_group(cfg, l)
   x_GSD = cut_groups(x_BLD, s)
@@ -296,23 +338,23 @@ def reference_moe(
   e_count, k = cfg.num_experts, cfg.top_k
   c = reference_capacity(s, e_count, k, cfg.capacity_factor(train), cfg.min_capacity)
   logits_GSE = np.stack([x_GSD[gi] @ params["router"] for gi in range(g)])
-  probs_GSE = softmax(logits_GSE)
+  probs_GSE, affinity_GSE = scores(logits_GSE, cfg.score)
   expert_fn = lambda e, x_D: expert_ffn(x_D, params, e, cfg.activation)
   z = z_loss(logits_GSE, real_GS)
 
   if cfg.router is RouterKind.EXPERTS_CHOOSE:
     y, covered, picks, load, used = _experts_choose(x_GSD, probs_GSE, c, real_GS, expert_fn)
     stats = router_stats(probs_GSE, load, covered, used, e_count * c, real_GS)
-    return Reference(y.reshape(np.shape(x_BLD)), covered, picks, c, 0.0, z, stats)
+    return Reference(y.reshape(np.shape(x_BLD)), covered, picks, c, 0.0, z, stats, 0.0)
 
   dropless = cfg.dispatch is Dispatch.DROPLESS
   real = _all_real((g, s), real_GS)
-  choices = np.stack([top_k_choices(probs_GSE[gi], k) for gi in range(g)])
+  choices = np.stack([top_k_choices(affinity_GSE[gi], k, bias_E) for gi in range(g)])
   kept, y = np.zeros((g, s, k), bool), np.zeros_like(x_GSD)
   kept_per_group, load = np.zeros(g), np.zeros((g, e_count))
   for gi in range(g):
-    gates = np.array([[probs_GSE[gi, t, e] for e in choices[gi, t]] for t in range(s)])
-    if cfg.renormalize_gates:
+    gates = np.array([[affinity_GSE[gi, t, e] for e in choices[gi, t]] for t in range(s)])
+    if cfg.renormalize_gates or cfg.score is Score.SIGMOID:
       gates = gates / gates.sum(-1, keepdims=True)
     order = serving_order(probs_GSE[gi], cfg.priority)
     token_major = cfg.serving_order is ServingOrder.TOKEN_MAJOR
@@ -330,5 +372,34 @@ def reference_moe(
   # Slots computed per group: E * C buffer rows, or exactly the k * S assignments without buffers.
   computed_slots = k * s if dropless else e_count * c
   stats = router_stats(probs_GSE, load, kept, kept_per_group, computed_slots, real_GS)
-  balance = balance_loss(probs_GSE, choices, real_GS)
-  return Reference(y.reshape(np.shape(x_BLD)), kept, choices, c, balance, z, stats)
+  if cfg.balance_scope is BalanceScope.GLOBAL:
+    balance = global_balance_loss(probs_GSE, choices, real_GS)
+  else:
+    balance = balance_loss(probs_GSE, choices, real_GS)
+  # Per sequence: the same claims and probabilities, regrouped by sequence of length l.
+  per_sequence = lambda a: a.reshape((b, l) + a.shape[2:])
+  real_BL = None if real_GS is None else per_sequence(real_GS)
+  sequence = balance_loss(per_sequence(probs_GSE), per_sequence(choices), real_BL)
+  return Reference(y.reshape(np.shape(x_BLD)), kept, choices, c, balance, z, stats, sequence)
+
+
+def reference_bias_update(bias_E, choices_GSK, real_GS, rate: float) -> np.ndarray:
+  """One auxiliary-loss-free update: each expert's share of the step's real assignments (all groups
+  together) against the mean share; the bias of an expert below it rises by `rate`, above it falls
+  by `rate`, at it stays."""
+  g, s, k = np.shape(choices_GSK)
+  real_GS = _all_real((g, s), real_GS)
+  e_count = len(bias_E)
+  counts = np.zeros(e_count)
+  for gi, t, r in np.ndindex(g, s, k):
+    if real_GS[gi, t]:
+      counts[choices_GSK[gi, t, r]] += 1
+  share = counts / (k * g * s)  # Padded tokens count in S (as `assignment_fraction`).
+  mean = share.sum() / e_count
+  out = np.array(bias_E, np.float64)
+  for e in range(e_count):
+    if share[e] < mean:
+      out[e] += rate
+    elif share[e] > mean:
+      out[e] -= rate
+  return out

@@ -80,3 +80,27 @@ class Remat(enum.Enum):
   NONE = "none"  # Keep every activation: fastest, most memory.
   FULL = "full"  # Recompute the whole layer in the backward pass.
   DOTS = "dots"  # Keep matmul outputs without batch dimensions, recompute the rest.
+
+
+class Score(enum.Enum):
+  """How router logits become the scores that choose experts and weight their outputs."""
+
+  SOFTMAX = "softmax"  # A distribution over experts (Switch, GShard, flaxformer).
+  # An independent sigmoid affinity per expert; the k chosen are normalised into gates (DeepSeek-V3).
+  SIGMOID = "sigmoid"
+
+
+class Balance(enum.Enum):
+  """What keeps the expert load even (see `moe.layers.balancing`)."""
+
+  LOSS = "loss"  # The Switch balance loss, weighted by `balance_loss_weight` (Fedus et al. 2021).
+  # A per-expert selection bias nudged after every step from the load (Wang et al. 2024, DeepSeek-V3).
+  BIAS = "bias"
+  NONE = "none"  # Nothing: the router is free to concentrate.
+
+
+class BalanceScope(enum.Enum):
+  """Over which tokens the balance loss counts the expert load and the mean probabilities."""
+
+  GROUP = "group"  # Each routing group, then averaged over groups (Switch, GShard, flaxformer).
+  GLOBAL = "global"  # The whole global batch at once (Qiu et al. 2025); the same for one group.

@@ -13,13 +13,16 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from moe.config.enums import (  # The enumerated fields; importable from here too, as they always were.
+from moe.config.enums import (  # The enumerated fields, importable from here with their configs.
     Activation,
+    Balance,
+    BalanceScope,
     Dispatch,
     GroupedMatmul,
     Priority,
     Remat,
     RouterKind,
+    Score,
     ServingOrder,
 )
 from moe.config.validation import as_enum, check_number
@@ -67,6 +70,18 @@ class MoEConfig:
       probabilities lets the router learn how much to trust its choices.
     jitter_eps: multiplicative router-input noise U[1 - eps, 1 + eps] in training (Switch Transformer,
       Sec. 2.4); 0 disables it. Never applied at evaluation.
+    score: softmax or sigmoid router scores (`Score`; `moe.layers.balancing`). With sigmoid, a
+      token's k gates are its chosen affinities normalised to sum to 1, and the balance losses and
+      statistics read the affinities normalised over the experts; the z-loss is the same
+      logsumexp(logits)^2 for both (it keeps the logits small; a sigmoid saturates like a softmax).
+    balance: what keeps the load even (`Balance`): the balance loss (weighted by
+      `balance_loss_weight`), a selection bias updated after every step (auxiliary-loss-free), or
+      nothing. The balance loss is computed and logged in every case; only `loss` adds it.
+    bias_update_rate: u of the bias update b_e += u * sign(mean load - load_e) (DeepSeek-V3: 0.001).
+    balance_scope: the balance loss per routing group or pooled over the global batch
+      (`BalanceScope`).
+    sequence_balance_weight: weight of DeepSeek-V3's complementary sequence-wise balance loss (the
+      Switch loss per sequence, averaged; DeepSeek-V3 used a very small weight); 0 for none.
     balance_loss_weight / z_loss_weight: weights of the auxiliary losses (ST-MoE uses 1e-2 and 1e-3).
     activation: expert nonlinearity (`Activation`).
     shared_expert_hidden: hidden width of an always-on dense FFN beside the routed experts (DeepSeekMoE,
@@ -91,6 +106,11 @@ class MoEConfig:
   serving_order: ServingOrder | str = ServingOrder.RANK_MAJOR
   renormalize_gates: bool = False
   jitter_eps: float = 0.0
+  score: Score | str = Score.SOFTMAX
+  balance: Balance | str = Balance.LOSS
+  bias_update_rate: float = 1e-3
+  balance_scope: BalanceScope | str = BalanceScope.GROUP
+  sequence_balance_weight: float = 0.0
   balance_loss_weight: float = 1e-2
   z_loss_weight: float = 1e-3
   activation: Activation | str = Activation.GELU
@@ -108,6 +128,9 @@ class MoEConfig:
     set_("priority", as_enum(Priority, self.priority, "moe.priority"))
     set_("serving_order", as_enum(ServingOrder, self.serving_order, "moe.serving_order"))
     set_("activation", as_enum(Activation, self.activation, "moe.activation"))
+    set_("score", as_enum(Score, self.score, "moe.score"))
+    set_("balance", as_enum(Balance, self.balance, "moe.balance"))
+    set_("balance_scope", as_enum(BalanceScope, self.balance_scope, "moe.balance_scope"))
     set_("dtype", as_dtype_name(self.dtype, "moe.dtype"))
     if not (isinstance(self.num_experts, int) and self.num_experts >= 1):
       raise ValueError(f"moe.num_experts={self.num_experts!r} must be an integer >= 1")
@@ -127,8 +150,14 @@ class MoEConfig:
       )
     check_number("moe.shared_expert_hidden", self.shared_expert_hidden, low=0, integer=True)
     check_number("moe.jitter_eps", self.jitter_eps, low=0, high=1, high_open=True)
-    for name in ("balance_loss_weight", "z_loss_weight"):
+    for name in (
+        "balance_loss_weight",
+        "z_loss_weight",
+        "sequence_balance_weight",
+        "bias_update_rate",
+    ):
       check_number(f"moe.{name}", getattr(self, name), low=0)
+    self._check_recipes()
     for name in ("train_capacity_factor", "eval_capacity_factor"):
       if getattr(self, name) is not None:  # None: dropless. A number <= 0 is a typo, not dropless.
         check_number(
@@ -153,6 +182,29 @@ class MoEConfig:
               f"moe.{name}={getattr(self, name)!r}: experts choose needs a capacity factor > 0 (each "
               "expert takes C = ceil(cf * k * S / E) tokens)"
           )
+
+  def _check_recipes(self) -> None:
+    """The recipes experts choose cannot take. Its experts rank the tokens by a softmax over experts
+    (Zhou et al. 2022, Eq. 1), and every expert is full by construction: there is no load to balance.
+    """
+    if self.router is not RouterKind.EXPERTS_CHOOSE:
+      return
+    why = {
+        "score": "experts rank tokens by a softmax over experts",
+        "balance": "every expert is full by construction",
+    }
+    for name, allowed in (("score", Score.SOFTMAX), ("balance", Balance.LOSS)):
+      value = getattr(self, name)
+      if value is not allowed:
+        raise ValueError(
+            f"moe.{name}={value.value!r} is not allowed with moe.router='experts_choose' "
+            f"({why[name]}); use moe.{name}={allowed.value!r} or moe.router='tokens_choose'"
+        )
+    if self.sequence_balance_weight:
+      raise ValueError(
+          f"moe.sequence_balance_weight={self.sequence_balance_weight} must be 0 with "
+          "moe.router='experts_choose' (every expert is full by construction)"
+      )
 
   @property
   def compute_dtype(self):
