@@ -10,8 +10,9 @@ standard error sqrt(s_sparse^2 / n_sparse + s_dense^2 / n_dense) (Welch: the see
 are independent draws, no pairing assumed), and sigma = gap / standard error. The router statistics are
 means over the training records of the last quarter of the run (train capacity factor), over seeds:
 the dropped fraction of each choice rank (mean over sparse layers), the load entropy (entropy of the
-fraction of claims per expert over ln E, mean over sparse layers: 1.0 uniform, 0.0 one expert) and the
-max load (the busiest expert of any sparse layer over the uniform load 1/E).
+fraction of claims per expert over ln E, mean over sparse layers: 1.0 uniform, 0.0 one expert), the
+load's coefficient of variation (mean over sparse layers), the max violation (max_e load_e / mean - 1
+of the busiest sparse layer, 0 when even) and the dead experts per sparse layer (moe.trainer.routing_health).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from scipy import special
 from moe.config.config_dict import experiment_from_config_dict
 from moe.config.experiment import ExperimentConfig
 from moe.models import accounting
+from moe.trainer import routing_health
 from moe.trainer.workdir import CONFIG, METRICS, read_metrics
 from research import sweep_plan
 
@@ -116,15 +118,19 @@ def _router_stats(runs: list[RunResult]) -> dict:
   if not loads:
     return {}
   out = {"dropped_per_rank": np.mean([d.mean(axis=0) for d in dropped], axis=0).tolist()}
-  entropy, max_load = [], []
+  entropy, violation, cv, dead = [], [], [], []
   for load_NE in loads:  # [sparse layers, E] fractions of claims per expert.
     p = load_NE / load_NE.sum(axis=-1, keepdims=True)
     h = np.sum(special.entr(p), axis=-1)
     entropy.append(float(np.mean(h / math.log(p.shape[-1]))) if p.shape[-1] > 1 else 1.0)
-    max_load.append(float(np.max(p) * p.shape[-1]))
+    violation.append(float(np.max(routing_health.max_violation(p))))
+    cv.append(float(np.mean(routing_health.load_cv(p))))
+    dead.append(float(np.mean(routing_health.dead_experts(p[None]))))
   out["load_entropy"] = float(np.mean(entropy))  # 1.0: uniform; 0.0: one expert takes everything.
-  # The busiest expert of any sparse layer, over the uniform load (1.0), averaged over seeds.
-  out["max_load"] = float(np.mean(max_load))
+  # The busiest expert of any sparse layer: max load / mean load - 1 (0: even), mean over seeds.
+  out["max_violation"] = float(np.mean(violation))
+  out["load_cv"] = float(np.mean(cv))  # Mean over sparse layers and seeds.
+  out["dead_experts"] = float(np.mean(dead))  # Per sparse layer, over the last quarter.
   return out
 
 
@@ -227,7 +233,8 @@ def markdown_table(summaries: list[dict]) -> str:
   header = ["config", "seeds", "params total / active", "train GFLOPs/token", "eval tokens"]
   header += ["final val loss"]
   header += ["best val loss"] + [f"gap vs dense {m}" for m in matches]
-  header += ["tokens/s", "dropped per rank", "load entropy", "max load"]
+  header += ["tokens/s", "dropped per rank", "load entropy", "load CV", "max violation"]
+  header += ["dead experts"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for s in summaries:
     if not s["seeds"]:
@@ -248,7 +255,9 @@ def markdown_table(summaries: list[dict]) -> str:
         f"{s['tokens_per_s']:,.0f}",
         "" if dropped is None else " / ".join(f"{d:.3f}" for d in dropped),
         "" if "load_entropy" not in s else f"{s['load_entropy']:.3f}",
-        "" if "max_load" not in s else f"{s['max_load']:.2f}",
+        "" if "load_cv" not in s else f"{s['load_cv']:.2f}",
+        "" if "max_violation" not in s else f"{s['max_violation']:.2f}",
+        "" if "dead_experts" not in s else f"{s['dead_experts']:.1f}",
     ]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

@@ -77,14 +77,10 @@ def _data(cfg: ExperimentConfig):
   return train_it, eval_data
 
 
-def _previous_train_time(workdir: pathlib.Path, start: int) -> float:
-  """Train seconds spent before `start`, from the last train record (0 for a new run)."""
-  records = [
-      r
-      for r in workdir_lib.read_metrics(workdir / workdir_lib.METRICS)
-      if r.get("split") == "train" and r.get("step", 0) <= start
-  ]
-  return records[-1].get("time_s", 0.0) if (start and records) else 0.0
+def _train_records(workdir: pathlib.Path, start: int) -> list[dict]:
+  """The train records of the steps up to `start` (none for a new run)."""
+  records = workdir_lib.read_metrics(workdir / workdir_lib.METRICS)
+  return [r for r in records if r.get("split") == "train" and 0 < r.get("step", 0) <= start]
 
 
 def _final(workdir: pathlib.Path, progress: Progress, evaluated: dict, done: int) -> dict:
@@ -239,7 +235,9 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
     eval_step = steps.make_eval_step(
         graphdef, rest, cfg, params_sharding=state_sharding.params, batch_sharding=batch_sharding
     )
-  progress = Progress(cfg, start, _previous_train_time(path, start), writer, peak)
+  earlier = _train_records(path, start)
+  train_time = earlier[-1].get("time_s", 0.0) if earlier else 0.0  # Spent before `start`.
+  progress = Progress(cfg, start, train_time, writer, peak, earlier)
   run = _Run(
       cfg,
       mesh,

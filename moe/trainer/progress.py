@@ -17,6 +17,7 @@ from moe.config.experiment import ExperimentConfig
 from moe.config.train import NonFinite
 from moe.models import accounting
 from moe.trainer.workdir import MetricsWriter
+from moe.trainer.routing_health import LOAD, RoutingHealth
 
 
 def print_line(message: str) -> None:
@@ -82,6 +83,7 @@ class Progress:
     train_time: train seconds already spent before `start` (0 for a new run).
     writer: where the records go.
     peak_flops: peak FLOP/s per device for MFU, or None (no MFU).
+    earlier_records: the run's train records before `start` (its routing-health window).
   """
 
   def __init__(
@@ -91,6 +93,7 @@ class Progress:
       train_time: float,
       writer: MetricsWriter,
       peak_flops: float | None,
+      earlier_records: list[dict] = (),
   ):
     self.cfg = cfg
     self.writer = writer
@@ -106,6 +109,7 @@ class Progress:
     self.skipped = 0  # Non-finite steps in a row.
     self._window = (start, train_time)  # (step, train time) at the last record.
     self._mark = None
+    self.health = RoutingHealth(cfg.train.log_every, earlier_records)
 
   def resume(self) -> None:
     """Starts the clock (after compilation, evaluation or a checkpoint)."""
@@ -155,7 +159,11 @@ class Progress:
     if mfu is not None:
       record["mfu"] = mfu
     record.update(values)  # z_loss, balance_loss and the per-layer lists of a sparse model.
+    if LOAD in record:
+      record.update(self.health.record(step, record[LOAD], self.writer.sparse_layers))
     self.writer.write(record)
+    for line in self.health.warnings:
+      print_line(line)
     self.last = {k: record[k] for k in ("loss", "ce", "perplexity")}
     eta = (tc.steps - step) * self.tokens_per_step / max(tokens_per_s, 1e-9)
     shown = "" if mfu is None else f" | MFU {mfu:.1%}"

@@ -73,9 +73,12 @@ def test_summary_over_seeds_with_baseline_and_router_statistics(tmp_path):
   assert s["best_loss"] == [1.5, 1.6, 1.55]
   assert s["tokens_per_s"] == pytest.approx(s["tokens_per_step"] * 20 / 40.0)
   # Layer 0 half on two experts: entropy ln 2 / ln 4 = 0.5 (layer 1: 1.0), its busiest expert at
-  # 0.5 * 4 = 2x the uniform load (the busiest of any layer).
+  # 0.5 * 4 = 2x the mean load (violation 1.0, the busiest of any layer); its load [1/2, 1/2, 0, 0]
+  # has std 1/4 over mean 1/4 (CV 1.0; layer 1: 0) and two experts without any claim (layer 1: none).
   assert s["load_entropy"] == pytest.approx((0.5 + 1.0) / 2)
-  assert s["max_load"] == pytest.approx(2.0)
+  assert s["max_violation"] == pytest.approx(1.0)
+  assert s["load_cv"] == pytest.approx((1.0 + 0.0) / 2)
+  assert s["dead_experts"] == pytest.approx((2 + 0) / 2)
   assert s["dropped_per_rank"] == pytest.approx([0.3])
   # No manifest: the baseline is not known as one, so no gap; with the sweep's manifest it is.
   assert "gaps" not in s
