@@ -66,7 +66,7 @@ def sample() -> str:
   result = sampling.generate(
       model, prompt_ids[None, :], cfg, max_new_tokens=_MAX_NEW_TOKENS.value, seed=_SEED.value
   )
-  new_tokens = result.tokens_BN[0]
+  new_tokens = result.tokens_BL[0]
   note = (
       f"\n[stopped after {len(new_tokens)} new tokens: the model reads at most "
       f"model.max_len={run.model.max_len} tokens]"

@@ -68,11 +68,11 @@ def matched_dense(
   out.mesh.rules = "data"
   dense = model_from_config_dict(out.model)
   # Both measures are affine in mlp_hidden: solve from two points, then round to the best multiple.
-  at = lambda f: _measure(dataclasses.replace(dense, mlp_hidden=f), seq_len, on)
-  slope = (at(2 * multiple) - at(multiple)) / multiple
-  exact = multiple + (target - at(multiple)) / slope
+  measure_at = lambda f: _measure(dataclasses.replace(dense, mlp_hidden=f), seq_len, on)
+  slope = (measure_at(2 * multiple) - measure_at(multiple)) / multiple
+  exact = multiple + (target - measure_at(multiple)) / slope
   lo = max(multiple, math.floor(exact / multiple) * multiple)
-  best = min((lo, lo + multiple), key=lambda f: (abs(at(f) - target), f))
+  best = min((lo, lo + multiple), key=lambda f: (abs(measure_at(f) - target), f))
   out.model.mlp_hidden = int(best)
   out.name = f"{cd.name}_dense_{on}"
   return out

@@ -104,7 +104,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
   return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else math.nan)
 
 
-def _late(run: RunResult, key: str) -> np.ndarray | None:
+def _last_quarter_mean(run: RunResult, key: str) -> np.ndarray | None:
   """Mean of a per-layer train statistic over the last quarter of the run's train records."""
   rows = [r[key] for r in run.train if key in r]
   if not rows:
@@ -113,14 +113,14 @@ def _late(run: RunResult, key: str) -> np.ndarray | None:
 
 
 def _router_stats(runs: list[RunResult]) -> dict:
-  dropped = [d for d in (_late(r, "dropped_fraction") for r in runs) if d is not None]
-  loads = [l for l in (_late(r, "expert_load") for r in runs) if l is not None]
+  dropped = [d for d in (_last_quarter_mean(r, "dropped_fraction") for r in runs) if d is not None]
+  loads = [l for l in (_last_quarter_mean(r, "expert_load") for r in runs) if l is not None]
   if not loads:
     return {}
   out = {"dropped_per_rank": np.mean([d.mean(axis=0) for d in dropped], axis=0).tolist()}
   entropy, violation, cv, dead = [], [], [], []
-  for load_NE in loads:  # [sparse layers, E] fractions of claims per expert.
-    p = load_NE / load_NE.sum(axis=-1, keepdims=True)
+  for load_YE in loads:  # [sparse layers, E] fractions of claims per expert.
+    p = load_YE / load_YE.sum(axis=-1, keepdims=True)
     h = np.sum(special.entr(p), axis=-1)
     entropy.append(float(np.mean(h / math.log(p.shape[-1]))) if p.shape[-1] > 1 else 1.0)
     violation.append(float(np.max(routing_health.max_violation(p))))
@@ -216,7 +216,7 @@ def json_ready(value):
   return value
 
 
-def _pm(mean: float, std: float, digits: int = 4) -> str:
+def _mean_and_std_text(mean: float, std: float, digits: int = 4) -> str:
   return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
 
 
@@ -249,8 +249,8 @@ def markdown_table(summaries: list[dict]) -> str:
         f"{s['total_params'] / 1e6:.2f}M / {s['active_params'] / 1e6:.2f}M",
         f"{s['train_flops_per_token'] / 1e9:.4f}",
         "" if s.get("eval_tokens") is None else f"{s['eval_tokens']:,}",
-        _pm(s["final_mean"], s["final_std"]),
-        _pm(s["best_mean"], s["best_std"]),
+        _mean_and_std_text(s["final_mean"], s["final_std"]),
+        _mean_and_std_text(s["best_mean"], s["best_std"]),
         *(_gap_cell(s.get("gaps", {}).get(m)) for m in matches),
         f"{s['tokens_per_s']:,.0f}",
         "" if dropped is None else " / ".join(f"{d:.3f}" for d in dropped),

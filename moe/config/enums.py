@@ -14,21 +14,18 @@ class RouterKind(enum.Enum):
   """Who chooses: tokens choose their top-k experts, or experts choose their top-C tokens."""
 
   TOKENS_CHOOSE = "tokens_choose"  # Switch (k=1), GShard (k=2).
-  EXPERTS_CHOOSE = (
-      "experts_choose"  # Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing".
-  )
+  # Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing".
+  EXPERTS_CHOOSE = "experts_choose"
 
 
 class Dispatch(enum.Enum):
   """How tokens reach their experts. All three compute the same function (tests prove it)."""
 
-  EINSUM = (
-      "einsum"  # One-hot [G, S, E, C] dispatch/combine tensors and einsums (GShard, flaxformer).
-  )
+  # One-hot [G, S, E, C] dispatch/combine tensors and einsums (GShard, flaxformer).
+  EINSUM = "einsum"
   GATHER = "gather"  # Sort claims by expert, gather into [G, E, C, d] buffers, gather back.
-  DROPLESS = (
-      "dropless"  # Every assignment; tokens grouped by expert and a grouped matmul (megablocks).
-  )
+  # Every assignment; tokens grouped by expert and a grouped matmul (megablocks).
+  DROPLESS = "dropless"
 
 
 class GroupedMatmul(enum.Enum):
@@ -53,9 +50,8 @@ class Priority(enum.Enum):
   """Which claims win buffer slots within one choice rank (first choices always beat second choices)."""
 
   INDEX = "index"  # Tokens in sequence order (GShard, flaxformer default).
-  BATCH_PRIORITIZED = (
-      "batch_prioritized"  # Highest top-1 probability first (Switch, Tutel, flaxformer BPR).
-  )
+  # Highest top-1 probability first (Switch, Tutel, flaxformer BPR).
+  BATCH_PRIORITIZED = "batch_prioritized"
 
 
 class ServingOrder(enum.Enum):

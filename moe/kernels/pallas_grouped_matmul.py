@@ -81,11 +81,11 @@ def tile_group_range(offsets_E1: jax.Array, num_tiles: int, tile_m: int):
   group): its clamped last row, sum - 1, lies before the group end that its first row has passed.
   """
   ends_E = offsets_E1[1:]
-  starts_M = jnp.arange(num_tiles, dtype=jnp.int32) * tile_m
-  last_rows_M = jnp.minimum(starts_M + tile_m, ends_E[-1]) - 1
-  first_M = jnp.searchsorted(ends_E, starts_M, side="right").astype(jnp.int32)
-  last_M = jnp.searchsorted(ends_E, last_rows_M, side="right").astype(jnp.int32)
-  return first_M, last_M
+  tile_starts = jnp.arange(num_tiles, dtype=jnp.int32) * tile_m
+  last_rows_M = jnp.minimum(tile_starts + tile_m, ends_E[-1]) - 1
+  first_expert = jnp.searchsorted(ends_E, tile_starts, side="right").astype(jnp.int32)
+  last_expert = jnp.searchsorted(ends_E, last_rows_M, side="right").astype(jnp.int32)
+  return first_expert, last_expert
 
 
 def _compiler_params(interpret: bool, tile_m: int, tile_n: int):
@@ -123,30 +123,30 @@ def _gmm_kernel(
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def _gmm(x_TK, w, offsets_E1, tiles: TileSizes, transpose_rhs: bool, interpret: bool):
+def _gmm(x_TI, w, offsets_E1, tiles: TileSizes, transpose_rhs: bool, interpret: bool):
   """y [T, N] = x[t] @ w[g(t)] with w [E, K, N], or x[t] @ w[g(t)]^T with w [E, N, K]."""
-  t, k = x_TK.shape
+  t, k = x_TI.shape
   e = w.shape[0]
   n = w.shape[1] if transpose_rhs else w.shape[2]
   tm, tk, tn = _fit(tiles.m, t), _fit(tiles.k, k), _fit(tiles.n, n)
-  x_TK = _pad_axis(_pad_axis(x_TK, 0, tm), 1, tk)
+  x_TI = _pad_axis(_pad_axis(x_TI, 0, tm), 1, tk)
   k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
   w = _pad_axis(_pad_axis(w, k_axis, tk), n_axis, tn)
-  tp, kp = x_TK.shape
+  tp, kp = x_TI.shape
   np_ = w.shape[n_axis]
   num_m = tp // tm
-  first_M, last_M = tile_group_range(offsets_E1, num_m, tm)
+  first_expert, last_expert = tile_group_range(offsets_E1, num_m, tm)
   whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
   # Every group's weights for output columns j; the kernel reads the groups its row tile needs.
   w_block = (e, tn, kp) if transpose_rhs else (e, kp, tn)
   w_index = (lambda i, j: (0, j, 0)) if transpose_rhs else (lambda i, j: (0, 0, j))
   y = pl.pallas_call(
       functools.partial(_gmm_kernel, tile_k=tk, num_k=kp // tk, transpose_rhs=transpose_rhs),
-      out_shape=jax.ShapeDtypeStruct((tp, np_), jnp.result_type(x_TK, w)),
+      out_shape=jax.ShapeDtypeStruct((tp, np_), jnp.result_type(x_TI, w)),
       grid=(num_m, np_ // tn),
       in_specs=[
-          whole(first_M),
-          whole(last_M),
+          whole(first_expert),
+          whole(last_expert),
           whole(offsets_E1),
           pl.BlockSpec((tm, kp), lambda i, j: (i, 0)),
           pl.BlockSpec(w_block, w_index),
@@ -155,7 +155,7 @@ def _gmm(x_TK, w, offsets_E1, tiles: TileSizes, transpose_rhs: bool, interpret: 
       interpret=interpret,
       compiler_params=_compiler_params(interpret, tm, tn),
       name="grouped_matmul",
-  )(first_M, last_M, offsets_E1, x_TK, w)
+  )(first_expert, last_expert, offsets_E1, x_TI, w)
   return y[:t, :n]
 
 
@@ -181,15 +181,15 @@ def _tgmm_kernel(offsets_ref, x_ref, dy_ref, out_ref, *, tile_m):
   out_ref[...] = jax.lax.fori_loop(first_tile, end_tile, one_row_tile, acc).astype(out_ref.dtype)
 
 
-def _tgmm(x_TK, dy_TN, offsets_E1, tiles: TileSizes, out_dtype, interpret: bool):
+def _tgmm(x_TI, dy_TO, offsets_E1, tiles: TileSizes, out_dtype, interpret: bool):
   """dw [E, K, N]: dw[g] = x[rows of g]^T @ dy[rows of g]; zero for an empty group."""
-  (t, k), n = x_TK.shape, dy_TN.shape[1]
+  (t, k), n = x_TI.shape, dy_TO.shape[1]
   e = offsets_E1.shape[0] - 1
   tm, tk, tn = _fit(tiles.m, t), _fit(tiles.k, k), _fit(tiles.n, n)
-  x_TK = _pad_axis(_pad_axis(x_TK, 0, tm), 1, tk)
-  dy_TN = _pad_axis(_pad_axis(dy_TN, 0, tm), 1, tn)
-  tp, kp = x_TK.shape
-  np_ = dy_TN.shape[1]
+  x_TI = _pad_axis(_pad_axis(x_TI, 0, tm), 1, tk)
+  dy_TO = _pad_axis(_pad_axis(dy_TO, 0, tm), 1, tn)
+  tp, kp = x_TI.shape
+  np_ = dy_TO.shape[1]
   dw = pl.pallas_call(
       functools.partial(_tgmm_kernel, tile_m=tm),
       out_shape=jax.ShapeDtypeStruct((e, kp, np_), out_dtype),
@@ -203,7 +203,7 @@ def _tgmm(x_TK, dy_TN, offsets_E1, tiles: TileSizes, out_dtype, interpret: bool)
       interpret=interpret,
       compiler_params=_compiler_params(interpret, tk, tn),
       name="transposed_grouped_matmul",
-  )(offsets_E1, x_TK, dy_TN)
+  )(offsets_E1, x_TI, dy_TO)
   return dw[:, :k, :n]
 
 
@@ -212,12 +212,12 @@ def _default_interpret() -> bool:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def grouped_matmul(x_TK, w_EKN, group_sizes_E, tiles: TileSizes = TileSizes(), interpret=None):
+def grouped_matmul(x_TI, w_EIO, group_sizes_E, tiles: TileSizes = TileSizes(), interpret=None):
   """y [T, N] with y[t] = x[t] @ w[e] for the group e of row t; zero past sum(group_sizes).
 
   Args:
-    x_TK: rows sorted by group, [T, K].
-    w_EKN: one [K, N] matrix per group, [E, K, N].
+    x_TI: rows sorted by group, [T, K].
+    w_EIO: one [K, N] matrix per group, [E, K, N].
     group_sizes_E: rows per group, [E] integers summing to at most T.
     tiles: kernel tile sizes (`TileSizes`).
     interpret: run the kernels in Pallas interpret mode; None: on the CPU only.
@@ -225,24 +225,24 @@ def grouped_matmul(x_TK, w_EKN, group_sizes_E, tiles: TileSizes = TileSizes(), i
   The VJP is two more kernels: dx = dy @ w[g]^T (`_gmm` on the stored weights) and
   dw[g] = x_g^T dy_g (`_tgmm`).
   """
-  y, _ = _forward(x_TK, w_EKN, group_sizes_E, tiles, interpret)
+  y, _ = _forward(x_TI, w_EIO, group_sizes_E, tiles, interpret)
   return y
 
 
-def _forward(x_TK, w_EKN, group_sizes_E, tiles, interpret):
+def _forward(x_TI, w_EIO, group_sizes_E, tiles, interpret):
   interpret = _default_interpret() if interpret is None else interpret
   offsets_E1 = group_offsets(group_sizes_E)
-  y = _gmm(x_TK, w_EKN, offsets_E1, tiles, transpose_rhs=False, interpret=interpret)
-  return y, (x_TK, w_EKN, offsets_E1)
+  y = _gmm(x_TI, w_EIO, offsets_E1, tiles, transpose_rhs=False, interpret=interpret)
+  return y, (x_TI, w_EIO, offsets_E1)
 
 
-def _backward(tiles, interpret, residuals, dy_TN):
+def _backward(tiles, interpret, residuals, dy_TO):
   interpret = _default_interpret() if interpret is None else interpret
-  x_TK, w_EKN, offsets_E1 = residuals
-  dy_TN = dy_TN.astype(jnp.result_type(x_TK, w_EKN))
-  dx = _gmm(dy_TN, w_EKN, offsets_E1, tiles, transpose_rhs=True, interpret=interpret)
-  dw = _tgmm(x_TK, dy_TN, offsets_E1, tiles, w_EKN.dtype, interpret)
-  return dx.astype(x_TK.dtype), dw, None  # Integer group sizes have no cotangent.
+  x_TI, w_EIO, offsets_E1 = residuals
+  dy_TO = dy_TO.astype(jnp.result_type(x_TI, w_EIO))
+  dx = _gmm(dy_TO, w_EIO, offsets_E1, tiles, transpose_rhs=True, interpret=interpret)
+  dw = _tgmm(x_TI, dy_TO, offsets_E1, tiles, w_EIO.dtype, interpret)
+  return dx.astype(x_TI.dtype), dw, None  # Integer group sizes have no cotangent.
 
 
 grouped_matmul.defvjp(_forward, _backward)

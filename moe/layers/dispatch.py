@@ -208,15 +208,15 @@ def gather_moe(
       .at[pos_SK.reshape(-1)]
       .set(token_GSK.reshape(-1))
   )
-  source_GB = jax.vmap(fill)(pos_GSK)[:, :spare]
+  source_GU = jax.vmap(fill)(pos_GSK)[:, :spare]
   x_pad_GSD = jnp.concatenate([x_GSD, jnp.zeros((g, 1, d), x_GSD.dtype)], axis=1)
-  x_GECD = jnp.take_along_axis(x_pad_GSD, source_GB[..., None], axis=1).reshape(
+  x_GECD = jnp.take_along_axis(x_pad_GSD, source_GU[..., None], axis=1).reshape(
       g, num_experts, capacity, d
   )
 
-  y_GBD = experts_fn(x_GECD).astype(x_GSD.dtype).reshape(g, spare, d)
-  y_pad_GBD = jnp.concatenate([y_GBD, jnp.zeros((g, 1, d), y_GBD.dtype)], axis=1)
-  y_GSKD = jnp.take_along_axis(y_pad_GBD, pos_GSK.reshape(g, s * k, 1), axis=1).reshape(g, s, k, d)
+  y_GUD = experts_fn(x_GECD).astype(x_GSD.dtype).reshape(g, spare, d)
+  y_pad_GUD = jnp.concatenate([y_GUD, jnp.zeros((g, 1, d), y_GUD.dtype)], axis=1)
+  y_GSKD = jnp.take_along_axis(y_pad_GUD, pos_GSK.reshape(g, s * k, 1), axis=1).reshape(g, s, k, d)
   y_GSD = jnp.einsum("gsk,gskd->gsd", gates_GSK.astype(x_GSD.dtype), y_GSKD)
   return y_GSD, kept_GSK
 
@@ -317,10 +317,10 @@ def gather_expert_choice(x_GSD, token_index_GEC, gates_GEC, experts_fn: ExpertsF
   """
   g, s, d = x_GSD.shape
   _, e, c = token_index_GEC.shape
-  flat_GB = token_index_GEC.reshape(g, e * c)
-  x_GECD = jnp.take_along_axis(x_GSD, flat_GB[..., None], axis=1).reshape(g, e, c, d)
+  flat_GU = token_index_GEC.reshape(g, e * c)
+  x_GECD = jnp.take_along_axis(x_GSD, flat_GU[..., None], axis=1).reshape(g, e, c, d)
   y_GECD = experts_fn(x_GECD).astype(x_GSD.dtype) * gates_GEC[..., None].astype(x_GSD.dtype)
   scatter = lambda idx, y: jnp.zeros((s, d), y.dtype).at[idx].add(y)
-  y_GSD = jax.vmap(scatter)(flat_GB, y_GECD.reshape(g, e * c, d))
-  covered_GS = jax.vmap(lambda idx: jnp.zeros(s, bool).at[idx].set(True))(flat_GB)
+  y_GSD = jax.vmap(scatter)(flat_GU, y_GECD.reshape(g, e * c, d))
+  covered_GS = jax.vmap(lambda idx: jnp.zeros(s, bool).at[idx].set(True))(flat_GU)
   return y_GSD, covered_GS[..., None]

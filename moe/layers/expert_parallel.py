@@ -5,7 +5,7 @@
 
 `moe.layers.dispatch.dropless_moe` under a mesh leaves the partitioner to split `jax.lax.ragged_dot` over
 weights [E, d, f] split over 'expert'. It cannot move claims between devices by expert, so it either
-all-gathers the weights (issue 10) or, as jax 0.11.2 does on 8 CPU devices (tests/
+all-gathers the weights or, as jax 0.11.2 does on 8 CPU devices (tests/layers/
 test_expert_parallel.py), replicates every claim of the global batch on every device and all-reduces
 the experts' partial outputs: memory and work per device grow with E or with the global batch. Here
 a `jax.shard_map` over the whole mesh keeps each device's E / n experts (n = size of the expert
@@ -139,27 +139,27 @@ def _local_dropless(x_TD, expert_TK, gates_TK, grouped, num_experts: int, axis: 
   expert_J = expert_TK.reshape(-1)  # Claim j = (token j // k, rank j % k).
   j = expert_J.shape[0]
   perm_J = jnp.argsort(expert_J, stable=True)
-  counts_NL = jnp.bincount(expert_J, length=num_experts).astype(jnp.int32).reshape(n, -1)
-  dest_J = expert_J[perm_J] // counts_NL.shape[1]  # Destination of each sorted claim.
-  row_J, token_NJ = _send_rows(perm_J // k, dest_J, counts_NL.sum(axis=1), filler=t)
+  counts_ZX = jnp.bincount(expert_J, length=num_experts).astype(jnp.int32).reshape(n, -1)
+  dest_J = expert_J[perm_J] // counts_ZX.shape[1]  # Destination of each sorted claim.
+  row_J, token_ZJ = _send_rows(perm_J // k, dest_J, counts_ZX.sum(axis=1), filler=t)
 
   x_pad_TD = jnp.concatenate([x_TD, jnp.zeros((1, d), x_TD.dtype)])
-  recv_NJD = jax.lax.all_to_all(x_pad_TD[token_NJ], axis, 0, 0)  # recv[i]: rows from device i.
-  recv_counts_NL = jax.lax.all_to_all(counts_NL, axis, 0, 0)  # Per sender, per local expert.
+  recv_ZJD = jax.lax.all_to_all(x_pad_TD[token_ZJ], axis, 0, 0)  # recv[i]: rows from device i.
+  recv_counts_ZX = jax.lax.all_to_all(counts_ZX, axis, 0, 0)  # Per sender, per local expert.
 
-  order_R, group_sizes_L = _group_by_local_expert(recv_counts_NL, j)
-  y_R = grouped(recv_NJD.reshape(n * j, d)[order_R], group_sizes_L).astype(x_TD.dtype)
+  order_R, group_sizes_X = _group_by_local_expert(recv_counts_ZX, j)
+  y_R = grouped(recv_ZJD.reshape(n * j, d)[order_R], group_sizes_X).astype(x_TD.dtype)
   if sum_axes:  # Each tensor slice holds part of the hidden axis: its output is a partial sum.
     y_R = jax.lax.psum(y_R, sum_axes)
-  y_recv_NJD = jnp.zeros_like(y_R).at[order_R].set(y_R).reshape(n, j, d)
-  y_back_RD = jax.lax.all_to_all(y_recv_NJD, axis, 0, 0).reshape(n * j, d)  # Back to the senders.
+  y_recv_ZJD = jnp.zeros_like(y_R).at[order_R].set(y_R).reshape(n, j, d)
+  y_back_RD = jax.lax.all_to_all(y_recv_ZJD, axis, 0, 0).reshape(n * j, d)  # Back to the senders.
 
   y_sorted_JD = y_back_RD[row_J]
   y_JD = jnp.zeros_like(y_sorted_JD).at[perm_J].set(y_sorted_JD)
   return jnp.einsum("tk,tkd->td", gates_TK.astype(x_TD.dtype), y_JD.reshape(t, k, d))
 
 
-def _send_rows(token_J, dest_J, sent_N, filler: int):
+def _send_rows(token_J, dest_J, sent_Z, filler: int):
   """The padded per-destination send buffer [n, J] for claims sorted by expert.
 
   Destination i gets sorted claims starts[i] ... starts[i] + sent[i] - 1 in its first sent[i] rows,
@@ -167,29 +167,29 @@ def _send_rows(token_J, dest_J, sent_N, filler: int):
 
   Args:
     token_J: token of each sorted claim; dest_J: its destination (non-decreasing).
-    sent_N: claims per destination; filler: the token index that reads as a zero row.
+    sent_Z: claims per destination; filler: the token index that reads as a zero row.
 
   Returns:
-    (row_J: flat row dest * J + offset of each sorted claim; token_NJ: the token in each row).
+    (row_J: flat row dest * J + offset of each sorted claim; token_ZJ: the token in each row).
   """
   j = token_J.shape[0]
-  starts_N = jnp.cumsum(sent_N) - sent_N
+  starts_Z = jnp.cumsum(sent_Z) - sent_Z
   offset_J = jnp.arange(j, dtype=jnp.int32)
-  row_J = dest_J * j + offset_J - starts_N[dest_J]
-  source_NJ = starts_N[:, None] + offset_J[None, :]  # The sorted claim that fills each row.
-  used_NJ = offset_J[None, :] < sent_N[:, None]
-  token_NJ = jnp.where(used_NJ, token_J[jnp.minimum(source_NJ, j - 1)], filler)
-  return row_J, token_NJ
+  row_J = dest_J * j + offset_J - starts_Z[dest_J]
+  source_ZJ = starts_Z[:, None] + offset_J[None, :]  # The sorted claim that fills each row.
+  used_ZJ = offset_J[None, :] < sent_Z[:, None]
+  token_ZJ = jnp.where(used_ZJ, token_J[jnp.minimum(source_ZJ, j - 1)], filler)
+  return row_J, token_ZJ
 
 
-def _group_by_local_expert(recv_counts_NL, j: int):
+def _group_by_local_expert(recv_counts_ZX, j: int):
   """Order that sorts received rows [n * J] by local expert, and the group sizes [L].
 
   Device i's J rows hold recv_counts[i, 0] rows for local expert 0, then recv_counts[i, 1] for
   expert 1, ..., then padding, which sorts last (past the groups: the grouped matmul skips it).
   """
-  ends_NL = jnp.cumsum(recv_counts_NL, axis=1)
+  ends_ZX = jnp.cumsum(recv_counts_ZX, axis=1)
   offset_J = jnp.arange(j, dtype=jnp.int32)
-  expert_NJ = jax.vmap(lambda ends: jnp.searchsorted(ends, offset_J, side="right"))(ends_NL)
-  order_R = jnp.argsort(expert_NJ.reshape(-1), stable=True)
-  return order_R, recv_counts_NL.sum(axis=0)
+  expert_ZJ = jax.vmap(lambda ends: jnp.searchsorted(ends, offset_J, side="right"))(ends_ZX)
+  order_R = jnp.argsort(expert_ZJ.reshape(-1), stable=True)
+  return order_R, recv_counts_ZX.sum(axis=0)

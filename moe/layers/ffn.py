@@ -84,7 +84,7 @@ class Experts(nnx.Module):
     self.w_in = _param(expert_init, rngs, (e, d, f), (axes.EXPERT, axes.EMBED, axes.MLP))
     self.w_out = _param(expert_init, rngs, (e, f, d), (axes.EXPERT, axes.MLP, axes.EMBED))
 
-  def _w(self, name):
+  def _weight(self, name):
     return getattr(self, name)[...].astype(self.dtype)
 
   def __call__(self, x_GECD: jax.Array) -> jax.Array:
@@ -98,16 +98,16 @@ class Experts(nnx.Module):
     every step.
     """
     g, e, c, d = x_GECD.shape
-    x_EMD = jnp.swapaxes(x_GECD.astype(self.dtype), 0, 1).reshape(e, g * c, d)
-    x_EMD = axes.constrain(x_EMD, (axes.ACT_EXPERT, axes.EXPERT_GROUP, axes.ACT_EMBED))
-    up = jnp.einsum("emd,edf->emf", x_EMD, self._w("w_in"))
+    x_ECD = jnp.swapaxes(x_GECD.astype(self.dtype), 0, 1).reshape(e, g * c, d)
+    x_ECD = axes.constrain(x_ECD, (axes.ACT_EXPERT, axes.EXPERT_GROUP, axes.ACT_EMBED))
+    up = jnp.einsum("emd,edf->emf", x_ECD, self._weight("w_in"))
     up = axes.constrain(up, (axes.ACT_EXPERT, axes.EXPERT_GROUP, axes.ACT_MLP))
     gate = None
     if self.activation is Activation.SWIGLU:
-      gate = jnp.einsum("emd,edf->emf", x_EMD, self._w("w_gate"))
+      gate = jnp.einsum("emd,edf->emf", x_ECD, self._weight("w_gate"))
     h = _hidden(self.activation, gate, up)
-    y_EMD = jnp.einsum("emf,efd->emd", h, self._w("w_out"))
-    return jnp.swapaxes(y_EMD.reshape(e, g, c, d), 0, 1)
+    y_ECD = jnp.einsum("emf,efd->emd", h, self._weight("w_out"))
+    return jnp.swapaxes(y_ECD.reshape(e, g, c, d), 0, 1)
 
   def grouped(self, x_TD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
     """Grouped experts: rows of x [T, d] sorted by expert, group_sizes[e] rows for expert e.
@@ -122,10 +122,12 @@ class Experts(nnx.Module):
     matmul = lambda x, w: grouped_matmul(x, w, group_sizes_E, self.grouped_matmul)
     if self.activation is Activation.SWIGLU:
       e, d, f = self.w_in.shape
-      w_EDF2 = jnp.stack([self._w("w_gate"), self._w("w_in")], axis=-1).reshape(e, d, 2 * f)
+      w_EDF2 = jnp.stack([self._weight("w_gate"), self._weight("w_in")], axis=-1).reshape(
+          e, d, 2 * f
+      )
       gate_up_TF2 = matmul(x_TD, w_EDF2).reshape(x_TD.shape[0], f, 2)
       gate, up = gate_up_TF2[..., 0], gate_up_TF2[..., 1]
     else:
-      gate, up = None, matmul(x_TD, self._w("w_in"))
+      gate, up = None, matmul(x_TD, self._weight("w_in"))
     h = _hidden(self.activation, gate, up)
-    return matmul(h, self._w("w_out"))
+    return matmul(h, self._weight("w_out"))

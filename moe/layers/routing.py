@@ -1,7 +1,7 @@
 """Routers, routing decisions, auxiliary losses and routing statistics.
 
-Notation (shape suffixes): G routing groups, S tokens per group, E experts, k choices per token,
-C capacity (slots per expert per group), d model width.
+Shape suffixes as in `moe` (G routing groups, S tokens per group, E experts, K choices per token,
+C capacity: slots per expert per group, D model width).
 
 Padding (flaxformer parity): every function that takes `token_mask_GS` (bool [G, S], True for a real
 token, False for padding; None means every token is real) lets a padded token claim nothing. It is
@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.scipy import special
 
 from moe.config.model import Priority
 from moe.parallel import axes
@@ -260,7 +261,7 @@ def router_stats(
   """
   probs = probs_GSE.astype(jnp.float32)
   num_experts = probs.shape[-1]
-  entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+  entropy = jnp.sum(special.entr(probs), axis=-1)  # entr(0) = 0: an expert of zero probability.
   kept = kept_GSK.astype(jnp.float32)
   if capacity is None:
     used = jnp.ones((), jnp.float32)

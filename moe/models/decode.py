@@ -6,9 +6,9 @@
     logits_B1V, cache = forward(model, token_B1, cache)        # one decode step (jit it)
 
 The cache holds, per layer, the rotated keys and the values of every position so far in fixed-size
-buffers [B, max_len, K, H] (K key/value heads: grouped-query attention caches K heads, not N), and
-`length`, the number of positions written, shared by the batch. A call with T new tokens writes
-positions length .. length + T - 1 with `jax.lax.dynamic_update_slice` and attends over the whole
+buffers [B, Q, M, H] (Q = max_len; M key/value heads: grouped-query attention caches M heads, not
+N), and `length`, the number of positions written, shared by the batch. A call with L new tokens
+writes positions length .. length + L - 1 with `jax.lax.dynamic_update_slice` and attends over the whole
 buffer under the mask key position <= query position, which also hides the unwritten slots (they
 all lie after every query). Layers under the scan (`Transformer.periods`) keep their caches stacked
 over the same leading axis as their parameters and are scanned with them. The pieces are the
@@ -55,8 +55,8 @@ from moe.parallel import axes
 class LayerCache(NamedTuple):
   """One layer's cache: rotated keys and values [batch, max_len, kv_heads, head_dim]."""
 
-  k_BMKH: jax.Array
-  v_BMKH: jax.Array
+  k_BQMH: jax.Array
+  v_BQMH: jax.Array
 
 
 class KVCache(NamedTuple):
@@ -118,35 +118,35 @@ def init_cache(model: Transformer, batch: int) -> KVCache:
 
 
 def _attention(
-    attention: Attention, x_BTD: jax.Array, cache: LayerCache, start: jax.Array
+    attention: Attention, x_BLD: jax.Array, cache: LayerCache, start: jax.Array
 ) -> tuple[jax.Array, LayerCache]:
   """Causal attention of T new tokens at positions start .. start + T - 1 over the cache."""
-  t, max_len = x_BTD.shape[1], cache.k_BMKH.shape[1]
-  positions_T = start + jnp.arange(t, dtype=jnp.int32)
-  q_BTNH, k_BTKH, v_BTKH = attention.project(x_BTD, positions_T)
+  t, max_len = x_BLD.shape[1], cache.k_BQMH.shape[1]
+  positions_L = start + jnp.arange(t, dtype=jnp.int32)
+  q_BLNH, k_BLMH, v_BLMH = attention.project(x_BLD, positions_L)
   at = (0, start, 0, 0)
-  k_BMKH = jax.lax.dynamic_update_slice(cache.k_BMKH, k_BTKH.astype(cache.k_BMKH.dtype), at)
-  v_BMKH = jax.lax.dynamic_update_slice(cache.v_BMKH, v_BTKH.astype(cache.v_BMKH.dtype), at)
-  visible_TM = jnp.arange(max_len)[None, :] <= positions_T[:, None]
-  out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BMKH, v_BMKH, mask=visible_TM[None, None, :, :])
-  return attention.output(out_BTNH), LayerCache(k_BMKH, v_BMKH)
+  k_BQMH = jax.lax.dynamic_update_slice(cache.k_BQMH, k_BLMH.astype(cache.k_BQMH.dtype), at)
+  v_BQMH = jax.lax.dynamic_update_slice(cache.v_BQMH, v_BLMH.astype(cache.v_BQMH.dtype), at)
+  visible_LQ = jnp.arange(max_len)[None, :] <= positions_L[:, None]
+  out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BQMH, v_BQMH, mask=visible_LQ[None, None, :, :])
+  return attention.output(out_BLNH), LayerCache(k_BQMH, v_BQMH)
 
 
 def _block(
-    block: Block, x_BTD: jax.Array, cache: LayerCache, start: jax.Array
+    block: Block, x_BLD: jax.Array, cache: LayerCache, start: jax.Array
 ) -> tuple[jax.Array, LayerCache]:
   """`Block.__call__` in eval mode, its attention over the cache."""
-  attended_BTD, cache = _attention(block.attention, block.attention_norm(x_BTD), cache, start)
-  x_BTD, _ = block.feed_forward(x_BTD + attended_BTD, train=False, rng=None)
-  return x_BTD, cache
+  attended_BLD, cache = _attention(block.attention, block.attention_norm(x_BLD), cache, start)
+  x_BLD, _ = block.feed_forward(x_BLD + attended_BLD, train=False, rng=None)
+  return x_BLD, cache
 
 
-def forward(model: Transformer, tokens_BT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+def forward(model: Transformer, tokens_BL: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
   """Runs T new tokens at positions cache.length .. cache.length + T - 1 (eval mode).
 
   Args:
     model: a model from `decoding_model` (any model works; that one routes as documented above).
-    tokens_BT: int32 [batch, T]: the prompt (prefill) or the last sampled token (T = 1).
+    tokens_BL: int32 [batch, T]: the prompt (prefill) or the last sampled token (T = 1).
     cache: from `init_cache` or the previous call.
 
   Returns:
@@ -154,14 +154,14 @@ def forward(model: Transformer, tokens_BT: jax.Array, cache: KVCache) -> tuple[j
     cache.length + T <= max_len: a write past the buffer would be clamped by
     `dynamic_update_slice`, not refused (`moe.models.sampling.generate` stops in time).
   """
-  t, max_len = tokens_BT.shape[1], model.cfg.max_len
+  t, max_len = tokens_BL.shape[1], model.cfg.max_len
   if t > max_len:
     raise ValueError(f"{t} new tokens exceed model.max_len={max_len}, the length of the cache")
   start = cache.length
-  x_BTD = model.embed_tokens(tokens_BT)
+  x_BLD = model.embed_tokens(tokens_BL)
   prefix = []
   for block, layer_cache in zip(model.prefix, cache.prefix):
-    x_BTD, layer_cache = _block(block, x_BTD, layer_cache, start)
+    x_BLD, layer_cache = _block(block, x_BLD, layer_cache, start)
     prefix.append(layer_cache)
 
   periods = cache.periods
@@ -172,12 +172,12 @@ def forward(model: Transformer, tokens_BT: jax.Array, cache: KVCache) -> tuple[j
         out_axes=(nnx.Carry, 0),
         transform_metadata={nnx.PARTITION_NAME: axes.LAYERS},
     )
-    def scan_periods(period, x_BTD, period_cache):
+    def scan_periods(period, x_BLD, period_cache):
       new = []
       for block, layer_cache in zip(period.layers, period_cache):
-        x_BTD, layer_cache = _block(block, x_BTD, layer_cache, start)
+        x_BLD, layer_cache = _block(block, x_BLD, layer_cache, start)
         new.append(layer_cache)
-      return x_BTD, tuple(new)
+      return x_BLD, tuple(new)
 
-    x_BTD, periods = scan_periods(model.periods, x_BTD, cache.periods)
-  return model.logits(x_BTD), KVCache(tuple(prefix), periods, start + t)
+    x_BLD, periods = scan_periods(model.periods, x_BLD, cache.periods)
+  return model.logits(x_BLD), KVCache(tuple(prefix), periods, start + t)

@@ -1,7 +1,7 @@
 """Sampling text from a model: temperature, top-k and top-p (nucleus), over the KV cache.
 
     result = generate(model, prompt_BP, SamplingConfig(temperature=0.8, top_p=0.9), seed=0)
-    result.tokens_BN, result.stopped_at_max_len
+    result.tokens_BL, result.stopped_at_max_len
 
 One jitted function runs a forward pass over new tokens (`moe.models.decode.forward`) and samples the next
 token: called once on the whole prompt (the prefill), then once per generated token on the token it
@@ -83,11 +83,11 @@ def sample_token(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> j
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("cache",))
-def _forward_and_sample(graphdef, state, tokens_BT, cache, key, cfg: SamplingConfig):
+def _forward_and_sample(graphdef, state, tokens_BL, cache, key, cfg: SamplingConfig):
   """Runs the new tokens, samples the token after the last: (int32 [B], cache)."""
-  logits_BTV, cache = decode.forward(nnx.merge(graphdef, state), tokens_BT, cache)
+  logits_BLV, cache = decode.forward(nnx.merge(graphdef, state), tokens_BL, cache)
   position = cache.length - 1  # Of the last token run: the draw for the next is keyed by it.
-  return sample_token(logits_BTV[:, -1], jax.random.fold_in(key, position), cfg), cache
+  return sample_token(logits_BLV[:, -1], jax.random.fold_in(key, position), cfg), cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +95,11 @@ class Generated:
   """What `generate` returns.
 
   Attributes:
-    tokens_BN: int32 [batch, n]: the n generated tokens after each prompt.
+    tokens_BL: int32 [batch, n]: the n generated tokens after each prompt (L = n).
     stopped_at_max_len: True when n < max_new_tokens because the model reads at most max_len tokens.
   """
 
-  tokens_BN: np.ndarray
+  tokens_BL: np.ndarray
   stopped_at_max_len: bool
 
 

@@ -151,25 +151,25 @@ class Attention(nnx.Module):
   def project(
       self, x_BLD: jax.Array, positions_L: jax.Array | None = None
   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Queries [B, L, N, H] and keys [B, L, K, H] rotated to `positions_L` (see `rotary`), and
-    values [B, L, K, H]."""
+    """Queries [B, L, N, H] and keys [B, L, M, H] rotated to `positions_L` (see `rotary`), and
+    values [B, L, M, H]."""
     q_BLNH = rotary(
         jnp.einsum("bld,dnh->blnh", x_BLD, self._weight(self.q)), self.theta, positions_L
     )
-    k_BLKH = rotary(
+    k_BLMH = rotary(
         jnp.einsum("bld,dkh->blkh", x_BLD, self._weight(self.k)), self.theta, positions_L
     )
-    v_BLKH = jnp.einsum("bld,dkh->blkh", x_BLD, self._weight(self.v))
+    v_BLMH = jnp.einsum("bld,dkh->blkh", x_BLD, self._weight(self.v))
     q_BLNH = axes.constrain(q_BLNH, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
-    return q_BLNH, k_BLKH, v_BLKH
+    return q_BLNH, k_BLMH, v_BLMH
 
   def output(self, out_BLNH: jax.Array) -> jax.Array:
     """Attended values [B, L, N, H] -> [B, L, d]."""
     return jnp.einsum("blnh,nhd->bld", out_BLNH, self._weight(self.o))
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
-    q_BLNH, k_BLKH, v_BLKH = self.project(x_BLD)
-    out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, is_causal=True)
+    q_BLNH, k_BLMH, v_BLMH = self.project(x_BLD)
+    out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLMH, v_BLMH, is_causal=True)
     return self.output(out_BLNH)
 
 

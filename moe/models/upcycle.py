@@ -20,19 +20,13 @@ names every field that differs. The source may not be sparse, and the target may
 expert (the dense MLP has no counterpart for it). A dense target is allowed: its parameters are a plain
 copy, which is how the comparison below continues the dense model under the same schedule.
 
-Measurement (issue 11, part 3): tiny size on Shakespeare, 3 seeds. For each seed S, a dense run of
-N = 400 steps, then M = 200 more steps two ways from its last checkpoint, both started by
-`train.init_from` with the same fresh AdamW state, the same warmup + cosine schedule over the M steps
-and the same batches, so the only difference is the model (configs/upcycle.py):
-`bash research/results_sweeps.sh upcycle` runs it (resumable) into runs/sweeps/upcycle and
-`python -m research.results --only=upcycle` puts the table in docs/RESULTS.md (finding g: the
-upcycled arm ends 0.0095 +- 0.0011 nats per byte ahead, paired over 3 seeds). The sparse arm is
-top-2 of 8 experts, every other layer, gates renormalised, dropless: the paper's decoders route
-token-choice top-K with K=2 (expert choice is not causal); renormalised gates make step 0 exactly the
-dense model and stay trainable (top-1 renormalised is a gate of 1); dropless routing is causal and
-drops nothing (a capacity could drop tokens at step 0). The sparse arm costs more FLOPs per token
-(two expert MLPs in each sparse layer, plus the router): the comparison is at equal extra tokens,
-not equal extra compute (`experiments.train` reports both).
+The comparison of upcycled against continued dense training (configs/upcycle.py, finding g of
+docs/RESULTS.md) starts both arms from the dense run's last checkpoint with the same fresh AdamW
+state, schedule and batches, so the arms differ only in the model. The sparse arm there is top-2 of 8
+experts, every other layer, gates renormalised, dropless: the paper's decoders route token-choice
+top-K with K=2 (expert choice is not causal); renormalised gates make step 0 exactly the dense model
+and stay trainable (top-1 renormalised is a gate of 1); dropless routing is causal and drops nothing
+(a capacity could drop tokens at step 0).
 """
 
 from __future__ import annotations
@@ -203,11 +197,11 @@ def upcycle(
     w = w if repeat is None else w[repeat]
     if not experts:
       return w
-    w_EX = jnp.broadcast_to(w, (sparse_cfg.moe.num_experts,) + w.shape)
+    stacked = jnp.broadcast_to(w, (sparse_cfg.moe.num_experts,) + w.shape)
     if noise:
       key = jax.random.fold_in(jax.random.fold_in(rng, layer), zlib.crc32(rest[-1].encode()))
-      w_EX = w_EX * (1.0 + noise * jax.random.normal(key, w_EX.shape, w_EX.dtype))
-    return w_EX
+      stacked = stacked * (1.0 + noise * jax.random.normal(key, stacked.shape, stacked.dtype))
+    return stacked
 
   def source(path, init: jax.Array) -> jax.Array:
     key = _key(path)

@@ -31,9 +31,8 @@ ACT_MLP = "activation_mlp"
 ACT_HEADS = "activation_heads"
 ACT_VOCAB = "activation_vocab"
 GROUP = "activation_group"  # Routing groups on the token side (split like the batch).
-EXPERT_GROUP = (
-    "activation_expert_group"  # Routing groups on the expert side (batch split less 'expert').
-)
+# Routing groups on the expert side (batch split less 'expert').
+EXPERT_GROUP = "activation_expert_group"
 ACT_EXPERT = "activation_expert"  # The expert axis of dispatched [G, E, C, d] buffers.
 
 ALL = (

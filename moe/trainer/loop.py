@@ -112,7 +112,7 @@ def _final(workdir: pathlib.Path, progress: Progress, evaluated: dict, done: int
 
 
 @dataclasses.dataclass
-class _Run:
+class _RunContext:
   """What the loop needs besides the train state: fixed for the run, except the data iterator."""
 
   cfg: ExperimentConfig
@@ -141,7 +141,9 @@ class _Run:
     )
 
 
-def _compile_train_step(run: _Run, graphdef, rest, tx, state, state_sharding, batch) -> Callable:
+def _compile_train_step(
+    run: _RunContext, graphdef, rest, tx, state, state_sharding, batch
+) -> Callable:
   """The train step, lowered and compiled for `state` and `batch` (logs the compile time)."""
   t0 = time.perf_counter()
   with sharding.use_mesh(run.mesh, run.rules):
@@ -163,7 +165,9 @@ def _compile_train_step(run: _Run, graphdef, rest, tx, state, state_sharding, ba
   return compiled
 
 
-def _train(run: _Run, train_step: Callable, state, batch, start: int, watch: PreemptionWatch):
+def _train(
+    run: _RunContext, train_step: Callable, state, batch, start: int, watch: PreemptionWatch
+):
   """Steps start+1 .. train.steps; evaluates and checkpoints on their periods and at the end.
 
   Raises:
@@ -238,7 +242,7 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
   earlier = _train_records(path, start)
   train_time = earlier[-1].get("time_s", 0.0) if earlier else 0.0  # Spent before `start`.
   progress = Progress(cfg, start, train_time, writer, peak, earlier)
-  run = _Run(
+  run = _RunContext(
       cfg,
       mesh,
       rules,

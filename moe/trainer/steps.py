@@ -118,8 +118,8 @@ def make_train_step(
     pure_params, pure_grads = nnx.as_pure(state.params), nnx.as_pure(grads)
     updates, opt_state = tx.update(pure_grads, state.opt_state, pure_params)
     new_pure = optax.apply_updates(pure_params, updates)
-    # Same leaves in the same order: put the new arrays back into the nnx.Param variables.
-    params = jax.tree.unflatten(jax.tree.structure(state.params), jax.tree.leaves(new_pure))
+    params = nnx.clone(state.params)  # The new arrays in the nnx.Param variables.
+    nnx.replace_by_pure_dict(params, new_pure.to_pure_dict())
     metrics.update(
         loss=loss, grad_norm=optimizer.global_norm(pure_grads), learning_rate=schedule(state.step)
     )

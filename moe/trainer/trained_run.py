@@ -50,9 +50,9 @@ def _restore_params(workdir: pathlib.Path, step: int, abstract_params: nnx.State
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
       nnx.as_pure(abstract_params).to_pure_dict(),
   )
-  restored = checkpoints.restore_params(workdir, step, target)
-  # Same leaves in the same order: put the arrays back into the nnx.Param variables.
-  return jax.tree.unflatten(jax.tree.structure(abstract_params), jax.tree.leaves(restored))
+  params = nnx.clone(abstract_params)
+  nnx.replace_by_pure_dict(params, checkpoints.restore_params(workdir, step, target))
+  return params
 
 
 def load_model(workdir: str | pathlib.Path, cfg: ExperimentConfig) -> tuple[Transformer, int]:

@@ -78,8 +78,8 @@ def test_cli_prints_the_prompt_and_the_greedy_continuation_until_max_len(run_dir
   result = sampling.generate(model, prompt_ids[None], sampling.SamplingConfig(temperature=0))
   # The default 200 new tokens do not fit: 64 positions read, the last predicting one more.
   n = cfg.model.max_len - len(prompt_ids) + 1
-  assert result.tokens_BN.shape == (1, n) and result.stopped_at_max_len
-  whole = tokenizer.decode(np.concatenate([prompt_ids, result.tokens_BN[0]]))
+  assert result.tokens_BL.shape == (1, n) and result.stopped_at_max_len
+  whole = tokenizer.decode(np.concatenate([prompt_ids, result.tokens_BL[0]]))
   assert header == f"[switch8_smoke, step 2, {len(prompt_ids)} prompt + {n} new tokens]"
   assert text == PROMPT + whole[len(tokenizer.decode(prompt_ids)) :] and len(text) > len(PROMPT)
   assert note == f"[stopped after {n} new tokens: the model reads at most model.max_len=64 tokens]"

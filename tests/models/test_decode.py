@@ -110,8 +110,8 @@ def test_the_cache_holds_kv_heads_per_layer_stacked_like_the_parameters():
   model = build(CASES["switch_einsum_prefix_scan"], seed=0)
   assert (model.prefix_len, model.period_len, model.repeats) == (1, 2, 2)
   cache = decode.init_cache(model, batch=3)
-  assert [c.k_BMKH.shape for c in cache.prefix] == [(3, MAX_LEN, 2, 4)]
-  assert [c.v_BMKH.shape for c in cache.periods] == [(2, 3, MAX_LEN, 2, 4)] * 2
+  assert [c.k_BQMH.shape for c in cache.prefix] == [(3, MAX_LEN, 2, 4)]
+  assert [c.v_BQMH.shape for c in cache.periods] == [(2, 3, MAX_LEN, 2, 4)] * 2
   assert int(cache.length) == 0
 
 

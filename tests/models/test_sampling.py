@@ -119,12 +119,12 @@ def test_greedy_generation_is_the_argmax_of_the_full_forward_pass(name):
   model = _model(name)
   prompt = np.asarray(jax.random.randint(jax.random.key(5), (2, 6), 0, V))
   result = generate(model, prompt, SamplingConfig(temperature=0), max_new_tokens=8)
-  assert result.tokens_BN.shape == (2, 8) and not result.stopped_at_max_len
-  tokens = np.concatenate([prompt, result.tokens_BN], axis=1)  # 14 tokens
+  assert result.tokens_BL.shape == (2, 8) and not result.stopped_at_max_len
+  tokens = np.concatenate([prompt, result.tokens_BL], axis=1)  # 14 tokens
   logits, _ = jax.jit(lambda g, s, t: nnx.merge(g, s)(t), static_argnums=0)(
       *nnx.split(model), tokens[:, :-1]
   )
-  np.testing.assert_array_equal(np.argmax(np.asarray(logits), -1)[:, 5:], result.tokens_BN)
+  np.testing.assert_array_equal(np.argmax(np.asarray(logits), -1)[:, 5:], result.tokens_BL)
 
 
 def test_generation_stops_at_max_len_and_a_seed_fixes_the_sample():
@@ -133,13 +133,13 @@ def test_generation_stops_at_max_len_and_a_seed_fixes_the_sample():
   cfg = SamplingConfig(temperature=2.0)
   result = generate(model, prompt, cfg, max_new_tokens=10, seed=7)
   # 16 positions read, the last of them predicting one more token: 16 - 12 + 1 new tokens.
-  assert result.tokens_BN.shape == (1, 5) and result.stopped_at_max_len
+  assert result.tokens_BL.shape == (1, 5) and result.stopped_at_max_len
   again = generate(model, prompt, cfg, max_new_tokens=10, seed=7)
-  np.testing.assert_array_equal(again.tokens_BN, result.tokens_BN)
+  np.testing.assert_array_equal(again.tokens_BL, result.tokens_BL)
   other = generate(model, prompt, cfg, max_new_tokens=10, seed=8)
-  assert not np.array_equal(other.tokens_BN, result.tokens_BN)
+  assert not np.array_equal(other.tokens_BL, result.tokens_BL)
   full = generate(model, np.zeros((1, MAX_LEN), np.int32), cfg, max_new_tokens=3)
-  assert full.tokens_BN.shape == (1, 1) and full.stopped_at_max_len
+  assert full.tokens_BL.shape == (1, 1) and full.stopped_at_max_len
 
 
 def test_bad_values_are_refused_in_one_line():
