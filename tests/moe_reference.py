@@ -321,7 +321,7 @@ def _experts_choose(x_GSD, probs_GSE, c, real_GS, expert_fn):
     for t, e, _ in assignments:
       covered[gi, t, 0] = True
       load[gi, e] += 1.0 / len(assignments)
-    kept_per_group[gi] = e_count * c  # Every slot is computed and counted as used.
+    kept_per_group[gi] = len(assignments)  # A slot holding padding is computed but not used.
   return y, covered, picks, load, kept_per_group
 
 

@@ -134,7 +134,7 @@ class MoEFeedForward(nnx.Module):
     return top.expert_index, slots_GSK < cfg.capacity(s, train)
 
   def _experts_choose(self, x_GSD, probs_GSE, mask_GS, train: bool):
-    """Experts choose: (y [G, S, d], covered [G, S, 1], load [G, E], None)."""
+    """Experts choose: (y [G, S, d], covered [G, S, 1], load [G, E], filled slots [G])."""
     cfg = self.cfg
     g, s, _ = x_GSD.shape
     choice = routing.experts_choose(probs_GSE, cfg.capacity(s, train), mask_GS)
@@ -146,13 +146,26 @@ class MoEFeedForward(nnx.Module):
     y_GSD, covered_GS1 = run(x_GSD, choice.token_index, choice.gates, self._experts_on_buffers)
     if mask_GS is not None:  # A padded pick (gate 0) covers nothing.
       covered_GS1 = covered_GS1 & mask_GS[..., None]
-    # Every expert takes exactly C tokens: the load is uniform by construction and every slot is
-    # used (capacity_used 1.0).
-    load_GE = jnp.full((g, cfg.num_experts), 1.0 / cfg.num_experts, jnp.float32)
-    if mask_GS is not None:
-      # In `expert_load`'s units (real assignments over all S tokens), as the statistics expect.
-      load_GE = load_GE * (jnp.sum(mask_GS.astype(jnp.float32), axis=1, keepdims=True) / s)
-    return y_GSD, covered_GS1, load_GE, None
+    load_GE, filled_G = self._expert_choice_load(choice.token_index, mask_GS, s)
+    return y_GSD, covered_GS1, load_GE, filled_G
+
+  def _expert_choice_load(self, token_index_GEC, mask_GS, s: int):
+    """(load [G, E], filled slots [G]) of experts choose, counting real picks only.
+
+    Every expert takes C tokens, so without padding the load is 1/E and every slot is filled. An
+    expert that runs out of real tokens picks padding at gate 0 (`routing.experts_choose`): such a
+    slot is computed but holds no assignment, so it counts neither in the load nor as filled.
+    """
+    g, e, c = token_index_GEC.shape
+    if mask_GS is None:
+      return jnp.full((g, e), 1.0 / e, jnp.float32), jnp.full((g,), float(e * c), jnp.float32)
+    real_GEC = jnp.take_along_axis(mask_GS, token_index_GEC.reshape(g, e * c), axis=1)
+    picks_GE = jnp.sum(real_GEC.reshape(g, e, c).astype(jnp.float32), axis=2)
+    filled_G = jnp.sum(picks_GE, axis=1)
+    # In `expert_load`'s units (a group's share of its real assignments, times its real share of
+    # S), which `routing.router_stats` pools over groups.
+    real_share_G = jnp.sum(mask_GS.astype(jnp.float32), axis=1) / s
+    return picks_GE / jnp.maximum(filled_G, 1.0)[:, None] * real_share_G[:, None], filled_G
 
   def _tokens_choose(self, x_GSD, probs_GSE, mask_GS, train: bool):
     """Tokens choose: (y [G, S, d], kept [G, S, k], load [G, E], C of the buffers or None)."""
@@ -218,7 +231,7 @@ class MoEFeedForward(nnx.Module):
     x_GSD, logits_GSE, probs_GSE = self._groups_and_router(x_BLD, train, rng)
     mask_GS = self._token_mask(token_mask_BL, x_GSD)
     route = self._experts_choose if cfg.router is RouterKind.EXPERTS_CHOOSE else self._tokens_choose
-    y_GSD, kept_GSK, load_GE, stats_capacity = route(x_GSD, probs_GSE, mask_GS, train)
+    y_GSD, kept_GSK, load_GE, slots = route(x_GSD, probs_GSE, mask_GS, train)
 
     y_GSD = axes.constrain(y_GSD, (axes.GROUP, None, axes.ACT_EMBED))
     if self.shared_expert is not None:
@@ -231,5 +244,9 @@ class MoEFeedForward(nnx.Module):
     else:
       balance = routing.load_balancing_loss(probs_GSE, load_GE, mask_GS)
     losses = routing.Losses(balance=balance, z=routing.router_z_loss(logits_GSE, mask_GS))
-    stats = routing.router_stats(probs_GSE, load_GE, kept_GSK, stats_capacity, mask_GS)
+    if cfg.router is RouterKind.EXPERTS_CHOOSE:
+      capacity = cfg.capacity(x_GSD.shape[1], train)
+      stats = routing.router_stats(probs_GSE, load_GE, kept_GSK, capacity, mask_GS, filled_G=slots)
+    else:
+      stats = routing.router_stats(probs_GSE, load_GE, kept_GSK, slots, mask_GS)
     return y_GSD.reshape(x_BLD.shape), MoEAux(losses, stats)

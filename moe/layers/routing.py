@@ -240,6 +240,7 @@ def router_stats(
     kept_GSK: jax.Array,
     capacity: int | None,
     token_mask_GS: jax.Array | None = None,
+    filled_G: jax.Array | None = None,
 ) -> Stats:
   """Statistics of one layer's routing, averaged over groups (see `Stats`).
 
@@ -250,14 +251,15 @@ def router_stats(
     kept_GSK: bool [G, S, k], whether each claim kept a slot (experts choose: [G, S, 1], whether
       any expert took the token).
     capacity: C, the buffer slots per expert per group of the path that ran, so that capacity_used
-      is kept / (E * C); None for a path without padded buffers (DROPLESS; experts choose, whose
-      buffers are always full), where capacity_used is 1.0.
+      is kept / (E * C); None for a path without padded buffers (DROPLESS), where it is 1.0.
     token_mask_GS: bool [G, S], False for padding, or None. Every statistic but capacity_used is
       then over real tokens only, pooled over groups: dropped_fraction is the share of real
       tokens' r-th choices that lost their slot, expert_load the share of real assignments.
       capacity_used stays kept / (E * C) on the buffer paths (a padded token keeps no slot) and
       1.0 without buffers (the rows DROPLESS computes for padded claims, at gate 0, are not told
       apart).
+    filled_G: the slots per group that hold a real assignment, where `kept_GSK` cannot count them
+      (experts choose: a token may fill several slots, and a slot may hold padding).
   """
   probs = probs_GSE.astype(jnp.float32)
   num_experts = probs.shape[-1]
@@ -265,6 +267,8 @@ def router_stats(
   kept = kept_GSK.astype(jnp.float32)
   if capacity is None:
     used = jnp.ones((), jnp.float32)
+  elif filled_G is not None:
+    used = jnp.mean(filled_G / (num_experts * capacity))
   else:
     used = jnp.mean(jnp.sum(kept, axis=(1, 2)) / (num_experts * capacity))
   if token_mask_GS is not None:

@@ -403,6 +403,15 @@ PADDED_LAYERS = {
     ),
     "experts-choose-einsum": dict(router="experts_choose", dispatch="einsum", top_k=2),
     "experts-choose-gather": dict(router="experts_choose", dispatch="gather", top_k=1),
+    # C = 4 * 8 / 4 = 8 slots per expert for groups of 8 real tokens or fewer: every expert picks
+    # padding, which must count neither in the load nor in capacity_used.
+    "experts-choose-picks-padding": dict(
+        router="experts_choose",
+        dispatch="gather",
+        top_k=1,
+        train_capacity_factor=4.0,
+        eval_capacity_factor=4.0,
+    ),
 }
 
 
@@ -430,6 +439,12 @@ def test_padded_layer_matches_reference(kw):
   assert_aux_matches(aux, r)
   real = np.asarray(mask) > 0
   np.testing.assert_array_equal(np.asarray(y)[~real], 0.0)
+  if layer.cfg.router.value == "experts_choose" and layer.cfg.eval_capacity_factor > 1.0:
+    picked_padding = ~real.reshape(r.choices.shape[0], -1)[
+        np.arange(r.choices.shape[0])[:, None, None], r.choices
+    ]
+    assert picked_padding.any(), "must exercise picks of padding"
+    assert r.stats.capacity_used < 1.0
   if layer.cfg.train_capacity_factor is not None and layer.cfg.router.value == "tokens_choose":
     assert not r.kept.reshape(-1, layer.cfg.top_k)[real.reshape(-1)].all(), "must exercise drops"
     # The same tokens without the mask route differently: padding took slots from real tokens.
