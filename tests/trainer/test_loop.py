@@ -19,7 +19,7 @@ import pytest
 import configs.dense
 import configs.switch
 from moe.config.config_dict import experiment_from_config_dict
-from moe.trainer import loop, optimizer
+from moe.trainer import loop
 from moe.trainer.workdir import read_metrics
 
 CONFIG_FILES = {"switch": configs.switch, "dense": configs.dense}
@@ -53,17 +53,21 @@ def test_smoke_switch_loss_falls(tmp_path):
   assert last < first - 1.0, f"loss did not fall: first-5 mean {first:.3f}, last-5 mean {last:.3f}"
   assert final["step"] == 30 and final["loss"] == losses[-1]
   assert math.isfinite(final["eval_loss"]) and final["eval_loss"] < losses[0]
-  assert final["eval_perplexity"] == pytest.approx(math.exp(final["eval_loss"]))
-  # The loss is CE + weighted mean aux losses; the logged rate is the schedule's at the step taken.
-  moe = cfg.model.moe
-  schedule = optimizer.learning_rate_schedule(cfg.train)
+  # The logged rate is the schedule of moe/trainer/optimizer.py's docstring at the step taken:
+  # linear warm-up from 0, then cosine decay to end_lr_fraction of the peak.
+  tc, moe = cfg.train, cfg.model.moe
+  assert tc.schedule.value == "cosine" and 0 < tc.warmup_steps < tc.steps
   n_sparse = cfg.model.num_sparse_layers
   for r in recs:
-    assert r["loss"] == pytest.approx(
-        r["ce"] + moe.balance_loss_weight * r["balance_loss"] + moe.z_loss_weight * r["z_loss"],
-        rel=1e-6,
-    )
-    assert r["learning_rate"] == pytest.approx(float(schedule(r["step"] - 1)), rel=1e-6)
+    t = r["step"] - 1  # Completed optimiser steps before this one.
+    if t < tc.warmup_steps:
+      expected_lr = tc.learning_rate * t / tc.warmup_steps
+    else:
+      cosine = (
+          1 + math.cos(math.pi * min(1.0, (t - tc.warmup_steps) / (tc.steps - tc.warmup_steps)))
+      ) / 2
+      expected_lr = tc.learning_rate * (tc.end_lr_fraction + (1 - tc.end_lr_fraction) * cosine)
+    assert r["learning_rate"] == pytest.approx(expected_lr, rel=1e-5, abs=1e-12)
     assert np.shape(r["dropped_fraction"]) == (n_sparse, moe.top_k)
     assert np.shape(r["expert_load"]) == (n_sparse, moe.num_experts)
     assert np.allclose(np.sum(r["expert_load"], axis=1), 1.0, atol=1e-5)
