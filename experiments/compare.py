@@ -10,7 +10,8 @@ strongest among those that fit) and its dense baseline matched on training FLOPs
 own workdir under --workdir_root (a rerun resumes or, when finished, just reports). Then prints the
 table, the gap with its uncertainty and what it means, and writes <root>/val_loss.png and
 <root>/comparison.json. With one seed, the uncertainty is the seed-to-seed spread of this regime
-measured in docs/results/regimes/report.json (3 seeds per model), when that file is there.
+committed in docs/results/main/report.json (3 seeds per model, `research.results --only=main`), when
+that file holds the regime; the output says which figures this run measured and which it read there.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ _SIZE = flags.DEFINE_enum("size", "tiny", list(SIZES), "Model size (configs.size
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds, comma-separated.")
 _STEPS = flags.DEFINE_integer("steps", None, "Override train.steps of every run (warm-up capped).")
 
-MEASURED = (
-    pathlib.Path(__file__).resolve().parents[1] / "docs" / "results" / "regimes" / "report.json"
+COMMITTED = (
+    pathlib.Path(__file__).resolve().parents[1] / "docs" / "results" / "main" / "report.json"
 )
 
 
@@ -48,47 +49,61 @@ def _overrides(spec: str) -> tuple[str, ...]:
   return (f"train.steps={_STEPS.value}", f"train.warmup_steps={warmup}")
 
 
-def measured_spread(sparse: str, dense: str) -> tuple[float, float] | None:
-  """(sparse, dense) seed standard deviations of the final loss from docs/RESULTS.md's regimes sweep."""
-  if not MEASURED.exists():
+def committed(sparse: str, dense: str) -> tuple[dict, dict] | None:
+  """The committed summaries (seeds, final_std, gaps) of the two configs, or None."""
+  if not COMMITTED.exists():
     return None
-  stds = {c["name"]: c.get("final_std") for c in json.loads(MEASURED.read_text())["configs"]}
-  if stds.get(sparse) is None or stds.get(dense) is None:
+  by_name = {c["name"]: c for c in json.loads(COMMITTED.read_text())["configs"]}
+  pair = by_name.get(sparse), by_name.get(dense)
+  if None in pair or pair[0].get("final_std") is None or pair[1].get("final_std") is None:
     return None
-  return stds[sparse], stds[dense]
+  return pair
 
 
 def verdict(sparse: dict, dense: dict) -> str:
-  """The gap, its uncertainty and one sentence saying what it means."""
+  """The gap, its uncertainty, where each figure comes from, and one sentence saying what it means."""
   g = sparse["gaps"]["active_flops"]
-  source = f"{len(sparse['seeds'])} vs {len(dense['seeds'])} seeds"
+  seeds = f"{len(sparse['seeds'])} vs {len(dense['seeds'])} seeds"
+  lines = [
+      f"Measured in this run: gap (sparse - dense) = {g['gap']:+.4f} nats per token ({seeds})."
+  ]
   se = g["se"]
+  pair = committed(sparse["name"], dense["name"])
+  if pair is not None:
+    c_sparse, c_dense = pair
+    c_gap = c_sparse["gaps"]["active_flops"]
+    lines.append(
+        f"Committed in {COMMITTED.relative_to(COMMITTED.parents[3])}: gap {c_gap['gap']:+.4f} ±"
+        f" {c_gap['se']:.4f} ({c_gap['gap'] / c_gap['se']:+.1f}σ, {len(c_sparse['seeds'])} vs"
+        f" {len(c_dense['seeds'])} seeds); seed spread of the final loss {c_sparse['final_std']:.4f}"
+        f" (sparse) and {c_dense['final_std']:.4f} (dense)."
+    )
   if math.isnan(se):
-    spread = measured_spread(sparse["name"], dense["name"])
-    if spread is None:
-      return (
-          f"gap (sparse - dense) = {g['gap']:+.4f} nats per token, one seed each and no measured"
-          " spread for this regime: run with --seeds=0,1,2 for an error bar."
+    if pair is None:
+      lines.append(
+          "No committed seed spread for this regime: run with --seeds=0,1,2 for an error bar."
       )
-    se = math.hypot(*spread)  # One seed each: the difference of two single draws.
-    source = f"one seed each; seed spread {spread[0]:.4f} / {spread[1]:.4f} from {MEASURED.name}"
+      return "\n".join(lines)
+    # One seed each: the gap is the difference of two single draws, each with the committed spread.
+    se = math.hypot(pair[0]["final_std"], pair[1]["final_std"])
+    source = "the committed seed spread"
+  else:
+    source = "this run's seeds"
   sigma = g["gap"] / se if se > 0 else math.inf
-  head = (
-      f"gap (sparse - dense) = {g['gap']:+.4f} ± {se:.4f} nats per token ({sigma:+.1f}σ; {source})."
-  )
-  if abs(sigma) < 2:
-    meaning = "The two are indistinguishable at this budget: the gap is within seed noise."
+  lines.append(f"This run's gap is {sigma:+.1f} standard errors ({se:.4f}, from {source}).")
+  if abs(sigma) < 3:
+    lines.append("Not resolved: the gap is within 3 standard errors of seed noise at this budget.")
   elif g["gap"] < 0:
-    meaning = (
-        f"The sparse model reaches a lower validation loss than a dense model given the same"
-        f" training FLOPs per token, by {-g['gap']:.3f} nats per token."
+    lines.append(
+        f"Resolved: the sparse model reaches a lower validation loss than a dense model given the"
+        f" same training FLOPs per token, by {-g['gap']:.3f} nats per token."
     )
   else:
-    meaning = (
-        f"The sparse model is worse than a dense model given the same training FLOPs per token, by"
-        f" {g['gap']:.3f} nats per token."
+    lines.append(
+        f"Resolved: the sparse model is worse than a dense model given the same training FLOPs per"
+        f" token, by {g['gap']:.3f} nats per token."
     )
-  return f"{head}\n{meaning}"
+  return "\n".join(lines)
 
 
 def main(argv):

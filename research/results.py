@@ -27,14 +27,15 @@ OUT = REPO / "docs" / "results"
 
 # key -> (sweep root, config drawn in the expert-load heatmap or None for the first sparse one).
 SWEEPS: dict[str, tuple[str, str | None]] = {
-    "regimes": ("runs/sweeps/regimes", None),
+    "main": ("runs/sweeps/regimes", None),  # The main job's regime (configs/regimes.py MAIN).
+    "scaling": ("runs/sweeps/scaling", None),  # Finding h: the dense frontier and EL.
     "gpu_small": ("runs/sweeps/gpu_small", None),  # Finding a at the small size, one H200.
     "experts": ("runs/sweeps/experts", "experts-32_group4096_tiny"),
     "capacity": ("runs/sweeps/capacity", None),
     "topk": ("runs/sweeps/topk", None),
     "balance": ("runs/sweeps/balance", "balance-0_tiny"),
-    "serving_order": ("runs/sweeps/serving_order", None),  # Issue 11, part 2.
-    "upcycle": ("runs/sweeps/upcycle", "upcycle_sparse_tiny"),  # Issue 11, part 3.
+    "serving_order": ("runs/sweeps/serving_order", None),
+    "upcycle": ("runs/sweeps/upcycle", "upcycle_sparse_tiny"),
 }
 
 _ONLY = flags.DEFINE_list("only", None, "Regenerate only these sweeps (keys of SWEEPS).")

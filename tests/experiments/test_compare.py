@@ -1,0 +1,56 @@
+"""experiments.compare's verdict: which figures come from this run and which from the committed
+results, and when the gap counts as resolved (beyond 3 standard errors)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from experiments import compare
+
+
+def summary(name: str, seeds, gap=None, se=None, std=None) -> dict:
+  out = {"name": name, "seeds": list(seeds), "final_std": std}
+  if gap is not None:
+    out["gaps"] = {"active_flops": {"gap": gap, "se": se}}
+  return out
+
+
+@pytest.fixture
+def committed(tmp_path, monkeypatch):
+  monkeypatch.setattr(compare, "COMMITTED", tmp_path / "docs" / "results" / "main" / "report.json")
+  compare.COMMITTED.parent.mkdir(parents=True)
+  configs = [
+      summary("sparse", (0, 1, 2), gap=-0.03, se=0.006, std=0.006),
+      summary("dense", (0, 1, 2), std=0.008),
+  ]
+  compare.COMMITTED.write_text(json.dumps({"configs": configs}))
+  return compare.COMMITTED
+
+
+def test_one_seed_uses_the_committed_spread_and_says_so(committed):
+  # One seed each: se = hypot(0.006, 0.008) = 0.010; a gap of -0.035 is -3.5 se: resolved.
+  text = compare.verdict(summary("sparse", [0], -0.035, math.nan), summary("dense", [0]))
+  assert "Measured in this run: gap (sparse - dense) = -0.0350" in text
+  assert "Committed in docs/results/main/report.json: gap -0.0300 ± 0.0060 (-5.0σ, 3 vs 3" in text
+  assert "-3.5 standard errors (0.0100, from the committed seed spread)" in text
+  assert "Resolved: the sparse model reaches a lower validation loss" in text
+
+
+def test_a_gap_within_three_standard_errors_is_not_resolved(committed):
+  text = compare.verdict(summary("sparse", [0], -0.025, math.nan), summary("dense", [0]))
+  assert "-2.5 standard errors" in text and "Not resolved" in text
+
+
+def test_several_seeds_use_their_own_error(committed):
+  text = compare.verdict(summary("sparse", [0, 1, 2], +0.05, 0.01), summary("dense", [0, 1, 2]))
+  assert "+5.0 standard errors (0.0100, from this run's seeds)" in text
+  assert "Resolved: the sparse model is worse" in text
+
+
+def test_without_committed_results_it_asks_for_seeds(tmp_path, monkeypatch):
+  monkeypatch.setattr(compare, "COMMITTED", tmp_path / "absent.json")
+  text = compare.verdict(summary("sparse", [0], -0.035, math.nan), summary("dense", [0]))
+  assert "No committed seed spread" in text and "Resolved" not in text
