@@ -31,11 +31,34 @@ Families (base: configs/switch.py, 8 experts, top-1, gather, cf 1.25/2.0, balanc
   jitter    router input jitter eps 0, 0.01, 0.1 (Switch Sec. 2.4).
   router    tokens_choose (top-2) vs experts_choose (EC-CF2), both at capacity factor 1.0: the same
             compute per token (2 expert evaluations).
+
+Recipe families (base: the MAIN regime of configs/regimes.py, stdlib_d64_e16_every1_group4096_1000:
+d=64, 16 experts of the FFN width 256 in every layer, top-1, the whole 4096-token batch one routing
+group, 1000 steps; each family's first member is that regime's config unchanged; `data`, `group`
+and `capacity` are refused here, the regime sets them; docs/routing.md):
+  recipe_balance  loss | bias | none: the Switch loss (1e-2), auxiliary-loss-free balancing by a
+            selection bias (Wang et al. 2024, rate 1e-3), or nothing.
+  score     softmax | sigmoid | sigmoid_bias: sigmoid scores alone (one knob, balance loss kept), and
+            DeepSeek-V3's recipe (sigmoid, the bias, its sequence-wise loss at alpha = 1e-4).
+  balance_scope  group4096 | group512 | global512: 8 routing groups per batch (512 tokens at tiny)
+            with the balance loss per group or pooled over the batch (Qiu et al. 2025); the first is
+            MAIN (one group: the two scopes are the same number there).
+  granularity  G = 1 | 2 | 4 | 8: every expert split G ways (E = 16 G experts of width 256 / G, top-G;
+            DeepSeekMoE, Krajewski et al. 2024), so the expert FLOPs per token stay those of G = 1;
+            served token-major (causal; with k = 1 it is the same order). Any integer G that
+            divides the width is accepted, e.g. member=16.
+  shared    none | shared128: one always-on shared expert of width 128 beside 32 routed experts of
+            width 128, top-1 (DeepSeekMoE's layout): the same active width and routed parameters
+            as MAIN, plus the shared expert's.
+
+  python -m research.sweep --config=configs/ablations.py:family=granularity --seeds=0,1,2 \
+      --baselines=active_flops --root=runs/sweeps/recipes/granularity
 """
 
 from __future__ import annotations
 
 import configs.expert_choice
+import configs.regimes
 import configs.switch
 from configs import arguments
 from moe.config.model import MoEConfig
@@ -100,15 +123,73 @@ FAMILIES = {
 }
 
 
+def _recipe_balance(cd, member):
+  cd.model.moe.balance = member
+
+
+def _score(cd, member):
+  cd.model.moe.score = "sigmoid"
+  if member == "sigmoid_bias":  # DeepSeek-V3 Sec. 2.1.2: the bias, and alpha = 1e-4 per sequence.
+    cd.model.moe.balance = "bias"
+    cd.model.moe.sequence_balance_weight = 1e-4
+
+
+def _balance_scope(cd, member):
+  # 8 groups per batch: 512 tokens at tiny (32 x 128), 64 at smoke (its whole batch is 512).
+  cd.model.moe.group_size = cd.train.global_batch_size * cd.train.seq_len // 8
+  cd.model.moe.balance_scope = "global" if member == "global512" else "group"
+
+
+def _granularity(cd, member):
+  """Each expert split G ways and k multiplied by G: E * f (total) and k * f (active) unchanged."""
+  g, moe = int(member), cd.model.moe
+  if moe.expert_hidden % g:
+    raise ValueError(
+        f"config argument member={member}: granularity G={g} must divide "
+        f"moe.expert_hidden={moe.expert_hidden} (the width of each expert is expert_hidden / G)"
+    )
+  moe.num_experts, moe.expert_hidden, moe.top_k = moe.num_experts * g, moe.expert_hidden // g, g
+  if g > 1:  # Top-G with a capacity: token-major serving keeps the routing causal.
+    moe.serving_order = "token_major"
+
+
+def _shared(cd, member):
+  """Half the width always on, the other half routed to one of twice the experts (DeepSeekMoE)."""
+  moe = cd.model.moe
+  half = moe.expert_hidden // 2
+  moe.shared_expert_hidden, moe.expert_hidden, moe.num_experts = half, half, 2 * moe.num_experts
+
+
+def _granularity_member(member: str) -> bool:
+  return member.isdigit() and int(member) >= 1
+
+
+# family -> (members, how a member changes the MAIN regime's config); the first member changes nothing.
+RECIPE_FAMILIES = {
+    "recipe_balance": (("loss", "bias", "none"), _recipe_balance),
+    "score": (
+        ("softmax", "sigmoid", "sigmoid_bias"),
+        lambda cd, m: m != "softmax" and _score(cd, m),
+    ),
+    "balance_scope": (
+        ("group4096", "group512", "global512"),
+        lambda cd, m: m != "group4096" and _balance_scope(cd, m),
+    ),
+    "granularity": (("1", "2", "4", "8"), _granularity),
+    "shared": (("none", "shared128"), lambda cd, m: m != "none" and _shared(cd, m)),
+}
+ALL_FAMILIES = (*FAMILIES, *RECIPE_FAMILIES)
+
+
 def members(family: str) -> tuple[str, ...]:
   """The member names of a family, in sweep order.
 
   Args:
-    family: a key of FAMILIES.
+    family: a key of FAMILIES or RECIPE_FAMILIES.
   """
-  if family not in FAMILIES:
-    raise ValueError(f"family={family!r} is not one of {', '.join(FAMILIES)}")
-  return FAMILIES[family][0]
+  if family not in ALL_FAMILIES:
+    raise ValueError(f"family={family!r} is not one of {', '.join(ALL_FAMILIES)}")
+  return {**FAMILIES, **RECIPE_FAMILIES}[family][0]
 
 
 def sweep(arg: str | None = None) -> list[str]:
@@ -124,32 +205,60 @@ def _parse(arg: str | None) -> dict:
   args = arguments.parse_arg(
       arg,
       {
-          "family": arguments.Arg("", tuple(FAMILIES)),
+          "family": arguments.Arg("", ALL_FAMILIES),
           "member": arguments.Arg(""),
           "size": arguments.SIZE_ARG,
-          "data": arguments.DATA_ARG,
+          "data": arguments.Arg("", arguments.DATA_ARG.choices),  # "": the family's own.
           "group": arguments.Arg(None, kind=int, minimum=1),
           "capacity": arguments.Arg(None, FAMILIES["capacity"][0]),
       },
   )
   if not args["family"]:
-    raise ValueError(f"config argument family is required; allowed values: {', '.join(FAMILIES)}")
+    raise ValueError(
+        f"config argument family is required; allowed values: {', '.join(ALL_FAMILIES)}"
+    )
   if args["capacity"] and args["family"] in ("capacity", "dispatch"):
     raise ValueError(f"config argument capacity is for the other families, not {args['family']}")
+  if args["family"] in RECIPE_FAMILIES:
+    for key in ("data", "group", "capacity"):
+      if args[key]:
+        raise ValueError(
+            f"config argument {key} is not for family {args['family']}: its members are the "
+            f"{configs.regimes.MAIN} regime's config, which sets it"
+        )
   return args
+
+
+def _recipe_config(family: str, member: str, size: str):
+  """The MAIN regime's config at `size` with a recipe family's member applied."""
+  allowed, apply = RECIPE_FAMILIES[family]
+  if member not in allowed and not (family == "granularity" and _granularity_member(member)):
+    raise ValueError(
+        f"config argument member={member!r} is not a member of family {family}; "
+        f"member must be one of {', '.join(allowed)}"
+        + (" (or any integer G >= 1 that divides the expert width)" * (family == "granularity"))
+    )
+  regime = configs.regimes.REGIMES[configs.regimes.MAIN]
+  cd = configs.regimes.regime_config(regime, size, f"{family}-{member}_{size}")
+  apply(cd, member)
+  cd.model.moe.allow_noncausal_routing = not MoEConfig(**cd.model.moe).routing_is_causal
+  return cd
 
 
 def get_config(arg: str | None = None):
   """Args: arg: the argument string above (family is required)."""
   args = _parse(arg)
   family, member = args["family"], args["member"] or members(args["family"])[0]
+  if family in RECIPE_FAMILIES:
+    return _recipe_config(family, member, args["size"])
   allowed, apply = FAMILIES[family]
   if member not in allowed:
     raise ValueError(
         f"config argument member={member!r} is not a member of family {family}; "
         f"member must be one of {', '.join(allowed)}"
     )
-  cd = configs.switch.get_config(f"size={args['size']},data={args['data']}")
+  data = args["data"] or arguments.DATA_ARG.default
+  cd = configs.switch.get_config(f"size={args['size']},data={data}")
   apply(cd, member)
   suffix = ""
   if args["capacity"]:

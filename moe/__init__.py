@@ -21,25 +21,32 @@ per group, width]. One letter, one meaning, everywhere in the library:
 
 from moe.config.model import (
     Activation,
+    Balance,
+    BalanceScope,
     Dispatch,
     GroupedMatmul,
     MoEConfig,
     Priority,
     RouterKind,
+    Score,
     ServingOrder,
     capacity,
 )
-from moe.layers.moe_layer import MoEAux, MoEFeedForward
+from moe.layers.moe_layer import MoEAux, MoEFeedForward, auxiliary_loss
 
 __all__ = [
     "Activation",
+    "Balance",
+    "BalanceScope",
     "Dispatch",
     "GroupedMatmul",
     "MoEConfig",
     "Priority",
     "RouterKind",
+    "Score",
     "ServingOrder",
     "capacity",
     "MoEAux",
     "MoEFeedForward",
+    "auxiliary_loss",
 ]

@@ -2,7 +2,7 @@
 # The sweeps behind docs/RESULTS.md, in order; resumable: rerun to continue where it stopped (complete
 # runs are skipped, unfinished ones resume from their checkpoints). Then regenerate the tables:
 #   bash research/results_sweeps.sh [FINDING ...]   # default: findings a-e (issue 8), in this order;
-#                                                    # serving, upcycle: issue 11
+#                                                    # serving, upcycle: issue 11; recipes: issue 22
 #   python -m research.results
 # Each run is one CPU process using every core; 3 seeds per config (docs/RESULTS.md).
 set -euo pipefail
@@ -60,6 +60,29 @@ serving() {  # Issue 11: top-2 decoder routing with the rank-major (GShard) vs t
     sweep --config=configs/top2.py:size=tiny --set=model.moe.serving_order=$o --set=name=top2-$o"_tiny" \
       --set=model.moe.allow_noncausal_routing=True --root=runs/sweeps/serving_order
   done
+}
+recipes() {  # Issue 22 (docs/routing.md): the recipe families of configs/ablations.py on the MAIN regime
+  # (stdlib_d64_e16_every1_group4096_1000), 3 seeds each, into one root. Every family's first member
+  # is MAIN's config, so it runs once (recipe_balance's member loss) and the other families sweep
+  # their other members; MAIN's dense baseline is in runs/sweeps/regimes (finding a). 11 configs x 3
+  # seeds, each about MAIN's sparse run time. Exactly (PY=.venv/bin/python, SEEDS=0,1,2):
+  #   .venv/bin/python -m research.sweep --seeds=0,1,2 --root=runs/sweeps/recipes \
+  #     --config=configs/ablations.py:family=recipe_balance \
+  #     --config=configs/ablations.py:family=score,member=sigmoid \
+  #     --config=configs/ablations.py:family=score,member=sigmoid_bias \
+  #     --config=configs/ablations.py:family=balance_scope,member=group512 \
+  #     --config=configs/ablations.py:family=balance_scope,member=global512 \
+  #     --config=configs/ablations.py:family=granularity,member=2 \
+  #     --config=configs/ablations.py:family=granularity,member=4 \
+  #     --config=configs/ablations.py:family=granularity,member=8 \
+  #     --config=configs/ablations.py:family=shared,member=shared128
+  #   .venv/bin/python -m research.report runs/sweeps/recipes
+  local specs=(--config=configs/ablations.py:family=recipe_balance)
+  for m in score:sigmoid score:sigmoid_bias balance_scope:group512 balance_scope:global512 \
+    granularity:2 granularity:4 granularity:8 shared:shared128; do
+    specs+=("--config=configs/ablations.py:family=${m%%:*},member=${m#*:}")
+  done
+  sweep "${specs[@]}" --root=runs/sweeps/recipes
 }
 complete() {  # Whether workdir $1 holds the final evaluation of config spec $2 (moe.sweep).
   "$PY" -c "import sys; from moe import sweep

@@ -221,6 +221,11 @@ class MoEConfig:
     served before an earlier token's second choice and can take its slot, as in GShard and
     flaxformer), and batch-prioritised order (tokens ranked by router probability, so a later token
     can take an earlier one's slot).
+
+    The recipes of `moe.layers.balancing` change none of this: sigmoid scores are per token, the
+    selection bias is fixed during a forward pass (a function of earlier steps' batches, like a
+    parameter), and the global-batch and per-sequence balance losses couple a batch's tokens through
+    the gradient only, as the per-group loss always has.
     """
     if self.router is RouterKind.EXPERTS_CHOOSE:
       return False

@@ -77,10 +77,11 @@ def updated_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array
   """b + rate * sign(mean load - load): raises the bias of under-loaded experts, lowers the others'.
 
   `load_E` is the fraction of the step's assignments per expert (it sums to 1 without padding, so
-  its mean is 1 / E); an expert exactly at the mean keeps its bias (sign 0).
+  its mean is 1 / E); an expert exactly at the mean keeps its bias (sign 0). Leading axes (layers
+  stacked by a scan) are independent: the mean is over the last (expert) axis.
   """
   load_E = jax.lax.stop_gradient(load_E.astype(jnp.float32))
-  return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
+  return bias_E + rate * jnp.sign(jnp.mean(load_E, axis=-1, keepdims=True) - load_E)
 
 
 def global_balance_loss(

@@ -1,8 +1,11 @@
 """The MoE feed-forward layer: route, dispatch, run the experts, combine; return losses and stats.
 
     y, aux = MoEFeedForward(cfg, d_model, rngs=nnx.Rngs(0))(x_BLD, train=True, rng=key)
-    loss = (task_loss + cfg.balance_loss_weight * aux.losses.balance
-            + cfg.z_loss_weight * aux.losses.z)
+    loss = task_loss + auxiliary_loss(cfg, aux.losses)
+
+Scores are a softmax or DeepSeek-V3's sigmoid (`MoEConfig.score`); with `balance='bias'` the layer
+holds a per-expert selection bias (`balancing.RouterBias`, state the train step updates, not a
+parameter) that shifts which experts are chosen but not their gates (`moe.layers.balancing`).
 
 Tokens [B, L, d] are cut into routing groups [G, S, d] along the flattened token axis (per sequence
 by default, or `group_size` tokens), so which tokens drop depends on the data only, never on the
@@ -17,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.config.model import Dispatch, MoEConfig, RouterKind
-from moe.layers import dispatch, expert_parallel, routing
+from moe.config.model import Balance, BalanceScope, Dispatch, MoEConfig, RouterKind
+from moe.layers import balancing, dispatch, expert_parallel, routing
 from moe.layers.ffn import Experts, MLP
 from moe.parallel import axes
 
@@ -30,8 +33,26 @@ class MoEAux(NamedTuple):
   stats: routing.Stats
 
 
+def auxiliary_loss(cfg: MoEConfig, losses: routing.Losses) -> jax.Array:
+  """The weighted auxiliary losses to add to the task loss; each loss averaged over its leading
+  (sparse layer) axes first.
+
+  The balance loss counts only with `balance='loss'` (with 'bias' or 'none' it is still reported);
+  the sequence-wise loss with its own weight whatever the balance (DeepSeek-V3 keeps it beside the
+  bias, Sec. 2.1.2); the z-loss always.
+  """
+  mean = lambda x: jnp.mean(x.astype(jnp.float32))
+  total = cfg.z_loss_weight * mean(losses.z)
+  if cfg.balance is Balance.LOSS:
+    total = total + cfg.balance_loss_weight * mean(losses.balance)
+  if cfg.sequence_balance_weight:
+    total = total + cfg.sequence_balance_weight * mean(losses.sequence_balance)
+  return total
+
+
 class MoEFeedForward(nnx.Module):
-  """E expert FFNs behind a router, with an optional always-on shared expert.
+  """E expert FFNs behind a router, with an optional always-on shared expert and, with
+  `balance='bias'`, the selection bias `router_bias` [E] (`balancing.RouterBias`, zeros at first).
 
   Args:
     cfg: the layer's configuration (validated on construction).
@@ -42,6 +63,13 @@ class MoEFeedForward(nnx.Module):
   def __init__(self, cfg: MoEConfig, d_model: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.router = routing.Router(d_model, cfg.num_experts, jitter_eps=cfg.jitter_eps, rngs=rngs)
+    self.router_bias = (
+        balancing.RouterBias(
+            jnp.zeros((cfg.num_experts,), jnp.float32), out_sharding=(axes.ROUTER_EXPERTS,)
+        )
+        if cfg.balance is Balance.BIAS
+        else None
+    )
     self.experts = Experts(
         cfg.num_experts,
         d_model,
@@ -65,10 +93,12 @@ class MoEFeedForward(nnx.Module):
     return axes.constrain(y_GECD, spec)
 
   def _groups_and_router(self, x_BLD, train: bool, rng):
-    """Tokens cut into routing groups [G, S, d], their float32 logits and probabilities [G, S, E].
+    """Tokens cut into routing groups [G, S, d], their float32 logits, probabilities and
+    affinities [G, S, E] (`balancing.probabilities_and_affinity`: the probabilities feed the
+    losses, statistics and priority order, the affinities the choice and the gates).
 
     Returns:
-      (x_GSD, logits_GSE, probs_GSE).
+      (x_GSD, logits_GSE, probs_GSE, affinity_GSE).
     """
     cfg = self.cfg
     b, l, d = x_BLD.shape
@@ -77,7 +107,20 @@ class MoEFeedForward(nnx.Module):
         x_BLD.astype(cfg.compute_dtype).reshape(g, s, d), (axes.GROUP, None, axes.ACT_EMBED)
     )
     logits_GSE = self.router(x_GSD, train=train, rng=rng)
-    return x_GSD, logits_GSE, jax.nn.softmax(logits_GSE, axis=-1)
+    probs_GSE, affinity_GSE = balancing.probabilities_and_affinity(logits_GSE, cfg.score)
+    return x_GSD, logits_GSE, probs_GSE, affinity_GSE
+
+  def _choose(self, affinity_GSE, mask_GS) -> routing.TopK:
+    """Tokens choose: each token's k experts by affinity plus the selection bias (if any)."""
+    cfg = self.cfg
+    return balancing.choose(
+        affinity_GSE,
+        cfg.top_k,
+        score=cfg.score,
+        renormalize=cfg.renormalize_gates,
+        bias_E=None if self.router_bias is None else self.router_bias[...],
+        token_mask_GS=mask_GS,
+    )
 
   def _token_mask(self, token_mask_BL, x_GSD) -> jax.Array | None:
     """The padding mask as routing groups, bool [G, S] (True: a real token), or None."""
@@ -116,7 +159,7 @@ class MoEFeedForward(nnx.Module):
     Computes what `__call__` decides, without running the experts.
     """
     cfg = self.cfg
-    x_GSD, _, probs_GSE = self._groups_and_router(x_BLD, train, rng)
+    x_GSD, _, probs_GSE, affinity_GSE = self._groups_and_router(x_BLD, train, rng)
     mask_GS = self._token_mask(token_mask_BL, x_GSD)
     s = probs_GSE.shape[1]
     if cfg.router is RouterKind.EXPERTS_CHOOSE:
@@ -124,7 +167,7 @@ class MoEFeedForward(nnx.Module):
       if mask_GS is None:
         return choice.token_index, jnp.ones(choice.token_index.shape, bool)
       return choice.token_index, jax.vmap(lambda m, i: m[i])(mask_GS, choice.token_index)
-    top = routing.tokens_choose(probs_GSE, cfg.top_k, cfg.renormalize_gates, mask_GS)
+    top = self._choose(affinity_GSE, mask_GS)
     kept_GSK = jnp.ones(top.expert_index.shape, bool)
     if mask_GS is not None:
       kept_GSK = kept_GSK & mask_GS[..., None]
@@ -133,8 +176,10 @@ class MoEFeedForward(nnx.Module):
     slots_GSK = self._slots(top.expert_index, probs_GSE, mask_GS)
     return top.expert_index, slots_GSK < cfg.capacity(s, train)
 
-  def _experts_choose(self, x_GSD, probs_GSE, mask_GS, train: bool):
-    """Experts choose: (y [G, S, d], covered [G, S, 1], load [G, E], filled slots [G])."""
+  def _experts_choose(self, x_GSD, probs_GSE, affinity_GSE, mask_GS, train: bool):
+    """Experts choose: (y [G, S, d], covered [G, S, 1], load [G, E], filled slots [G], None). Its
+    scores are always the softmax (`MoEConfig` refuses sigmoid): `affinity_GSE` is `probs_GSE`."""
+    del affinity_GSE
     cfg = self.cfg
     g, s, _ = x_GSD.shape
     choice = routing.experts_choose(probs_GSE, cfg.capacity(s, train), mask_GS)
@@ -147,7 +192,7 @@ class MoEFeedForward(nnx.Module):
     if mask_GS is not None:  # A padded pick (gate 0) covers nothing.
       covered_GS1 = covered_GS1 & mask_GS[..., None]
     load_GE, filled_G = self._expert_choice_load(choice.token_index, mask_GS, s)
-    return y_GSD, covered_GS1, load_GE, filled_G
+    return y_GSD, covered_GS1, load_GE, filled_G, None
 
   def _expert_choice_load(self, token_index_GEC, mask_GS, s: int):
     """(load [G, E], filled slots [G]) of experts choose, counting real picks only.
@@ -167,10 +212,11 @@ class MoEFeedForward(nnx.Module):
     real_share_G = jnp.sum(mask_GS.astype(jnp.float32), axis=1) / s
     return picks_GE / jnp.maximum(filled_G, 1.0)[:, None] * real_share_G[:, None], filled_G
 
-  def _tokens_choose(self, x_GSD, probs_GSE, mask_GS, train: bool):
-    """Tokens choose: (y [G, S, d], kept [G, S, k], load [G, E], C of the buffers or None)."""
+  def _tokens_choose(self, x_GSD, probs_GSE, affinity_GSE, mask_GS, train: bool):
+    """Tokens choose: (y [G, S, d], kept [G, S, k], load [G, E], C of the buffers or None,
+    expert_index [G, S, k])."""
     cfg = self.cfg
-    top = routing.tokens_choose(probs_GSE, cfg.top_k, cfg.renormalize_gates, mask_GS)
+    top = self._choose(affinity_GSE, mask_GS)
     load_GE = routing.expert_load(top.expert_index, cfg.num_experts, mask_GS)
     if cfg.dispatch is Dispatch.DROPLESS:
       # No buffers: it computes exactly the assignments (capacity_used 1.0).
@@ -178,16 +224,16 @@ class MoEFeedForward(nnx.Module):
         y_GSD, kept_GSK = dispatch.dropless_moe(
             x_GSD, top.expert_index, top.gates, self.experts.grouped, cfg.num_experts, mask_GS
         )
-        return y_GSD, kept_GSK, load_GE, None
+        return y_GSD, kept_GSK, load_GE, None, top.expert_index
       # Experts split over a mesh axis: each claim travels to its expert's device (all-to-all);
       # left to the partitioner, ragged_dot would gather the weights or replicate the claims.
-      # Padded tokens' gates are already 0 (`tokens_choose`), so their output is zero.
+      # Padded tokens' gates are already 0 (`balancing.choose`), so their output is zero.
       y_GSD, kept_GSK = expert_parallel.dropless_moe(
           x_GSD, top.expert_index, top.gates, self.experts, cfg.num_experts
       )
       if mask_GS is not None:
         kept_GSK = kept_GSK & mask_GS[..., None]
-      return y_GSD, kept_GSK, load_GE, None
+      return y_GSD, kept_GSK, load_GE, None, top.expert_index
     capacity = cfg.capacity(x_GSD.shape[1], train)
     run = dispatch.einsum_moe if cfg.dispatch is Dispatch.EINSUM else dispatch.gather_moe
     y_GSD, kept_GSK = run(
@@ -201,7 +247,32 @@ class MoEFeedForward(nnx.Module):
         token_mask_GS=mask_GS,
         serving_order=cfg.serving_order,
     )
-    return y_GSD, kept_GSK, load_GE, capacity
+    return y_GSD, kept_GSK, load_GE, capacity, top.expert_index
+
+  def _losses(self, shape_BL, logits_GSE, probs_GSE, load_GE, expert_index_GSK, mask_GS):
+    """The layer's unweighted `routing.Losses`: balance per group or pooled over the batch (an [E]
+    reduction over the groups, never a gather of token-level arrays), z, per-sequence balance."""
+    cfg = self.cfg
+    z = routing.router_z_loss(logits_GSE, mask_GS)
+    zero = jnp.zeros((), jnp.float32)
+    if cfg.router is RouterKind.EXPERTS_CHOOSE:
+      # Every expert is full by construction (Zhou et al. 2022 use no balance loss), so the Switch
+      # loss would be E * sum_e (1/E) * P_e = 1.0 for any router: a constant with zero gradient that
+      # reads as perfect balance on a dashboard. Report 0.0 instead, as flaxformer does.
+      return routing.Losses(balance=zero, z=z, sequence_balance=zero)
+    if cfg.balance_scope is BalanceScope.GLOBAL:
+      balance = balancing.global_balance_loss(probs_GSE, load_GE, mask_GS)
+    else:
+      balance = routing.load_balancing_loss(probs_GSE, load_GE, mask_GS)
+    sequence = zero
+    if cfg.sequence_balance_weight:
+      b, l = shape_BL
+      per_sequence = lambda a: a.reshape((b, l) + a.shape[2:])
+      mask_BL = None if mask_GS is None else per_sequence(mask_GS)
+      sequence = balancing.sequence_balance_loss(
+          per_sequence(probs_GSE), per_sequence(expert_index_GSK), mask_BL
+      )
+    return routing.Losses(balance=balance, z=z, sequence_balance=sequence)
 
   def __call__(
       self,
@@ -225,25 +296,23 @@ class MoEFeedForward(nnx.Module):
 
     Returns:
       y [batch, length, d] in the compute dtype, and `MoEAux` (losses, stats). The balance loss
-      is 0.0 for experts choose (see `routing.Losses`).
+      is 0.0 for experts choose (see `routing.Losses`). The selection bias is read, never
+      written: the train step updates it (`moe.trainer.steps`).
     """
     cfg = self.cfg
-    x_GSD, logits_GSE, probs_GSE = self._groups_and_router(x_BLD, train, rng)
+    x_GSD, logits_GSE, probs_GSE, affinity_GSE = self._groups_and_router(x_BLD, train, rng)
     mask_GS = self._token_mask(token_mask_BL, x_GSD)
     route = self._experts_choose if cfg.router is RouterKind.EXPERTS_CHOOSE else self._tokens_choose
-    y_GSD, kept_GSK, load_GE, slots = route(x_GSD, probs_GSE, mask_GS, train)
+    y_GSD, kept_GSK, load_GE, slots, expert_index_GSK = route(
+        x_GSD, probs_GSE, affinity_GSE, mask_GS, train
+    )
 
     y_GSD = axes.constrain(y_GSD, (axes.GROUP, None, axes.ACT_EMBED))
     if self.shared_expert is not None:
       y_GSD = y_GSD + self.shared_expert(x_GSD)
-    if cfg.router is RouterKind.EXPERTS_CHOOSE:
-      # Every expert is full by construction (Zhou et al. 2022 use no balance loss), so the Switch
-      # loss would be E * sum_e (1/E) * P_e = 1.0 for any router: a constant with zero gradient that
-      # reads as perfect balance on a dashboard. Report 0.0 instead, as flaxformer does.
-      balance = jnp.zeros((), jnp.float32)
-    else:
-      balance = routing.load_balancing_loss(probs_GSE, load_GE, mask_GS)
-    losses = routing.Losses(balance=balance, z=routing.router_z_loss(logits_GSE, mask_GS))
+    losses = self._losses(
+        x_BLD.shape[:2], logits_GSE, probs_GSE, load_GE, expert_index_GSK, mask_GS
+    )
     if cfg.router is RouterKind.EXPERTS_CHOOSE:
       capacity = cfg.capacity(x_GSD.shape[1], train)
       stats = routing.router_stats(probs_GSE, load_GE, kept_GSK, capacity, mask_GS, filled_G=slots)

@@ -200,15 +200,21 @@ def router_z_loss(logits_GSE: jax.Array, token_mask_GS: jax.Array | None = None)
 
 
 class Losses(NamedTuple):
-  """Unweighted auxiliary losses of one MoE layer (float32 scalars); the caller weights them.
+  """Unweighted auxiliary losses of one MoE layer (float32 scalars); the caller weights them
+  (`moe.layers.moe_layer.auxiliary_loss`).
 
-  `balance` is `load_balancing_loss` for tokens choose and 0.0 (no gradient) for experts choose:
-  every expert is full by construction, so the loss would be a constant 1.0 that reads as perfect
-  balance whatever the router does. Zhou et al. 2022 use no balance loss, and flaxformer reports 0.
+  `balance` is `load_balancing_loss` per routing group, or pooled over the whole batch
+  (`moe.layers.balancing.global_balance_loss`, `MoEConfig.balance_scope`), for tokens choose, and
+  0.0 (no gradient) for experts choose: every expert is full by construction, so the loss would be
+  a constant 1.0 that reads as perfect balance whatever the router does. Zhou et al. 2022 use no
+  balance loss, and flaxformer reports 0.
   """
 
   balance: jax.Array
   z: jax.Array  # `router_z_loss`, for both routers.
+  # DeepSeek-V3's complementary loss (`moe.layers.balancing.sequence_balance_loss`); 0.0 when its
+  # weight `MoEConfig.sequence_balance_weight` is 0, and for experts choose.
+  sequence_balance: jax.Array
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe.config.model import ModelConfig, Remat
+from moe.layers import balancing
 from moe.layers.ffn import MLP
 from moe.layers.moe_layer import MoEAux, MoEFeedForward
 from moe.parallel import axes
@@ -260,6 +261,11 @@ class Period(nnx.Module):
     return x_BLD, _stack(auxes)
 
 
+def _update_bias(ffn: MoEFeedForward, load_E: jax.Array, rate: float) -> None:
+  if ffn.router_bias is not None:
+    ffn.router_bias[...] = balancing.updated_bias(ffn.router_bias[...], load_E, rate)
+
+
 def _stack(auxes: list[MoEAux]) -> MoEAux | None:
   if not auxes:
     return None
@@ -371,6 +377,29 @@ class Transformer(nnx.Module):
     aux = jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if parts else None
 
     return self.logits(x_BLD), aux
+
+  def update_router_bias(self, load_NE: jax.Array, rate: float) -> None:
+    """Moves each sparse layer's selection bias (`MoEConfig.balance='bias'`) by
+    `balancing.updated_bias` from that layer's load, in place.
+
+    Args:
+      load_NE: the expert load of each sparse layer [n, E], in the layer order of `__call__`'s aux
+        (its `stats.expert_load`: the prefix's sparse layers, then the scanned periods'
+        repeat-major).
+      rate: the update rate u (`MoEConfig.bias_update_rate`).
+    """
+    index = 0
+    for block in self.prefix:
+      if block.sparse:
+        _update_bias(block.ffn, load_NE[index], rate)
+        index += 1
+    if not self.repeats:
+      return
+    sparse_in_period = [j for j, layer in enumerate(self.periods.layers) if layer.sparse]
+    for position, j in enumerate(sparse_in_period):
+      # Scanned aux is [repeats, sparse per period] flattened: row r * len + position.
+      rows = index + position + len(sparse_in_period) * jnp.arange(self.repeats)
+      _update_bias(self.periods.layers[j].ffn, load_NE[rows], rate)
 
   def embed_tokens(self, tokens_BL: jax.Array) -> jax.Array:
     """tokens [B, L] -> the first layer's input [B, L, d] in the compute dtype."""

@@ -1,7 +1,7 @@
 """Orbax checkpoints of a run: the train state and the data iterator, saved together.
 
-Each checkpoint `checkpoints/<step>/` holds 'state' (params, opt_state, step: `moe.trainer.steps.TrainState`)
-and 'data' (the grain iterator's state), so a resumed run continues the exact batch sequence. Saves are
+Each checkpoint `checkpoints/<step>/` holds 'state' (params, opt_state, step and, for a model with selection
+biases, router_bias: `moe.trainer.steps.TrainState`) and 'data' (the grain iterator's state), so a resumed run continues the exact batch sequence. Saves are
 asynchronous (training continues while the arrays are written); a step directory appears only once
 complete, so a crash mid-save leaves the previous checkpoint as the latest.
 
@@ -75,13 +75,33 @@ def make_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
   )
 
 
+def _as_saved(state: Any) -> dict:
+  """The train state as a checkpoint holds it: its fields by name, bare arrays; a field without
+  arrays (the router biases of a model that has none) is left out, so such a model's checkpoints
+  keep the layout they had before the biases existed and old checkpoints restore."""
+  fields = nnx.as_pure(state)._asdict()
+  return {name: value for name, value in fields.items() if jax.tree.leaves(value)}
+
+
+def _from_saved(saved: dict, like: Any) -> Any:
+  """The TrainState of `like`'s type and structure with the arrays of `saved` (`_as_saved`)."""
+  return type(like)(
+      **{
+          name: jax.tree.unflatten(jax.tree.structure(value), jax.tree.leaves(saved[name]))
+          if name in saved
+          else value
+          for name, value in like._asdict().items()
+      }
+  )
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_it) -> None:
   """Starts saving `state` (a TrainState) and the iterator at `step`; returns once the arrays are
   copied off the device."""
   manager.save(
       step,
       args=ocp.args.Composite(
-          state=ocp.args.StandardSave(nnx.as_pure(state)),
+          state=ocp.args.StandardSave(_as_saved(state)),
           data=grain.checkpoint.CheckpointSave(data_it),
       ),
   )
@@ -97,27 +117,34 @@ def steps_of(workdir: str | pathlib.Path) -> list[int]:
   )
 
 
-def restore_params(workdir: str | pathlib.Path, step: int, target: Any) -> Any:
+def restore_params(workdir: str | pathlib.Path, step: int, target: Any, **more: Any) -> Any:
   """The parameters alone of checkpoint `step` of the run in `workdir`: an orbax partial restore of
   the 'state' item's 'params' (the optimiser moments and the data iterator are not read).
 
   Args:
     target: the parameters' tree of `jax.ShapeDtypeStruct`s with shardings, as nested dicts.
+    **more: other fields of the train state to read beside them, same form (e.g. router_bias=...,
+      the selection biases the model routes with); then a dict {'params': ..., **more} is returned.
   """
   path = pathlib.Path(workdir).absolute() / "checkpoints" / str(step) / "state"
+  items = {"params": target, **{name: tree for name, tree in more.items() if jax.tree.leaves(tree)}}
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   try:
     restored = checkpointer.restore(
         path,
         args=ocp.args.PyTreeRestore(
-            item={"params": target},
-            restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
+            item=items,
+            restore_args={
+                k: ocp.checkpoint_utils.construct_restore_args(v) for k, v in items.items()
+            },
             partial_restore=True,
         ),
     )
   finally:
     checkpointer.close()
-  return restored["params"]
+  if not more:
+    return restored["params"]
+  return {name: restored.get(name, tree) for name, tree in {"params": target, **more}.items()}
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: Any, data_it) -> tuple[int, Any, Any]:
@@ -180,7 +207,7 @@ def _restore(
   never touches it; one that restored here but is damaged on another process is overwritten by the
   fallback step's restore.
   """
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.as_pure(state))
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _as_saved(state))
   handler = ocp.StandardCheckpointHandler()
   try:
     saved = handler.metadata(manager.directory / str(step) / "state")
@@ -200,7 +227,7 @@ def _restore(
     )["state"]
   except Exception as e:  # pylint: disable=broad-except  # tensorstore raises bare Exceptions.
     return None, f"state unreadable: {_describe(e)}"
-  restored = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(restored))
+  restored = _from_saved(restored, state)
   if int(restored.step) != step:
     return None, f"holds step {int(restored.step)}"
   non_finite = _non_finite(nnx.as_pure(restored))

@@ -132,7 +132,8 @@ class _RunContext:
 
   def evaluate(self, state: steps.TrainState, step: int) -> None:
     with sharding.use_mesh(self.mesh, self.rules):
-      result = steps.evaluate(self.eval_step, state.params, self.eval_data, self.batch_sharding)
+      variables = steps.model_variables(state)
+      result = steps.evaluate(self.eval_step, variables, self.eval_data, self.batch_sharding)
     self.writer.write({"step": step, "split": "eval", **result})
     self.evaluated.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
     print_line(
@@ -237,7 +238,11 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
   )
   with sharding.use_mesh(mesh, rules):  # The steps trace under the mesh: constraints apply.
     eval_step = steps.make_eval_step(
-        graphdef, rest, cfg, params_sharding=state_sharding.params, batch_sharding=batch_sharding
+        graphdef,
+        rest,
+        cfg,
+        params_sharding=steps.model_variables(state_sharding),
+        batch_sharding=batch_sharding,
     )
   earlier = _train_records(path, start)
   train_time = earlier[-1].get("time_s", 0.0) if earlier else 0.0  # Spent before `start`.

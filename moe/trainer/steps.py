@@ -4,10 +4,12 @@
     train_step = make_train_step(graphdef, rest, cfg, tx, state_sharding=..., batch_sharding=...)
     state, metrics = train_step(state, to_device(batch, batch_sharding))
 
-The train state is `TrainState(params, opt_state, step)`: the model's nnx.Param variables (split from the
-model once), the optax state (over the bare arrays) and the number of completed optimiser steps. The
-step merges the graph definition with the parameters inside `jax.jit`, so one compiled function runs
-the whole run. Randomness is a function of (seed, step): parameters come from `nnx.Rngs(train.seed)`,
+The train state is `TrainState(params, opt_state, step, router_bias)`: the model's nnx.Param variables
+(split from the model once), the optax state (over the bare arrays), the number of completed optimiser
+steps and the selection biases of auxiliary-loss-free balancing (`moe.layers.balancing.RouterBias`;
+empty unless `moe.balance='bias'`): training state outside the optimiser, so no gradient, weight
+decay or Adam moment ever touches it. The step merges the graph definition with the parameters inside
+`jax.jit`, so one compiled function runs the whole run. Randomness is a function of (seed, step): parameters come from `nnx.Rngs(train.seed)`,
 the router jitter of step t from `fold_in(key(train.seed), t)`.
 """
 
@@ -24,6 +26,9 @@ from flax import nnx
 
 from moe.config.experiment import ExperimentConfig
 from moe.config.model import RouterKind
+from moe.config.train import NonFinite
+from moe.layers import moe_layer
+from moe.layers.balancing import RouterBias
 from moe.models.transformer import Transformer
 from moe.parallel import sharding
 from moe.trainer import optimizer
@@ -37,19 +42,28 @@ class TrainState(NamedTuple):
   params: nnx.State  # nnx.Param variables, as split from the model.
   opt_state: Any  # optax state over nnx.as_pure(params).
   step: jax.Array  # int32 []: completed optimiser steps.
+  # RouterBias variables [E] per sparse layer (stacked when scanned); empty without moe.balance='bias'.
+  router_bias: nnx.State = nnx.State({})
+
+
+def model_variables(state: TrainState) -> nnx.State:
+  """What the model computes with: the parameters and the selection biases, one nnx.State (works
+  on a TrainState of shardings too). The eval step takes this."""
+  return nnx.merge_state(state.params, state.router_bias)
 
 
 def _forward(
     graphdef: nnx.GraphDef,
-    params: nnx.State,
-    rest: nnx.State,
+    states: tuple[nnx.State, ...],
     batch: Batch,
     *,
     train: bool,
     rng: jax.Array | None,
 ):
-  """Weighted CE per token [B, L], the weights [B, L] and the MoE aux (None when dense)."""
-  model = nnx.merge(graphdef, params, rest)
+  """Weighted CE per token [B, L], the weights [B, L] and the MoE aux (None when dense).
+
+  `states` together hold every variable of the model (parameters, biases, the rest)."""
+  model = nnx.merge(graphdef, *states)
   weights_BL = batch["weights"].astype(jnp.float32)
   # Padding (weight 0) claims no expert slot and is left out of the router losses and statistics.
   logits_BLV, aux = model(batch["inputs"], train=train, rng=rng, token_mask_BL=weights_BL > 0)
@@ -66,6 +80,16 @@ def _router_metrics(aux) -> dict[str, jax.Array]:
   )
 
 
+def _updated_router_bias(graphdef, state: TrainState, rest, load_NE, rate: float) -> nnx.State:
+  """The selection biases after this step: each sparse layer's moved by its load of the step
+  (`Transformer.update_router_bias`). `load_NE` is the layers' `expert_load` statistic, a mean over
+  the whole global batch, so under a mesh it is already the [E] all-reduce of the devices' counts
+  and every device computes the same biases."""
+  model = nnx.merge(graphdef, state.params, state.router_bias, rest)
+  model.update_router_bias(load_NE, rate)
+  return nnx.state(model, RouterBias)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     rest: nnx.State,
@@ -77,8 +101,11 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple]:
   """Builds the jitted train step `(state, batch) -> (new state, metrics)`; `state` is donated.
 
-  Loss = weighted mean token cross-entropy + moe.balance_loss_weight * mean over sparse layers of the
-  balance loss + moe.z_loss_weight * mean of the z-loss (a dense model: the cross-entropy alone).
+  Loss = weighted mean token cross-entropy + the MoE layers' weighted auxiliary losses, each a mean
+  over sparse layers (`moe.layers.moe_layer.auxiliary_loss`: the balance loss only with
+  moe.balance='loss'); a dense model: the cross-entropy alone. With moe.balance='bias', after the
+  gradient step the selection biases move by moe.bias_update_rate from the step's expert load
+  (`moe.layers.balancing.updated_bias`); a step skipped as non-finite leaves them as they were.
 
   Args:
     graphdef: the model's graph definition (`nnx.split(model, nnx.Param, ...)`).
@@ -96,22 +123,28 @@ def make_train_step(
   moe_cfg = cfg.model.moe if cfg.model.num_sparse_layers else None
   schedule = optimizer.learning_rate_schedule(cfg.train)
   seed = cfg.train.seed
+  skips_nonfinite = cfg.train.on_nonfinite is NonFinite.SKIP
 
   def train_step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
     def loss_fn(params):
-      ce_BL, weights_BL, aux = _forward(graphdef, params, rest, batch, train=True, rng=rng)
+      # Fresh variables at this trace level: nnx refuses, under its scan, variables made outside.
+      router_bias = jax.tree.map(lambda x: x, state.router_bias)
+      states = (params, router_bias, rest)
+      ce_BL, weights_BL, aux = _forward(graphdef, states, batch, train=True, rng=rng)
       w_sum = jnp.sum(weights_BL)
       ce = jnp.sum(ce_BL) / jnp.maximum(w_sum, 1.0)
       extra = {"ce": ce, "tokens": w_sum}
       loss = ce
       if moe_cfg is not None:
-        balance, z = jnp.mean(aux.losses.balance), jnp.mean(aux.losses.z)
-        loss = ce + moe_cfg.balance_loss_weight * balance + moe_cfg.z_loss_weight * z
-        extra.update(z_loss=z, **_router_metrics(aux))
+        loss = ce + moe_layer.auxiliary_loss(moe_cfg, aux.losses)
+        extra.update(z_loss=jnp.mean(aux.losses.z), **_router_metrics(aux))
         if moe_cfg.router is RouterKind.TOKENS_CHOOSE:  # Experts choose has no balance loss: every
-          extra["balance_loss"] = balance  # expert is full by construction (Zhou et al. 2022).
+          # expert is full by construction (Zhou et al. 2022). Logged whatever moe.balance is.
+          extra["balance_loss"] = jnp.mean(aux.losses.balance)
+        if moe_cfg.sequence_balance_weight:
+          extra["sequence_balance_loss"] = jnp.mean(aux.losses.sequence_balance)
       return loss, extra
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -120,10 +153,17 @@ def make_train_step(
     new_pure = optax.apply_updates(pure_params, updates)
     params = nnx.clone(state.params)  # The new arrays in the nnx.Param variables.
     nnx.replace_by_pure_dict(params, new_pure.to_pure_dict())
-    metrics.update(
-        loss=loss, grad_norm=optimizer.global_norm(pure_grads), learning_rate=schedule(state.step)
-    )
-    return TrainState(params, opt_state, state.step + 1), metrics
+    grad_norm = optimizer.global_norm(pure_grads)
+    metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step))
+    router_bias = state.router_bias
+    if jax.tree.leaves(router_bias):
+      updated = _updated_router_bias(
+          graphdef, state, rest, metrics["expert_load"], moe_cfg.bias_update_rate
+      )
+      # A skipped step (optax.apply_if_finite) leaves the biases as it leaves the parameters.
+      keep = jnp.logical_not(jnp.isfinite(grad_norm)) if skips_nonfinite else jnp.bool_(False)
+      router_bias = jax.tree.map(lambda new, old: jnp.where(keep, old, new), updated, router_bias)
+    return TrainState(params, opt_state, state.step + 1, router_bias), metrics
 
   kwargs = {}
   if batch_sharding is not None:  # Sharded: the state and the batch are placed, metrics replicated.
@@ -143,7 +183,9 @@ def make_eval_step(
     params_sharding: Any = None,
     batch_sharding: Any = None,
 ) -> Callable:
-  """Builds the jitted eval step `(params, batch) -> sums` (eval capacity factor, no jitter).
+  """Builds the jitted eval step `(variables, batch) -> sums` (eval capacity factor, no jitter);
+  `variables` is `model_variables(state)` (parameters and selection biases), `params_sharding` its
+  shardings (`model_variables(state_sharding)`).
 
   Returns sums to be added over batches: ce_sum, tokens, the same two over the batch's even and odd
   rows (ce_halves, tokens_halves [2]: two disjoint halves of the scored windows, each spread over
@@ -152,8 +194,8 @@ def make_eval_step(
   """
   sparse = bool(cfg.model.num_sparse_layers)
 
-  def eval_step(params: nnx.State, batch: Batch):
-    ce_BL, weights_BL, aux = _forward(graphdef, params, rest, batch, train=False, rng=None)
+  def eval_step(variables: nnx.State, batch: Batch):
+    ce_BL, weights_BL, aux = _forward(graphdef, (variables, rest), batch, train=False, rng=None)
     half_B = jnp.arange(ce_BL.shape[0]) % 2
     out = {
         "ce_sum": jnp.sum(ce_BL),
@@ -178,7 +220,7 @@ def make_window_losses_step(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable
   capacity factor); `moe.trainer.evaluation` re-scores trained runs with it."""
 
   def window_losses(params: nnx.State, batch: Batch):
-    ce_BL, weights_BL, _ = _forward(graphdef, params, rest, batch, train=False, rng=None)
+    ce_BL, weights_BL, _ = _forward(graphdef, (params, rest), batch, train=False, rng=None)
     return jnp.sum(ce_BL, axis=1), jnp.sum(weights_BL, axis=1)
 
   return jax.jit(window_losses)
@@ -201,14 +243,18 @@ def init_train_state(
     abstract: return ShapeDtypeStructs (with shardings) instead of arrays: nothing is allocated.
 
   Returns:
-    (graphdef, rest, tx, state, state_sharding): the model's graph definition and non-parameter state
-    (for `make_train_step`), the optimiser, the `TrainState` and its pytree of NamedShardings.
+    (graphdef, rest, tx, state, state_sharding): the model's graph definition and the state that is
+    neither a parameter nor a selection bias (for `make_train_step`), the optimiser, the `TrainState`
+    and its pytree of NamedShardings (the biases replicated: `axes.ROUTER_EXPERTS` is never split).
   """
   make_model = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
   replicated = sharding.replicated(mesh)
   with sharding.use_mesh(mesh, rules):
-    graphdef, abstract_params, rest = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
+    graphdef, abstract_params, abstract_bias, rest = nnx.split(
+        nnx.eval_shape(make_model), nnx.Param, RouterBias, ...
+    )
     params_sharding = sharding.named_shardings(abstract_params, mesh, rules)
+    bias_sharding = sharding.named_shardings(abstract_bias, mesh, rules)
     tx = optimizer.make_optimizer(cfg.train, abstract_params)
     opt_sharding = optax.tree_map_params(
         tx,
@@ -217,11 +263,11 @@ def init_train_state(
         nnx.as_pure(params_sharding),
         transform_non_params=lambda _: replicated,
     )
-    state_sharding = TrainState(params_sharding, opt_sharding, replicated)
+    state_sharding = TrainState(params_sharding, opt_sharding, replicated, bias_sharding)
 
     def init() -> TrainState:
-      params = nnx.state(make_model(), nnx.Param)
-      return TrainState(params, tx.init(nnx.as_pure(params)), jnp.zeros((), jnp.int32))
+      params, bias = nnx.state(make_model(), nnx.Param, RouterBias)
+      return TrainState(params, tx.init(nnx.as_pure(params)), jnp.zeros((), jnp.int32), bias)
 
     if abstract:
       state = jax.tree.map(

@@ -5,9 +5,9 @@
     tokenizer = run_tokenizer(cfg.data)
 
 Read-only: unlike training's `moe.trainer.checkpoints.restore_latest`, nothing in the workdir is moved or
-written. Only the parameters are read from a checkpoint (orbax partial restore of 'state'/'params':
-the optimiser moments, twice the parameters' size, and the data iterator stay on disk), onto one
-device; a checkpoint that does not restore is reported and the previous one tried.
+written. Only the parameters (and the selection biases of a model routed with them) are read from a
+checkpoint (orbax partial restore of 'state'/'params' and 'state'/'router_bias': the optimiser
+moments, twice the parameters' size, and the data iterator stay on disk), onto one device; a checkpoint that does not restore is reported and the previous one tried.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from moe.config import config_dict
 from moe.config.data import DataConfig, Source, TokenizerKind
 from moe.config.experiment import ExperimentConfig
 from moe.data import corpora, pipeline, tokenizers
+from moe.layers.balancing import RouterBias
 from moe.models.transformer import Transformer
 from moe.trainer import checkpoints, workdir as workdir_lib
 
@@ -43,16 +44,25 @@ def load_config(workdir: str | pathlib.Path) -> ExperimentConfig:
   return config_dict.experiment_from_config_dict(ml_collections.ConfigDict(values))
 
 
-def _restore_params(workdir: pathlib.Path, step: int, abstract_params: nnx.State) -> nnx.State:
-  """The parameters of checkpoint `step`, shaped as `abstract_params`, on the first device."""
+def _restore_params(
+    workdir: pathlib.Path, step: int, abstract_params: nnx.State, abstract_bias: nnx.State
+) -> tuple[nnx.State, nnx.State]:
+  """The parameters and selection biases of checkpoint `step`, shaped as the abstract ones, on the
+  first device."""
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(
+  target = lambda abstract: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      nnx.as_pure(abstract_params).to_pure_dict(),
+      nnx.as_pure(abstract).to_pure_dict(),
   )
-  params = nnx.clone(abstract_params)
-  nnx.replace_by_pure_dict(params, checkpoints.restore_params(workdir, step, target))
-  return params
+  restored = checkpoints.restore_params(
+      workdir, step, target(abstract_params), router_bias=target(abstract_bias)
+  )
+  states = []
+  for name, abstract in (("params", abstract_params), ("router_bias", abstract_bias)):
+    state = nnx.clone(abstract)  # The restored arrays in the variables.
+    nnx.replace_by_pure_dict(state, restored[name])
+    states.append(state)
+  return tuple(states)
 
 
 def load_model(workdir: str | pathlib.Path, cfg: ExperimentConfig) -> tuple[Transformer, int]:
@@ -70,17 +80,17 @@ def load_model(workdir: str | pathlib.Path, cfg: ExperimentConfig) -> tuple[Tran
     raise ValueError(f"workdir {workdir} holds no checkpoint yet ({directory})")
   with nnx.use_eager_sharding(False):
     abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
-  graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+  graphdef, abstract_params, abstract_bias, rest = nnx.split(abstract, nnx.Param, RouterBias, ...)
   failures = []
   for step in steps:
     try:
-      params = _restore_params(pathlib.Path(workdir), step, abstract_params)
+      params, bias = _restore_params(pathlib.Path(workdir), step, abstract_params, abstract_bias)
     except Exception as error:  # pylint: disable=broad-except  # tensorstore raises bare Exceptions.
       cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
       logging.warning("checkpoint %d in %s does not restore: %s", step, directory, cause)
       failures.append(f"step {step}: {cause}")
       continue
-    return nnx.merge(graphdef, params, rest), step
+    return nnx.merge(graphdef, params, bias, rest), step
   raise ValueError(f"no checkpoint in {directory} restores: " + "; ".join(failures))
 
 

@@ -270,3 +270,104 @@ def test_every_regime_builds_what_it_says(regime):
   assert exp.name == f"{regime}_tiny"
   assert regimes.MAIN in regimes.REGIMES
   assert regimes.sweep("size=tiny") == [f"regime={name},size=tiny" for name in regimes.REGIMES]
+
+
+# Recipe family -> the model.moe fields its members may change, by member (the first: none).
+_RECIPE_CHANGES = {
+    "recipe_balance": {"bias": {"balance"}, "none": {"balance"}},
+    "score": {
+        "sigmoid": {"score"},
+        "sigmoid_bias": {"score", "balance", "sequence_balance_weight"},
+    },
+    "balance_scope": {"group512": {"group_size"}, "global512": {"group_size", "balance_scope"}},
+    "granularity": {
+        g: {"num_experts", "expert_hidden", "top_k", "serving_order"} for g in ("2", "4", "8")
+    },
+    "shared": {"shared128": {"num_experts", "expert_hidden", "shared_expert_hidden"}},
+}
+
+
+def _without_name(cd) -> dict:
+  values = cd.to_dict()
+  values.pop("name")
+  return values
+
+
+@pytest.mark.parametrize("family", tuple(_RECIPE_CHANGES))
+def test_recipe_families_start_from_the_main_regime(family):
+  """Each recipe family's first member is the MAIN regime's config (all but the name); the others
+  change only their documented fields and build valid experiments with distinct names."""
+  ablations, regimes = load("ablations"), load("regimes")
+  main = regimes.get_config(f"regime={regimes.MAIN}")
+  members = ablations.members(family)
+  assert set(ablations.RECIPE_FAMILIES) == set(_RECIPE_CHANGES)
+  first = ablations.get_config(f"family={family},member={members[0]}")
+  assert _without_name(first) == _without_name(main)
+  names = {first.name}
+  for member in members[1:]:
+    cd = ablations.get_config(f"family={family},member={member}")
+    experiment_from_config_dict(cd)
+    assert _changed_moe_fields(main, cd) == _RECIPE_CHANGES[family][member], member
+    assert cd.train.to_dict() == main.train.to_dict() and cd.data.to_dict() == main.data.to_dict()
+    names.add(cd.name)
+  assert len(names) == len(members)
+
+
+def test_recipe_members_hold_what_they_say():
+  ablations = load("ablations")
+  moe = lambda family, member: experiment_from_config_dict(
+      ablations.get_config(f"family={family},member={member}")
+  ).model.moe
+  assert moe("recipe_balance", "bias").balance.value == "bias"
+  deepseek = moe("score", "sigmoid_bias")
+  assert (deepseek.score.value, deepseek.balance.value) == ("sigmoid", "bias")
+  assert deepseek.sequence_balance_weight == 1e-4  # DeepSeek-V3's alpha.
+  scoped = moe("balance_scope", "global512")
+  assert scoped.balance_scope.value == "global" and 4096 // scoped.group_size == 8
+  assert moe("balance_scope", "group512").balance_scope.value == "group"
+  for g in ("2", "4", "8"):
+    fine = moe("granularity", g)
+    assert (fine.num_experts, fine.top_k, fine.expert_hidden) == (
+        16 * int(g),
+        int(g),
+        256 // int(g),
+    )
+    assert fine.routing_is_causal and not fine.allow_noncausal_routing
+
+
+def _expert_flops(cd) -> float:
+  """Expert FFN model FLOPs per token, routed plus shared (`moe.models.accounting`)."""
+  exp = experiment_from_config_dict(cd)
+  counts = accounting.model_flops_per_token(exp.model, exp.train.seq_len)
+  return counts.experts + counts.shared_expert
+
+
+@pytest.mark.parametrize("size", ["smoke", "tiny"])
+def test_granularity_and_shared_keep_active_flops_equal(size):
+  """Split experts (E = 16 G of width f / G, top-G) and the shared layout do the expert FLOPs per
+  token of the baseline and hold the same routed expert parameters (the shared layout adds its
+  shared expert); only the router grows with E."""
+  ablations = load("ablations")
+  get = lambda family, member: ablations.get_config(f"family={family},member={member},size={size}")
+  base = get("granularity", "1")
+  params = lambda cd: accounting.param_counts(experiment_from_config_dict(cd).model)
+  for family, member in [("granularity", g) for g in ("2", "4", "8", "16")] + [
+      ("shared", "shared128")
+  ]:
+    cd = get(family, member)
+    assert _expert_flops(cd) == _expert_flops(base), (family, member)
+    assert _expert_flops(cd) > 0
+    assert params(cd).experts == params(base).experts, (family, member)  # Routed: E * f kept.
+
+
+def test_recipe_family_refusals_name_the_field():
+  ablations = load("ablations")
+  with pytest.raises(ValueError, match=r"granularity G=3 must divide moe.expert_hidden=256") as e:
+    ablations.get_config("family=granularity,member=3")
+  assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="member must be one of loss, bias, none"):
+    ablations.get_config("family=recipe_balance,member=aux")
+  for arg in ("data=shakespeare", "group=512", "capacity=1.0"):
+    key = arg.split("=")[0]
+    with pytest.raises(ValueError, match=f"config argument {key} is not for family score"):
+      ablations.get_config(f"family=score,{arg}")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import moe_reference as ref
 from moe.config.experiment import ExperimentConfig
 from moe.config.model import ModelConfig, MoEConfig
 from moe.config.train import TrainConfig
@@ -223,3 +224,37 @@ def test_train_step_gathers_no_expert_weights():
     )
     hlo = step.lower(state, batch).compile().as_text()
   assert_tokens_travel_and_weights_stay(hlo, num_claims=8 * 8 * cfg.model.moe.top_k)
+
+
+@pytest.mark.parametrize("mesh_name", ["expert8", "data2_expert4"])
+def test_sigmoid_scores_and_the_bias_match_the_reference_with_padding(mesh_name):
+  """DeepSeek-V3's recipe (sigmoid scores, selection bias) through the shard_map path, with padded
+  tokens: the float64 per-token reference's outputs, losses and loads (the bias replicated, the
+  routing decided before the exchange)."""
+  cfg = moe_cfg(top_k=2, score="sigmoid", balance="bias", sequence_balance_weight=1e-4)
+  layer = one_device_layer(cfg)
+  bias = np.linspace(-0.3, 0.3, E)[::-1].copy()
+  layer.router_bias[...] = jnp.asarray(bias, jnp.float32)
+  x = tokens()
+  mask = np.asarray(jax.random.uniform(jax.random.key(4), x.shape[:2])) > 0.3
+  mesh_cfg = MESHES[mesh_name]
+  mesh, rules = sharding.make_mesh(mesh_cfg), sharding.logical_rules(mesh_cfg.rules)
+  graphdef, state = nnx.split(layer)
+  with sharding.use_mesh(mesh, rules):
+    state = jax.device_put(state, sharding.named_shardings(state, mesh, rules))
+    batch = jax.sharding.NamedSharding(mesh, jax.P(sharding.BATCH_AXES))
+    x_dev, mask_dev = jax.device_put(x, batch), jax.device_put(jnp.asarray(mask), batch)
+    forward = jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(x, train=True, token_mask_BL=m))
+    y, aux = jax.device_get(jax.block_until_ready(forward(state, x_dev, mask_dev)))
+  r = ref.reference_moe(
+      x, ref.layer_params(layer), cfg, train=True, token_mask_BL=mask, bias_E=bias
+  )
+  unbiased = ref.reference_moe(x, ref.layer_params(layer), cfg, train=True, token_mask_BL=mask)
+  assert not np.array_equal(unbiased.choices, r.choices), "the bias must move choices here"
+  scale = np.max(np.abs(r.y))
+  np.testing.assert_allclose(y, r.y, rtol=1e-5, atol=1e-5 * scale)
+  np.testing.assert_array_equal(np.asarray(y)[~mask], 0.0)
+  np.testing.assert_allclose(aux.losses.balance, r.balance, rtol=1e-5)
+  np.testing.assert_allclose(aux.losses.sequence_balance, r.sequence_balance, rtol=1e-5)
+  np.testing.assert_allclose(aux.losses.z, r.z, rtol=1e-5)
+  np.testing.assert_allclose(aux.stats.expert_load, r.stats.expert_load, atol=1e-6)

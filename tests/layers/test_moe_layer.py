@@ -16,6 +16,7 @@ from flax import nnx
 import moe_reference as ref
 from moe.config.model import Activation, MoEConfig
 from moe.layers.ffn import MLP
+from moe.layers import balancing, moe_layer
 from moe.layers.moe_layer import MoEFeedForward
 from moe_reference import layer_params, reference_moe
 
@@ -501,3 +502,118 @@ def test_routing_decisions_with_padding_and_token_major_match_the_reference(disp
   r = reference_moe(x, layer_params(layer), layer.cfg, token_mask_BL=mask)
   np.testing.assert_array_equal(expert_index, r.choices)
   np.testing.assert_array_equal(kept, r.kept)
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes since 2024 (moe.layers.balancing): sigmoid scores, the selection bias, the global-batch and
+# per-sequence balance losses, through every dispatch path.
+
+RECIPE_PATHS = {
+    "einsum-top2": dict(dispatch="einsum", top_k=2, train_capacity_factor=0.5),
+    "gather-top2-bpr": dict(
+        dispatch="gather", top_k=2, train_capacity_factor=0.5, priority="batch_prioritized"
+    ),
+    "gather-top1-groups8": dict(
+        dispatch="gather", top_k=1, train_capacity_factor=0.5, group_size=8
+    ),
+    "dropless-top2": dict(
+        dispatch="dropless", top_k=2, train_capacity_factor=None, eval_capacity_factor=None
+    ),
+}
+RECIPES = {
+    "sigmoid": dict(score="sigmoid"),
+    "bias": dict(balance="bias"),
+    "sigmoid-bias": dict(score="sigmoid", balance="bias"),
+}
+BIAS = np.array([0.25, -0.3, 0.1, 0.0])  # Large enough against scores in [0, 1] to move choices.
+
+
+def _recipe_layer(path, recipe):
+  layer = make_layer(**{"eval_capacity_factor": 0.5, **RECIPE_PATHS[path], **RECIPES[recipe]})
+  if layer.router_bias is not None:
+    layer.router_bias[...] = jnp.asarray(BIAS, jnp.float32)
+  return layer, (BIAS if layer.router_bias is not None else None)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all-real", "padded"])
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("path", RECIPE_PATHS)
+def test_recipes_match_reference_on_every_path(path, recipe, masked):
+  """Outputs, losses, statistics and decisions equal the float64 reference's; the bias moves
+  choices (the same layer without it routes differently) but never the gates' values."""
+  layer, bias = _recipe_layer(path, recipe)
+  x, mask = tokens(), (_padding_mask() if masked else None)
+  y, aux = layer(x, train=True, token_mask_BL=mask)
+  r = reference_moe(x, layer_params(layer), layer.cfg, train=True, token_mask_BL=mask, bias_E=bias)
+  assert rel_err(y, r.y) < 1e-5
+  assert_aux_matches(aux, r)
+  expert_index, kept = layer.routing_decisions(x, train=True, token_mask_BL=mask)
+  np.testing.assert_array_equal(expert_index, r.choices)
+  np.testing.assert_array_equal(kept, r.kept)
+  if masked:
+    np.testing.assert_array_equal(np.asarray(y)[np.asarray(mask) == 0], 0.0)
+  if bias is not None:
+    unbiased = reference_moe(x, layer_params(layer), layer.cfg, train=True, token_mask_BL=mask)
+    assert not np.array_equal(unbiased.choices, r.choices), "the bias must move choices here"
+
+
+def test_the_bias_is_state_with_no_gradient():
+  layer, _ = _recipe_layer("gather-top2-bpr", "sigmoid-bias")
+  assert isinstance(layer.router_bias, balancing.RouterBias)
+  assert not isinstance(layer.router_bias, nnx.Param)
+  assert make_layer().router_bias is None  # balance='loss' (the default) holds none.
+  x = tokens()
+
+  graphdef, params, bias = nnx.split(layer, nnx.Param, balancing.RouterBias)
+
+  def loss(params, bias):
+    y, aux = nnx.merge(graphdef, params, bias)(x, train=True)
+    return jnp.sum(y**2) + aux.losses.balance + aux.losses.z
+
+  d_params, d_bias = jax.grad(loss, argnums=(0, 1))(params, bias)
+  np.testing.assert_array_equal(d_bias["router_bias"][...], 0.0)
+  assert np.abs(np.asarray(d_params["router"]["w"][...])).max() > 0
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all-real", "padded"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_global_and_sequence_balance_losses_match_reference(score, masked):
+  """Four groups of 8 in 2 sequences of 16: the pooled loss, the per-group loss and the
+  per-sequence loss are three different numbers, and each is the reference's."""
+  x, mask = tokens(), (_padding_mask() if masked else None)
+  values = {}
+  for scope in ("group", "global"):
+    layer = make_layer(
+        dispatch="gather",
+        top_k=2,
+        group_size=8,
+        score=score,
+        balance_scope=scope,
+        sequence_balance_weight=1e-4,
+    )
+    _, aux = layer(x, train=True, token_mask_BL=mask)
+    r = reference_moe(x, layer_params(layer), layer.cfg, train=True, token_mask_BL=mask)
+    np.testing.assert_allclose(aux.losses.balance, r.balance, rtol=1e-5)
+    np.testing.assert_allclose(aux.losses.sequence_balance, r.sequence_balance, rtol=1e-5)
+    values[scope] = r.balance
+  assert abs(values["group"] - values["global"]) > 1e-4
+  assert abs(r.sequence_balance - values["global"]) > 1e-4
+  assert abs(r.sequence_balance - values["group"]) > 1e-4
+
+
+@pytest.mark.parametrize("balance", ["loss", "bias", "none"])
+def test_auxiliary_loss_adds_the_balance_loss_only_when_it_balances(balance):
+  layer = make_layer(balance=balance, sequence_balance_weight=3e-4, group_size=8)
+  _, aux = layer(tokens(), train=True)
+  cfg = layer.cfg
+  got = moe_layer.auxiliary_loss(cfg, aux.losses)
+  want = cfg.z_loss_weight * float(aux.losses.z) + 3e-4 * float(aux.losses.sequence_balance)
+  if balance == "loss":
+    want += cfg.balance_loss_weight * float(aux.losses.balance)
+  assert float(aux.losses.balance) > 0 and float(aux.losses.sequence_balance) > 0
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_sequence_balance_is_zero_without_its_weight():
+  _, aux = make_layer()(tokens(), train=True)
+  assert float(aux.losses.sequence_balance) == 0.0

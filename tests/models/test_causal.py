@@ -164,3 +164,40 @@ def test_token_major_top2_decoder_logits_never_see_later_tokens(dispatch):
     changed = jnp.where(jnp.arange(L) > t, (x + 7) % 32, x)
     new_logits, _ = model(changed)
     np.testing.assert_array_equal(new_logits[:, : t + 1], logits[:, : t + 1])
+
+
+# The recipes since 2024 leave causality as it was: sigmoid scores are per token, the selection bias
+# is fixed during a forward pass (it is a function of earlier training steps' batches only, as a
+# parameter is), and the pooled and per-sequence balance losses couple a batch's tokens through the
+# gradient, as the per-group loss always has, never through the routing of the forward pass.
+RECIPE = dict(score="sigmoid", balance="bias", balance_scope="global", sequence_balance_weight=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [c for c in CAUSAL if c.top_k == 2], ids=_name)
+def test_recipes_keep_causal_routing_causal(cfg):
+  """Sigmoid scores, a nonzero bias that moves choices, the global and per-sequence losses: outputs
+  and losses aside, tokens 0..t route and compute as before when later tokens change."""
+  recipe = dataclasses.replace(cfg, group_size=8, **RECIPE)
+  assert recipe.routing_is_causal
+  layer = _layer(recipe)
+  layer.router_bias[...] = jnp.array([0.3, -0.2, 0.1, -0.25])
+  x = jax.random.normal(jax.random.key(1), (B, L, D))
+  y, _ = layer(x, train=True)
+  index, kept = layer.routing_decisions(x, train=True)
+  layer.router_bias[...] = jnp.zeros(4)
+  assert not np.array_equal(layer.routing_decisions(x, train=True)[0], index), "bias must matter"
+  layer.router_bias[...] = jnp.array([0.3, -0.2, 0.1, -0.25])
+  if cfg.dispatch is not Dispatch.DROPLESS:
+    assert not np.asarray(kept).all(), "the test must exercise drops"
+  for t in (2, 5, 9, 13):
+    later = (jnp.arange(L) > t)[None, :, None]
+    changed = jnp.where(later, 3.0 * jax.random.normal(jax.random.key(t), x.shape), x)
+    y_changed, _ = layer(changed, train=True)
+    np.testing.assert_array_equal(y_changed[:, : t + 1], y[:, : t + 1])
+
+
+def test_recipes_do_not_change_what_is_causal():
+  for cfg in GRID:
+    if cfg.router is RouterKind.EXPERTS_CHOOSE:
+      continue  # Experts choose refuses the recipes.
+    assert dataclasses.replace(cfg, **RECIPE).routing_is_causal == cfg.routing_is_causal

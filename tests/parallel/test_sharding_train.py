@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import socket
@@ -115,8 +116,8 @@ def one_step(cfg: ExperimentConfig, mesh_cfg: sharding.MeshConfig, batch):
   return state, metrics
 
 
-def _batch(cfg):
-  rng = np.random.default_rng(0)
+def _batch(cfg, seed=0):
+  rng = np.random.default_rng(seed)
   tokens = rng.integers(0, 256, (cfg.train.global_batch_size, cfg.train.seq_len + 1), np.int32)
   return {
       "inputs": tokens[:, :-1],
@@ -153,6 +154,60 @@ def test_one_step_is_the_same_on_every_mesh(dispatch, mesh):
       jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params), strict=True
   ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+
+# DeepSeek-V3's recipe (sigmoid scores, the selection bias, its sequence-wise loss) with the balance
+# loss pooled over the global batch: every term that reduces over the batch.
+RECIPE = dict(score="sigmoid", balance="bias", balance_scope="global", sequence_balance_weight=1e-2)
+
+
+def two_recipe_steps(mesh_cfg: sharding.MeshConfig, dispatch: Dispatch):
+  """Two train steps of `experiment()` with RECIPE from its initial parameters and zero biases:
+  the second routes with the bias the first set. Host copies of (biases, metrics of both steps)."""
+  cfg = experiment(dispatch=dispatch)
+  cfg = dataclasses.replace(
+      cfg,
+      model=dataclasses.replace(cfg.model, moe=dataclasses.replace(cfg.model.moe, **RECIPE)),
+  )
+  mesh, rules = _mesh(mesh_cfg)
+  graphdef, rest, tx, abstract, state_sharding = steps.init_train_state(
+      cfg, mesh, rules, abstract=True
+  )
+  state = initial_state()._replace(
+      router_bias=jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract.router_bias)
+  )
+  state = jax.device_put(state, state_sharding)
+  batch_sharding = sharding.batch_sharding(mesh)
+  records = []
+  with sharding.use_mesh(mesh, rules):
+    step = steps.make_train_step(
+        graphdef, rest, cfg, tx, state_sharding=state_sharding, batch_sharding=batch_sharding
+    )
+    for seed in (0, 1):
+      batch = _batch(cfg, seed)
+      state, metrics = jax.block_until_ready(step(state, steps.to_device(batch, batch_sharding)))
+      records.append(jax.device_get(metrics))
+  return jax.device_get(nnx.as_pure(state.router_bias)), records
+
+
+@functools.cache
+def one_device_recipe_steps(dispatch: Dispatch):
+  return two_recipe_steps(MESHES["single"], dispatch)
+
+
+@pytest.mark.parametrize("mesh", [name for name in MESHES if name != "single"])
+@pytest.mark.parametrize("dispatch", list(Dispatch), ids=lambda d: d.value)
+def test_recipe_steps_are_the_same_on_every_mesh(dispatch, mesh):
+  """The biases after two steps are bit-identical on every mesh (updated from the global load, an
+  [E] all-reduce), and the pooled and per-sequence balance losses equal the one-device values."""
+  want_bias, want = one_device_recipe_steps(dispatch)
+  got_bias, got = two_recipe_steps(MESHES[mesh], dispatch)
+  assert np.abs(jax.tree.leaves(want_bias)[0]).max() > 0  # The first step moved them.
+  jax.tree.map(np.testing.assert_array_equal, got_bias, want_bias)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g["expert_load"], w["expert_load"])
+    for key in ("loss", "balance_loss", "sequence_balance_loss"):
+      np.testing.assert_allclose(g[key], w[key], rtol=1e-6, err_msg=key)
 
 
 # The sharding each rule table (moe.parallel.sharding.Rules) must give every parameter of `experiment()`,

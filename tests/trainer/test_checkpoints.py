@@ -8,6 +8,7 @@ import logging
 import pathlib
 import re
 import shutil
+from typing import NamedTuple
 
 import grain
 import jax
@@ -263,3 +264,60 @@ def test_no_checkpoint_starts_from_zero(tmp_path):
   manager = checkpoints.make_manager(tmp_path / "checkpoints", keep=10)
   assert checkpoints.restore_latest(manager, state, it) == (0, state, it)
   manager.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The router biases (moe.balance='bias') in the train state.
+
+
+class _StateBeforeRouterBias(NamedTuple):
+  """The train state as checkpoints held it before selection biases existed."""
+
+  params: dict
+  opt_state: dict
+  step: jax.Array
+
+
+def test_a_checkpoint_from_before_the_router_bias_restores(tmp_path):
+  """A checkpoint saved with the three-field state restores into today's state of a model without
+  biases; saving that state writes the same three fields (no empty router_bias entry)."""
+  ckpts = tmp_path / "checkpoints"
+  manager = checkpoints.make_manager(ckpts, keep=10)
+  it = _iterator()
+  next(it)
+  old = _StateBeforeRouterBias(
+      **{k: v for k, v in _state(1, w=3.0)._asdict().items() if k != "router_bias"}
+  )
+  manager.save(
+      1,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(old), data=grain.checkpoint.CheckpointSave(it)
+      ),
+  )
+  manager.wait_until_finished()
+  manager.close()
+  step, state, it = _restore(ckpts)
+  assert step == 1 and next(it) == 1
+  np.testing.assert_array_equal(state.params["w"], np.full((4, 3), 3.0, np.float32))
+  _save_run(tmp_path / "new", {1: _state(1)})
+  saved = ocp.StandardCheckpointHandler().metadata(tmp_path / "new" / "1" / "state").tree
+  assert set(saved) == {"params", "opt_state", "step"}
+
+
+def test_router_biases_are_saved_and_restored(tmp_path):
+  with_bias = lambda step, b: _state(step)._replace(router_bias={"b": jnp.full((4,), b)})
+  ckpts = tmp_path / "checkpoints"
+  _save_run(ckpts, {2: with_bias(2, 0.002)})
+  manager = checkpoints.make_manager(ckpts, keep=10)
+  step, state, _ = checkpoints.restore_latest(manager, with_bias(0, 0.0), _iterator())
+  manager.close()
+  assert step == 2
+  np.testing.assert_array_equal(state.router_bias["b"], np.full((4,), 0.002, np.float32))
+  restored = checkpoints.restore_params(
+      tmp_path,
+      2,
+      {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32)},
+      router_bias={"b": jax.ShapeDtypeStruct((4,), jnp.float32)},
+  )
+  np.testing.assert_array_equal(restored["router_bias"]["b"], np.full((4,), 0.002, np.float32))
+  np.testing.assert_array_equal(restored["params"]["w"], np.ones((4, 3), np.float32))

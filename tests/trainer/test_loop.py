@@ -14,12 +14,15 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 import configs.dense
 import configs.switch
 from moe.config.config_dict import experiment_from_config_dict
-from moe.trainer import loop
+from moe.layers.balancing import RouterBias
+from moe.trainer import loop, trained_run
 from moe.trainer.workdir import read_metrics
 
 CONFIG_FILES = {"switch": configs.switch, "dense": configs.dense}
@@ -118,6 +121,29 @@ def test_resume_is_bit_identical(tmp_path):
   ]
   assert drop_timing(resumed) == drop_timing(uninterrupted)  # Exact float equality, every field.
   assert final["loss"] == uninterrupted[9]["loss"]
+
+
+def test_resume_with_router_biases_is_bit_identical(tmp_path):
+  """Auxiliary-loss-free balancing with sigmoid scores: the biases are checkpointed with the run, and
+  a run resumed from step 3 routes with step 3's biases (restored zeros would route differently)."""
+  cd = smoke(steps=6, checkpoint_every=3, eval_every=3, keep_checkpoints=3)
+  cd.model.moe.update(score="sigmoid", balance="bias", bias_update_rate=0.05)
+  cfg = experiment_from_config_dict(cd)
+  loop.train_and_evaluate(cfg, str(tmp_path))
+  uninterrupted = records(tmp_path) + records(tmp_path, "eval")
+  saved = ocp.StandardCheckpointHandler().metadata(tmp_path / "checkpoints" / "3" / "state").tree
+  assert "router_bias" in saved
+  assert not any("router_bias" in m.name for m in jax.tree.leaves(saved["params"]))
+  shutil.rmtree(tmp_path / "checkpoints" / "6")
+  loop.train_and_evaluate(cfg, str(tmp_path))
+  resumed = records(tmp_path) + records(tmp_path, "eval")
+  drop_timing = lambda rs: [
+      {k: v for k, v in r.items() if k not in ("tokens_per_s", "time_s")} for r in rs
+  ]
+  assert drop_timing(resumed) == drop_timing(uninterrupted)  # Exact float equality, every field.
+  model, step = trained_run.load_model(tmp_path, cfg)
+  bias = np.asarray(jax.tree.leaves(nnx.state(model, RouterBias))[0])
+  assert step == 6 and np.abs(bias).max() > 0  # The read-only restore (sampling, evaluation) too.
 
 
 def test_workdir_with_another_config_is_refused(tmp_path):
