@@ -26,7 +26,7 @@ from configs import regimes
 from configs.sizes import SIZES
 from moe import atomic_file
 from moe.config.config_dict import experiment_from_config_dict
-from moe.trainer import loop
+from moe.trainer import loop, workdir
 from research import plots, statistics, sweep_plan
 
 _ROOT = flags.DEFINE_string("workdir_root", "runs/compare", "Where the runs' workdirs go.")
@@ -53,9 +53,11 @@ def committed(sparse: str, dense: str) -> tuple[dict, dict] | None:
   """The committed summaries (seeds, final_std, gaps) of the two configs, or None."""
   if not COMMITTED.exists():
     return None
-  by_name = {c["name"]: c for c in json.loads(COMMITTED.read_text())["configs"]}
+  report = workdir.from_json_safe(workdir.read_json(COMMITTED))
+  by_name = {c["name"]: c for c in report["configs"]}
   pair = by_name.get(sparse), by_name.get(dense)
-  if None in pair or pair[0].get("final_std") is None or pair[1].get("final_std") is None:
+  # No spread: a config missing, or one seed (NaN; null in reports written before NaN was a string).
+  if None in pair or any(c.get("final_std") is None or math.isnan(c["final_std"]) for c in pair):
     return None
   return pair
 

@@ -23,18 +23,27 @@ detected from the environment; elsewhere pass --coordinator_address=HOST:PORT --
 --process_id=I (add --cpu_collectives for CPU-only processes).
 """
 
-import re
+import signal
+
+# Handlers from the first line: a notice during the imports below (jax takes seconds) is held, then
+# acted on like any other (moe.trainer.preemption.WATCH.install); the default would kill the process
+# with status 143, which a `[ $? -eq 75 ] && requeue` wrapper does not requeue.
+_HELD: list[int] = []
+for _sig in (signal.SIGTERM, signal.SIGINT):
+  signal.signal(_sig, lambda signum, frame: _HELD.append(signum))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe.config import config_dict
+from moe.config import command_line, config_dict
 from moe.parallel import distributed
-from moe.trainer import loop
-from moe.trainer.checkpoints import CheckpointsDamaged
+from moe.trainer import checkpoints, loop, preemption
+from moe.trainer.checkpoints import CheckpointsDamaged, SaveFailed
 from moe.trainer.preemption import EXIT_CODE, Preempted
-from moe.trainer.progress import Diverged
+from moe.trainer.progress import Diverged, print_line
 from research import baselines
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -63,34 +72,36 @@ _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "On a refused config or a diverged run, raise with the traceback."
 )
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_validator(  # An empty one would train into the current directory.
+    "workdir", lambda value: value is None or bool(value.strip()), "--workdir is empty"
+)
+
+
+_NONE_FIELDS: list[str] = []  # --config.<field>=None, set after parsing (moe.config.command_line).
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with every error said in one line (absl prints a config file's traceback,
-  and a misspelt `--config.` field raises through three chained tracebacks before "Did you mean").
-  """
+  """absl's flag parsing, with every error said in one line (`moe.config.command_line.parse`: a
+  config file that is missing, does not run or raises, a misspelt `--config.` field) and `None`
+  accepted for every optional field."""
+  argv, _NONE_FIELDS[:] = command_line.split_none(argv)
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as error:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    # A config file that raised: its exception is the last line of the traceback absl quotes.
-    message = f"{lines[0]} {lines[-1]}" if any("Traceback" in l for l in lines) else " ".join(lines)
-  except (AttributeError, KeyError) as error:  # A --config. override naming no field.
-    text = str(error).replace("\\n", " ").replace("\\'", "")
-    key = re.search(r"(\w+)", text).group(1)
-    given = next(
-        (a.split("=")[0] for a in argv if re.match(rf"--config\.(\w+\.)*{key}[.=]", a)), key
-    )
-    hint = re.search(r'Did you mean "\w+"', text)
-    message = f"{given}: no such config field" + (f". {hint.group(0)}?" if hint else "")
-  sys.exit(f"experiments.train: {message}")
+    return command_line.parse(flags.FLAGS, argv)
+  except ValueError as error:
+    if "--verbose" in argv:
+      raise
+    sys.exit(f"experiments.train: {error}")
 
 
 def main(argv):
+  watch = preemption.WATCH.install(held=_HELD)
+  preemption.at("startup")
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
+    watch.stop_if_signalled("during start-up", lambda: checkpoints.on_disk(_WORKDIR.value))
     cd = _CONFIG.value
+    command_line.set_none(cd, _NONE_FIELDS)
     if _MATCH_DENSE.value is not None:
       cd = baselines.matched_dense(cd, _MATCH_DENSE.value)
     cfg = config_dict.experiment_from_config_dict(cd)  # Validates before compiling.
@@ -101,14 +112,13 @@ def main(argv):
         cpu_collectives=_CPU_COLLECTIVES.value,
     )
     loop.train_and_evaluate(cfg, _WORKDIR.value)
-  except Preempted:
-    sys.exit(
-        EXIT_CODE
-    )  # The loop printed the step it saved; "requeue me" (moe.trainer.preemption).
-  except (ValueError, Diverged, CheckpointsDamaged) as error:
+  except Preempted as error:
+    print_line(str(error))  # Names what is on disk: the line a requeued job's log ends with.
+    sys.exit(EXIT_CODE)  # "Requeue me" (moe.trainer.preemption).
+  except (ValueError, OSError, Diverged, CheckpointsDamaged, SaveFailed) as error:
     if _VERBOSE.value:
       raise
-    # A refused config or workdir, or a diverged run: one line, not a traceback.
+    # A refused config or workdir, a diverged run, a full disk: one line, not a traceback.
     sys.exit(f"experiments.train: {error}")
 
 

@@ -98,7 +98,9 @@ def loss_curves(runs: list[RunResult], axis: str, path: pathlib.Path, title: str
   if finals:
     ax.set_ylim(min(finals) - 0.05, max(finals) + 0.25)
   ax.grid(alpha=0.3)
-  if len(groups) <= _LEGEND_INSIDE_MAX:
+  if not groups:
+    pass  # No run has evaluated yet: an empty plot, no legend.
+  elif len(groups) <= _LEGEND_INSIDE_MAX:
     ax.legend(fontsize=7)
   else:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -110,6 +112,8 @@ def load_heatmap(run: RunResult, path: pathlib.Path) -> None:
   """Fraction of claims per expert over training steps, one panel per sparse layer (uniform = 1/E)."""
   plt = _pyplot()
   records = [r for r in run.train if "expert_load" in r]
+  if not records:
+    return  # A run that has logged nothing yet (stopped during start-up).
   load_TNE = np.asarray([r["expert_load"] for r in records], np.float64)
   steps = [r["step"] for r in records]
   n, e = load_TNE.shape[1], load_TNE.shape[2]

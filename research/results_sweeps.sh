@@ -84,9 +84,9 @@ recipes() {  # Issue 22 (docs/routing.md): the recipe families of configs/ablati
   done
   sweep "${specs[@]}" --root=runs/sweeps/recipes
 }
-complete() {  # Whether workdir $1 holds the final evaluation of config spec $2 (moe.sweep).
-  "$PY" -c "import sys; from moe import sweep
-sys.exit(not sweep.holds_final_eval(sys.argv[1], sweep.load_config(sys.argv[2]).train.steps))" "$@"
+complete() {  # Whether the run in workdir $1 of config spec $2 is complete (research.sweep_plan.is_complete).
+  "$PY" -c "import sys; from research import sweep_plan as p
+sys.exit(not p.is_complete(p.Run('', 0, sys.argv[2], (), None, None, sys.argv[1], p.load_config(sys.argv[2]).train.steps)))" "$@"
 }
 upcycle() {  # Issue 11: a dense tiny run of 400 steps, then 200 more as itself or upcycled to top-2 of 8
   # (configs/upcycle.py); same fresh schedule and batches, so the arms differ only in the model.
@@ -104,7 +104,7 @@ upcycle() {  # Issue 11: a dense tiny run of 400 steps, then 200 more as itself 
   # The manifest pairs the arms, so that the report gives the upcycled arm's gap to the continued one.
   "$PY" - "$root" "$SEEDS" <<'PY'
 import sys
-from moe import sweep
+from research import sweep_plan as sweep
 root, seeds = sys.argv[1], [int(s) for s in sys.argv[2].split(",")]
 arms = [  # (name, spec, match, baseline_of)
     ("dense_tiny", "configs/dense.py:size=tiny", None, None),

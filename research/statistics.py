@@ -18,7 +18,6 @@ of the busiest sparse layer, 0 when even) and the dead experts per sparse layer 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 
@@ -30,7 +29,7 @@ from moe.config.config_dict import experiment_from_config_dict
 from moe.config.experiment import ExperimentConfig
 from moe.models import accounting
 from moe.trainer import routing_health
-from moe.trainer.workdir import CONFIG, METRICS, read_metrics
+from moe.trainer.workdir import CONFIG, METRICS, is_complete, json_safe, read_json, read_metrics
 from research import sweep_plan
 
 
@@ -44,7 +43,7 @@ class RunResult:
   cfg: ExperimentConfig
   match: str | None  # A baseline's measure; None for a config of the sweep itself.
   baseline_of: str | None
-  complete: bool
+  complete: bool  # `moe.trainer.workdir.is_complete`: the final checkpoint and records are on disk.
   eval_steps: list[int]
   eval_losses: list[float]
   eval_tokens: (
@@ -65,9 +64,11 @@ class RunResult:
 def _load_run(workdir: pathlib.Path, entry: dict) -> RunResult | None:
   if not (workdir / CONFIG).exists():
     return None  # Never started.
-  cfg = experiment_from_config_dict(
-      ml_collections.ConfigDict(json.loads((workdir / CONFIG).read_text()))
-  )
+  values = read_json(workdir / CONFIG)
+  try:
+    cfg = experiment_from_config_dict(ml_collections.ConfigDict(values))
+  except (ValueError, TypeError, AttributeError) as error:
+    raise ValueError(f"{workdir / CONFIG}: not a run's config ({error})") from None
   records = read_metrics(workdir / METRICS)
   # A resumed run may have logged a step twice (before and after the restart): keep the last.
   eval_records = {r["step"]: r for r in records if r.get("split") == "eval"}
@@ -81,7 +82,7 @@ def _load_run(workdir: pathlib.Path, entry: dict) -> RunResult | None:
       cfg=cfg,
       match=entry.get("match"),
       baseline_of=entry.get("baseline_of"),
-      complete=cfg.train.steps in evals,
+      complete=is_complete(workdir, cfg.train.steps),
       eval_steps=steps,
       eval_losses=[evals[s] for s in steps],
       eval_tokens=eval_records[steps[-1]].get("tokens") if steps else None,
@@ -139,10 +140,14 @@ def summarize(runs: list[RunResult]) -> list[dict]:
   names = list(dict.fromkeys(r.name for r in runs))
   summaries = []
   for name in names:
-    group = [r for r in runs if r.name == name and r.complete]
+    group = [r for r in runs if r.name == name and r.complete and r.eval_losses]
     pending = [r.seed for r in runs if r.name == name and not r.complete]
+    # Complete without a loss to aggregate: trained with train.eval_batches=0.
+    unevaluated = [r.seed for r in runs if r.name == name and r.complete and not r.eval_losses]
     if not group:
-      summaries.append({"name": name, "seeds": [], "pending_seeds": pending})
+      summaries.append(
+          {"name": name, "seeds": [], "pending_seeds": pending, "unevaluated_seeds": unevaluated}
+      )
       continue
     cfg = group[0].cfg
     counts = accounting.param_counts(cfg.model)
@@ -206,14 +211,9 @@ def _add_gaps(summaries: list[dict]) -> None:
 
 
 def json_ready(value):
-  """`value` with non-finite floats as None: strict JSON (a standard deviation of one seed is NaN)."""
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  if isinstance(value, dict):
-    return {k: json_ready(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return [json_ready(v) for v in value]
-  return value
+  """`value` as strict JSON, non-finite floats as "NaN", "Infinity", "-Infinity" (a standard deviation
+  of one seed is NaN): the convention of metrics.jsonl (`moe.trainer.workdir.json_safe`)."""
+  return json_safe(value)
 
 
 def _mean_and_std_text(mean: float, std: float, digits: int = 4) -> str:
@@ -238,9 +238,10 @@ def markdown_table(summaries: list[dict]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for s in summaries:
     if not s["seeds"]:
-      lines.append(
-          f"| {s['name']} | 0 (pending: {s['pending_seeds']}) |" + " |" * (len(header) - 2)
-      )
+      why = f"pending: {s['pending_seeds']}"
+      if s.get("unevaluated_seeds"):
+        why += f"; not evaluated (train.eval_batches=0): {s['unevaluated_seeds']}"
+      lines.append(f"| {s['name']} | 0 ({why}) |" + " |" * (len(header) - 2))
       continue
     dropped = s.get("dropped_per_rank")
     cells = [

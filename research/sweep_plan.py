@@ -7,7 +7,8 @@
 A run is one `python -m experiments.train` command, so a sweep runs the same way on this machine, on a
 cluster scheduler (`research.sweep --dry_run` prints the commands) or by hand. Its workdir is
 `<root>/<config name>/seed<N>`; rerunning a command resumes the run from its checkpoint, and a run
-whose workdir holds the final evaluation is complete (`is_complete`) and is skipped.
+whose final checkpoint has committed and whose final records are written is complete (`is_complete`)
+and is skipped.
 
 A config spec is `path[:arg]` as `experiments.train --config` takes it. A config file that defines
 `sweep(arg) -> list of arg strings` expands into several configs (`configs/ablations.py` without a
@@ -17,9 +18,7 @@ A config spec is `path[:arg]` as `experiments.train --config` takes it. A config
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import shlex
@@ -29,8 +28,9 @@ from typing import Iterable, Sequence
 import ml_collections
 
 from moe import atomic_file
+from moe.config import command_line
 from moe.config.config_dict import experiment_from_config_dict
-from moe.trainer.workdir import METRICS, read_metrics
+from moe.trainer import workdir as workdir_lib
 from research.baselines import matched_dense
 
 MANIFEST = "sweep.json"
@@ -76,52 +76,25 @@ class Run:
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """`get_config(arg)` of a config file spec `path[:arg]`, as `experiments.train --config` loads it."""
-  module = _load_module(spec.partition(":")[0])
-  arg = spec.partition(":")[2]
-  return module.get_config(arg) if arg else module.get_config()
-
-
-def _load_module(path: str):
-  if not pathlib.Path(path).is_file():
-    raise ValueError(f"--config: no config file {path!r}")
-  name = f"_sweep_config_{pathlib.Path(path).stem}"
-  module_spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(module_spec)
-  sys.modules[name] = module  # Registered before it runs: dataclasses look their module up.
-  module_spec.loader.exec_module(module)
-  return module
+  return command_line.load_config(spec)
 
 
 def expand(spec: str) -> list[str]:
   """The config specs a spec stands for: its file's `sweep(arg)`, else the spec itself."""
   path, _, arg = spec.partition(":")
-  module = _load_module(path)
+  module = command_line.load_module(path)
   if not hasattr(module, "sweep"):
     return [spec]
   return [f"{path}:{a}" if a else path for a in module.sweep(arg)]
 
 
-def apply_override(cd: ml_collections.ConfigDict, override: str) -> None:
-  """Sets `field.path=value` on `cd` (the value read as a Python literal, else as a string)."""
-  key, sep, text = override.partition("=")
-  if not sep:
-    raise ValueError(f"--set {override!r}: expected field.path=value")
-  *parents, leaf = key.split(".")
-  node = cd
-  for part in parents:
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise ValueError(f"--set {key}: no such config field")
-    node = node[part]
-  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-    raise ValueError(f"--set {key}: no such config field")
+def with_overrides(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """The config of `spec` with `field.path=value` overrides, parsed as the launched command's
+  `--config.field.path=value` will be (`moe.config.command_line`, `None` included)."""
   try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    value = text
-  try:
-    node[leaf] = value
-  except TypeError as error:
-    raise ValueError(f"--set {key}={text}: {error}") from None
+    return command_line.from_command_line(spec, overrides)
+  except ValueError as error:
+    raise ValueError(str(error).replace("--config.", "--set ")) from None
 
 
 def config_of(run: Run) -> ml_collections.ConfigDict:
@@ -132,9 +105,7 @@ def config_of(run: Run) -> ml_collections.ConfigDict:
 
 
 def _configured(spec: str, overrides: Sequence[str], match: str | None):
-  cd = load_config(spec)
-  for override in overrides:
-    apply_override(cd, override)
+  cd = with_overrides(spec, overrides)
   if match is not None:
     cd = matched_dense(cd, on=match)
   experiment_from_config_dict(cd)  # Validates: bad input is refused before anything runs.
@@ -183,18 +154,26 @@ def plan(
                 steps=int(cd.train.steps),
             )
         )
+  _refuse_shared_workdirs(runs)
   return runs
 
 
+def _refuse_shared_workdirs(runs: list[Run]) -> None:
+  """Two runs of a plan in one workdir would train over each other (a seed given twice)."""
+  seen = set()
+  for run in runs:
+    if run.workdir in seen:
+      raise ValueError(
+          f"two runs of the plan share the workdir {run.workdir} ({run.name} seed {run.seed}): "
+          "give each seed once (--seeds)"
+      )
+    seen.add(run.workdir)
+
+
 def is_complete(run: Run) -> bool:
-  """Whether the run's workdir holds its final evaluation (the loop writes it last)."""
-  return holds_final_eval(run.workdir, run.steps)
-
-
-def holds_final_eval(workdir: str | pathlib.Path, steps: int) -> bool:
-  """Whether `workdir`'s metrics hold the evaluation at step `steps`."""
-  records = read_metrics(pathlib.Path(workdir) / METRICS)
-  return any(r.get("split") == "eval" and r.get("step") == steps for r in records)
+  """Whether the run's final checkpoint has committed and its final records are written
+  (`moe.trainer.workdir.is_complete`): a run stopped in its final save is redone."""
+  return workdir_lib.is_complete(run.workdir, run.steps)
 
 
 def write_manifest(root: str | pathlib.Path, runs: Iterable[Run]) -> None:
@@ -208,4 +187,4 @@ def write_manifest(root: str | pathlib.Path, runs: Iterable[Run]) -> None:
 def read_manifest(root: str | pathlib.Path) -> list[dict]:
   """The runs recorded in `<root>/sweep.json` (none: [])."""
   path = pathlib.Path(root) / MANIFEST
-  return json.loads(path.read_text()) if path.exists() else []
+  return workdir_lib.read_json(path) if path.exists() else []

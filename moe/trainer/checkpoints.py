@@ -37,6 +37,10 @@ class CheckpointsDamaged(RuntimeError):
   """No checkpoint of the run restores; the damaged ones were moved aside (see the message)."""
 
 
+class SaveFailed(RuntimeError):
+  """An asynchronous save failed (a full disk, a lost mount): the run stops at the next step."""
+
+
 class CheckpointIncompatible(ValueError):
   """A readable checkpoint whose arrays are not the train state's: a code or config change, not
   damage, so nothing is moved aside."""
@@ -52,10 +56,15 @@ class _Damaged:
 
 
 class _QuietOrbax:
-  """A logging filter: orbax logs every save at INFO; keep its warnings and errors only."""
+  """A logging filter: orbax logs every save at INFO; keep its warnings and errors only, and those
+  without a traceback (a failed background save logs one per thread; the loop then raises
+  `SaveFailed`, one line with the root cause, whose chain --verbose shows)."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= 30 or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno >= 30
 
 
 def _quiet_orbax() -> None:
@@ -97,14 +106,42 @@ def _from_saved(saved: dict, like: Any) -> Any:
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_it) -> None:
   """Starts saving `state` (a TrainState) and the iterator at `step`; returns once the arrays are
-  copied off the device."""
-  manager.save(
-      step,
-      args=ocp.args.Composite(
-          state=ocp.args.StandardSave(_as_saved(state)),
-          data=grain.checkpoint.CheckpointSave(data_it),
-      ),
-  )
+  copied off the device. Raises `SaveFailed` if the previous save failed (orbax waits for it here).
+  """
+  try:
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_as_saved(state)),
+            data=grain.checkpoint.CheckpointSave(data_it),
+        ),
+    )
+  except OSError:
+    raise  # The save could not start (e.g. no space for its directory): the message says so.
+  except Exception as error:  # pylint: disable=broad-except  # What the previous save raised.
+    raise _save_failed(manager, error) from error
+
+
+def raise_if_save_failed(manager: ocp.CheckpointManager) -> None:
+  """Raises `SaveFailed` (one line: the directory and the root cause) if a background save failed;
+  asked after every step, so training stops one step, not one checkpoint period, after the failure.
+  """
+  try:
+    manager.check_for_errors()
+  except Exception as error:  # pylint: disable=broad-except  # Whatever the writer raised.
+    raise _save_failed(manager, error) from error
+
+
+def finish_saves(manager: ocp.CheckpointManager) -> None:
+  """Waits for the save in flight to commit; `SaveFailed` if it failed."""
+  try:
+    manager.wait_until_finished()
+  except Exception as error:  # pylint: disable=broad-except
+    raise _save_failed(manager, error) from error
+
+
+def _save_failed(manager: ocp.CheckpointManager, error: BaseException) -> SaveFailed:
+  return SaveFailed(f"a checkpoint could not be written to {manager.directory}: {_describe(error)}")
 
 
 def steps_of(workdir: str | pathlib.Path) -> list[int]:
@@ -115,6 +152,12 @@ def steps_of(workdir: str | pathlib.Path) -> list[int]:
   return (
       sorted(ocp.path.step.checkpoint_steps(directory), reverse=True) if directory.is_dir() else []
   )
+
+
+def on_disk(workdir: str | pathlib.Path) -> str:
+  """What the workdir holds, for a preemption line: its newest committed checkpoint, or none."""
+  saved = steps_of(workdir)
+  return f"checkpoint {saved[0]} is the newest on disk" if saved else "no checkpoint is on disk yet"
 
 
 def restore_params(workdir: str | pathlib.Path, step: int, target: Any, **more: Any) -> Any:
@@ -289,7 +332,8 @@ def _describe(error: BaseException) -> str:
   while error.__cause__ is not None:
     error = error.__cause__
   text = (str(error).strip().splitlines() or [""])[0]
-  text = text if len(text) <= 300 else text[:297] + "..."
+  # Long ones (tensorstore's) name the store first and the OS's reason last: keep both ends.
+  text = text if len(text) <= 300 else f"{text[:150]} ... {text[-145:]}"
   return f"{type(error).__name__}: {text}"
 
 

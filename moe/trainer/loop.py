@@ -12,6 +12,7 @@ and metrics files in `moe.trainer.workdir`, checkpoints in `moe.trainer.checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 import time
@@ -25,7 +26,7 @@ from moe.config.train import EvalWindows
 from moe.models import upcycle
 from moe.models.accounting import peak_flops_per_device, summary
 from moe.parallel import sharding
-from moe.trainer import checkpoints, steps, workdir as workdir_lib
+from moe.trainer import checkpoints, preemption, steps, workdir as workdir_lib
 from moe.trainer.preemption import Preempted, PreemptionWatch
 from moe.trainer.progress import print_line, Progress
 
@@ -166,20 +167,31 @@ def _compile_train_step(
   return compiled
 
 
+def _note_committed(workdir: pathlib.Path) -> None:
+  """Records the newest committed checkpoint (`workdir.checkpoints_lost` reads it). Process 0."""
+  saved = checkpoints.steps_of(workdir)
+  if saved and jax.process_index() == 0:
+    workdir_lib.note_checkpoint(workdir, saved[0])
+
+
 def _train(
     run: _RunContext, train_step: Callable, state, batch, start: int, watch: PreemptionWatch
 ):
-  """Steps start+1 .. train.steps; evaluates and checkpoints on their periods and at the end.
+  """Steps start+1 .. train.steps; evaluates and checkpoints on their periods and at the end. The
+  final save may still be in flight on return.
 
   Raises:
     Preempted: after saving the step at which a preemption notice was seen (`moe.trainer.preemption`).
     Diverged: at a non-finite step, before any checkpoint of it (`moe.trainer.progress`).
+    SaveFailed: the step after a background save failed.
   """
   tc = run.cfg.train
   run.progress.resume()
   pending = None  # (step, metrics) of the step in flight: metrics are pulled one step behind.
   for done in range(start + 1, tc.steps + 1):
     state, metrics = train_step(state, batch)
+    checkpoints.raise_if_save_failed(run.manager)
+    preemption.at(f"step:{done}")
     if pending is not None:
       run.progress.finish(*pending)
     pending = (done, metrics)
@@ -192,13 +204,14 @@ def _train(
       # Evaluate first: a crash between the two then only loses work that the resumed run redoes.
       if evaluate_now:
         run.evaluate(state, done)
+        preemption.at(f"evaluated:{done}")
       if checkpoint_now:
         checkpoints.save(run.manager, done, state, run.data_it)  # Async: returns once off device.
+        preemption.at(f"saving:{done}")
+        _note_committed(pathlib.Path(run.manager.directory).parent)  # save() awaited the previous.
       if preempted:
-        run.manager.wait_until_finished()
-        error = Preempted(done, watch.signal_name)
-        print_line(str(error))
-        raise error
+        checkpoints.finish_saves(run.manager)
+        raise Preempted(watch.signal_name, f"after step {done}", f"checkpoint {done} is saved")
       run.progress.resume()  # Evaluation and checkpointing are not training time.
     if done < tc.steps:
       batch = run.next_batch()
@@ -206,6 +219,9 @@ def _train(
 
 def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
   """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns the final metrics.
+
+  Holds the workdir's lock (`moe.trainer.workdir.locked`) and the preemption handlers
+  (`moe.trainer.preemption.WATCH`) until the final save has committed.
 
   Args:
     cfg: the experiment.
@@ -216,23 +232,48 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
     evaluation; absent when train.eval_batches is 0), 'tokens_per_s' (over the whole run),
     'train_time_s' (cumulative, excluding compilation, evaluation and checkpointing),
     'compile_time_s' (this call), 'mfu' (model FLOPs utilisation, when the peak is known)}.
+
+  Raises:
+    Preempted: a SIGTERM/SIGINT anywhere in the call, once what it leaves on disk is final.
+    ValueError (WorkdirError, CheckpointIncompatible): a refused config or workdir.
+    CheckpointsDamaged, SaveFailed, Diverged: see there.
   """
-  tc, path = cfg.train, pathlib.Path(workdir).absolute()
+  path = pathlib.Path(workdir).absolute()
   mesh, rules = _check(cfg)
   upcycle.check_init_from(cfg, path)  # Before the workdir is touched; a resumed run skips it.
+  with preemption.WATCH as watch:
+    lock = workdir_lib.locked(path) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+      return _train_and_evaluate(cfg, path, mesh, rules, watch)
+
+
+def _train_and_evaluate(cfg, path: pathlib.Path, mesh, rules, watch: PreemptionWatch) -> dict:
+  tc = cfg.train
+  start_up = lambda: watch.stop_if_signalled("during start-up", lambda: checkpoints.on_disk(path))
+  start_up()
   _prepare_workdir(cfg, path)
+  lost = workdir_lib.checkpoints_lost(path)  # Asked before the manager creates checkpoints/.
   data_it, eval_data = _data(cfg)
   graphdef, rest, tx, state, state_sharding = steps.init_train_state(cfg, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh)
   manager = checkpoints.make_manager(path / "checkpoints", tc.keep_checkpoints)
-  start, state, data_it = checkpoints.restore_latest(manager, state, data_it)
-  if start:
-    print_line(f"Resumed from {manager.directory} at step {start}")
-  elif tc.init_from is not None:  # A new run only: a resumed one has its own parameters.
-    state = upcycle.init_from_dense(cfg, state, state_sharding, mesh, rules)
-  writer = workdir_lib.MetricsWriter(
-      path, start, [i for i, s in enumerate(cfg.model.sparse_mask) if s]
-  )
+  try:
+    start, state, data_it = checkpoints.restore_latest(manager, state, data_it)
+    if start:
+      print_line(f"Resumed from {manager.directory} at step {start}")
+    else:
+      if lost and jax.process_index() == 0:
+        workdir_lib.refuse_lost_history(cfg, path, lost)
+      if tc.init_from is not None:  # A new run only: a resumed one has its own parameters.
+        state = upcycle.init_from_dense(cfg, state, state_sharding, mesh, rules)
+    preemption.at("restored")
+    start_up()
+    writer = workdir_lib.MetricsWriter(
+        path, start, [i for i, s in enumerate(cfg.model.sparse_mask) if s]
+    )
+  except BaseException:
+    manager.close()
+    raise
   peak = tc.peak_flops_per_device or peak_flops_per_device(
       jax.devices()[0].device_kind, cfg.model.dtype
   )
@@ -261,13 +302,21 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
       evaluated={},
   )
   try:
-    with PreemptionWatch() as watch:
-      if start < tc.steps:
-        batch = run.next_batch()
-        train_step = _compile_train_step(run, graphdef, rest, tx, state, state_sharding, batch)
-        _train(run, train_step, state, batch, start, watch)
-  finally:
-    manager.wait_until_finished()  # Never return (or raise) with a save in flight.
-    manager.close()
-    writer.close()
+    if start < tc.steps:
+      batch = run.next_batch()
+      train_step = _compile_train_step(run, graphdef, rest, tx, state, state_sharding, batch)
+      preemption.at("compiled")
+      start_up()
+      _train(run, train_step, state, batch, start, watch)
+    checkpoints.finish_saves(manager)  # Never return (or raise) with a save in flight.
+    _note_committed(path)
+  except BaseException:
+    with contextlib.suppress(Exception):  # The error in hand says more than a second one would.
+      manager.close()  # Waits for a save in flight.
+      writer.close()
+    raise
+  manager.close()
+  writer.close()
+  # A notice during the final evaluation or save: the save has committed, the run is complete.
+  watch.stop_if_signalled(f"after step {tc.steps}", lambda: f"checkpoint {tc.steps} is saved")
   return _final(path, progress, run.evaluated, max(start, tc.steps))

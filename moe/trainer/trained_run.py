@@ -12,7 +12,6 @@ moments, twice the parameters' size, and the data iterator stay on disk), onto o
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
@@ -40,8 +39,11 @@ def load_config(workdir: str | pathlib.Path) -> ExperimentConfig:
     raise ValueError(f"workdir {workdir} does not exist")
   if not path.is_file():
     raise ValueError(f"workdir {workdir} holds no {workdir_lib.CONFIG}: not a run's workdir")
-  values = json.loads(path.read_text())
-  return config_dict.experiment_from_config_dict(ml_collections.ConfigDict(values))
+  values = workdir_lib.read_json(path)
+  try:
+    return config_dict.experiment_from_config_dict(ml_collections.ConfigDict(values))
+  except (TypeError, AttributeError) as error:  # Valid JSON, but not a config's layout.
+    raise ValueError(f"{path}: not a run's config ({error})") from None
 
 
 def _restore_params(
@@ -66,7 +68,10 @@ def _restore_params(
 
 
 def load_model(workdir: str | pathlib.Path, cfg: ExperimentConfig) -> tuple[Transformer, int]:
-  """The model of `cfg` with the parameters of the run's latest checkpoint that restores.
+  """The model of `cfg` with the parameters of the run's newest committed checkpoint that restores.
+
+  A running job rotates its checkpoints (`train.keep_checkpoints`): a step deleted while it is read
+  sends the search back to the newest step once more.
 
   Returns:
     (model, the checkpoint's step).
@@ -75,22 +80,31 @@ def load_model(workdir: str | pathlib.Path, cfg: ExperimentConfig) -> tuple[Tran
     ValueError: the workdir has no checkpoint, or none of them restores (each step and why).
   """
   directory = pathlib.Path(workdir).absolute() / "checkpoints"
-  steps = checkpoints.steps_of(workdir)
-  if not steps:
-    raise ValueError(f"workdir {workdir} holds no checkpoint yet ({directory})")
   with nnx.use_eager_sharding(False):
     abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, abstract_params, abstract_bias, rest = nnx.split(abstract, nnx.Param, RouterBias, ...)
   failures = []
-  for step in steps:
-    try:
-      params, bias = _restore_params(pathlib.Path(workdir), step, abstract_params, abstract_bias)
-    except Exception as error:  # pylint: disable=broad-except  # tensorstore raises bare Exceptions.
-      cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-      logging.warning("checkpoint %d in %s does not restore: %s", step, directory, cause)
-      failures.append(f"step {step}: {cause}")
-      continue
-    return nnx.merge(graphdef, params, bias, rest), step
+  for _ in range(2):  # The second pass only when a step was rotated away mid-read.
+    steps = checkpoints.steps_of(workdir)
+    if not steps:
+      raise ValueError(f"workdir {workdir} holds no checkpoint yet ({directory})")
+    rotated = False
+    for step in steps:
+      try:
+        params, bias = _restore_params(pathlib.Path(workdir), step, abstract_params, abstract_bias)
+      except Exception as error:  # pylint: disable=broad-except  # tensorstore raises bare Exceptions.
+        if not (directory / str(step)).exists():
+          rotated = True  # Deleted by the running job after a newer one committed.
+          break
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        logging.warning("checkpoint %d in %s does not restore: %s", step, directory, cause)
+        failures.append(f"step {step}: {cause}")
+        continue
+      return nnx.merge(graphdef, params, bias, rest), step
+    if not rotated:
+      break
+  else:
+    failures.append("the running job rotated its checkpoints away twice while they were read")
   raise ValueError(f"no checkpoint in {directory} restores: " + "; ".join(failures))
 
 

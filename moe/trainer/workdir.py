@@ -8,26 +8,38 @@ Layout:
     checkpoints/<s>/       orbax (`moe.trainer.checkpoints`)
     metrics.jsonl          one JSON object per line, split 'train' or 'eval'; per sparse layer lists;
                            strict JSON: NaN and infinities as the strings "NaN", "Infinity",
-                           "-Infinity" (`read_metrics` reads them back as floats)
+                           "-Infinity" (`read_metrics` reads them back as floats; reports write them
+                           the same way)
+    metrics.malformed.jsonl  lines of metrics.jsonl that were not records (garbage, null, a torn last
+                           line), moved here by the next start with a warning naming their numbers
     tensorboard/           tensorboardX event files (scalars; per-layer values as separate tags)
+    lock                   the pid and host of the run holding the workdir (`locked`)
+    checkpointed           the newest step known committed: a workdir whose checkpoints are then gone
+                           while its metrics remain is refused, never restarted over them
 
 A workdir whose config.json matches the config restarts from its latest checkpoint; the fields in
 `RESUMABLE_FIELDS` may differ (see there), `train.steps` only with `train.allow_steps_change`; any other
-difference is refused unless `train.overwrite`. A relaunch with an identical config writes nothing here.
+difference is refused unless `train.overwrite`. A relaunch with an identical config writes nothing but
+its lock file. A run is complete when its final checkpoint has committed (`is_complete`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import math
+import os
 import pathlib
 import shutil
+import socket
 from typing import Any
 
 import jax
 from absl import logging
+from flax import traverse_util
 
 from moe import atomic_file
 from moe.config.config_dict import to_json
@@ -36,6 +48,7 @@ from moe.config.experiment import ExperimentConfig
 from moe.config.mesh import MeshConfig
 from moe.config.model import ModelConfig, MoEConfig
 from moe.config.train import TrainConfig
+from moe.trainer import checkpoints
 
 # Fields that may differ between a run in a workdir and the config that resumes it. None of them
 # changes the optimisation trajectory: logging/evaluation/checkpoint periods, the MFU peak, the
@@ -62,15 +75,15 @@ STEPS_FIELD = "train.steps"
 CONFIG = "config.json"
 HISTORY = "config_history.jsonl"
 METRICS = "metrics.jsonl"
+MALFORMED = "metrics.malformed.jsonl"
+LOCK = "lock"
+CHECKPOINTED = "checkpointed"
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
-    return out or {prefix[:-1]: {}}
-  return {prefix[:-1]: tree}
+def _flatten(tree: dict) -> dict[str, Any]:
+  """{"a.b": leaf}; an empty section is a leaf {} (so adding its first field is a difference)."""
+  flat = traverse_util.flatten_dict(tree, keep_empty_nodes=True, sep=".")
+  return {k: {} if v is traverse_util.empty_node else v for k, v in flat.items()}
 
 
 def config_differences(old: dict, new: dict, resumable: tuple[str, ...] = ()) -> list[str]:
@@ -145,9 +158,13 @@ def prepare_workdir(cfg: ExperimentConfig, workdir: pathlib.Path) -> None:
   try:
     _prepare(cfg, workdir)
   except OSError as error:
-    raise WorkdirError(
-        f"workdir {workdir} cannot be written ({error.strerror or error}): use another --workdir"
-    ) from error
+    raise _unwritable(workdir, error) from error
+
+
+def _unwritable(workdir: pathlib.Path, error: OSError) -> WorkdirError:
+  return WorkdirError(
+      f"workdir {workdir} cannot be written ({error.strerror or error}): use another --workdir"
+  )
 
 
 def _prepare(cfg: ExperimentConfig, workdir: pathlib.Path) -> None:
@@ -159,7 +176,7 @@ def _prepare(cfg: ExperimentConfig, workdir: pathlib.Path) -> None:
   """
   new = to_json(cfg)
   config_path = workdir / CONFIG
-  old = json.loads(config_path.read_text()) if config_path.exists() else None
+  old = read_json(config_path) if config_path.exists() else None
   refused = _refusal(cfg, old, new, workdir)
   if refused:
     if not cfg.train.overwrite:
@@ -170,16 +187,7 @@ def _prepare(cfg: ExperimentConfig, workdir: pathlib.Path) -> None:
           f"(fields that may differ on resume: {', '.join(RESUMABLE_FIELDS)})."
       )
     logging.warning("train.overwrite: clearing %s (%s)", workdir, "; ".join(refused))
-    for p in (
-        workdir / "checkpoints",
-        workdir / METRICS,
-        workdir / "tensorboard",
-        workdir / HISTORY,
-    ):
-      if p.is_dir():
-        shutil.rmtree(p)
-      elif p.exists():
-        p.unlink()
+    _clear(workdir)
     old = None
   if old == new:
     return  # Nothing to record: a plain resume leaves the workdir as it was.
@@ -195,47 +203,202 @@ def _prepare(cfg: ExperimentConfig, workdir: pathlib.Path) -> None:
   atomic_file.atomic_write(config_path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
 
-# metrics.jsonl is strict JSON (which has no NaN or infinities): a non-finite number is written as
-# one of these strings, and `read_metrics` turns it back into a float.
+_OUTPUTS = ("checkpoints", METRICS, MALFORMED, "tensorboard", HISTORY, CHECKPOINTED)
+
+
+def _clear(workdir: pathlib.Path, names: tuple[str, ...] = _OUTPUTS) -> None:
+  """Deletes a run's outputs (train.overwrite), keeping the lock and config.json."""
+  for name in names:
+    p = workdir / name
+    if p.is_dir():
+      shutil.rmtree(p)
+    elif p.exists():
+      p.unlink()
+
+
+@contextlib.contextmanager
+def locked(workdir: pathlib.Path):
+  """Holds an exclusive lock on `workdir` (its `lock` file) for the block: a second run on the same
+  workdir is refused. The lock is the OS's (flock): it goes with the process, kill -9 included, so a
+  stale lock file never blocks a rerun. The file stays (removing it would race a new holder). A
+  read-only workdir (a finished run relaunched from archived storage) is locked through a read-only
+  handle, without a holder's name, or not at all when it has no lock file: nothing can write there.
+
+  Raises:
+    WorkdirError: another process holds it (the message names its pid and host), or the workdir
+      cannot be created.
+  """
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise _unwritable(workdir, error) from error
+  try:
+    f = open(workdir / LOCK, "a+")  # pylint: disable=consider-using-with  # Held by the block.
+  except OSError:
+    if not (workdir / LOCK).exists():
+      yield
+      return
+    f = open(workdir / LOCK)  # pylint: disable=consider-using-with
+  with f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      raise WorkdirError(
+          f"workdir {workdir} is in use by {holder} (it holds {workdir / LOCK}): wait for that "
+          "run to end, or use another --workdir"
+      ) from None
+    if f.writable():
+      f.truncate(0)
+      f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+      f.flush()
+    yield
+
+
+def note_checkpoint(workdir: pathlib.Path, step: int) -> None:
+  """Records that checkpoint `step` has committed (`checkpoints_lost` reads it)."""
+  path = workdir / CHECKPOINTED
+  if not path.exists() or path.read_text().strip() != str(step):
+    atomic_file.atomic_write(path, f"{step}\n")
+
+
+def checkpoints_lost(workdir: pathlib.Path) -> str | None:
+  """Why `workdir` once held a checkpoint, or None: call it before its checkpoints/ is (re)created and
+  when none restores. A run killed before its first checkpoint committed leaves neither sign."""
+  if (workdir / CHECKPOINTED).exists():
+    return f"checkpoint {(workdir / CHECKPOINTED).read_text().strip()} had committed"
+  if (workdir / METRICS).exists() and not (workdir / "checkpoints").exists():
+    return "its checkpoints/ directory is gone"
+  return None
+
+
+def refuse_lost_history(cfg: ExperimentConfig, workdir: pathlib.Path, lost: str) -> None:
+  """A run whose checkpoints are gone while its metrics remain: refused (it would restart from step 0
+  over its history), or cleared when `train.overwrite`. Process 0, before the metrics are opened.
+
+  Raises:
+    WorkdirError: the refusal, naming what is left and the two ways on.
+  """
+  records = read_metrics(workdir / METRICS)
+  if not records:
+    return
+  last = max(r.get("step", 0) for r in records)
+  if not cfg.train.overwrite:
+    raise WorkdirError(
+        f"workdir {workdir}: {lost} but no checkpoint is left in checkpoints/, while "
+        f"{METRICS} holds {len(records)} records up to step {last}: refusing to restart from step "
+        "0 over them. Put the checkpoints back, or set train.overwrite=True to start over"
+    )
+  logging.warning("train.overwrite: clearing %s (%s, no checkpoint left)", workdir, lost)
+  _clear(workdir, (METRICS, MALFORMED, "tensorboard", CHECKPOINTED))
+
+
+def is_complete(workdir: str | os.PathLike, steps: int) -> bool:
+  """Whether the run in `workdir` is complete at `steps`: its final checkpoint has committed (orbax
+  lists a step only once committed) and its metrics hold the final train record, and the final
+  evaluation unless its config.json sets train.eval_batches=0. The loop writes the records first,
+  then the checkpoint: a run stopped during its final save is not complete."""
+  workdir = pathlib.Path(workdir)
+  if steps not in checkpoints.steps_of(workdir):
+    return False
+  final = {r.get("split") for r in read_metrics(workdir / METRICS) if r.get("step") == steps}
+  try:
+    evaluates = read_json(workdir / CONFIG)["train"].get("eval_batches") != 0
+  except (ValueError, KeyError, TypeError):
+    evaluates = True
+  return "train" in final and ("eval" in final or not evaluates)
+
+
+# Strict JSON (which has no NaN or infinities) everywhere a run or a report writes: a non-finite number
+# is one of these strings, and `from_json_safe` turns it back into a float. (null is read as None:
+# "no value", which reports written before this convention used for NaN.)
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+  """`value` with its non-finite floats as "NaN", "Infinity", "-Infinity" (nested dicts and lists)."""
   if isinstance(value, float) and not math.isfinite(value):
     return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
   if isinstance(value, dict):
-    return {k: _json_safe(v) for k, v in value.items()}
+    return {k: json_safe(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
+    return [json_safe(v) for v in value]
   return value
 
 
-def _from_json_safe(value: Any) -> Any:
+def from_json_safe(value: Any) -> Any:
+  """The inverse of `json_safe`: "NaN", "Infinity", "-Infinity" as floats again."""
   if isinstance(value, str) and value in _NONFINITE:
     return _NONFINITE[value]
+  if isinstance(value, dict):
+    return {k: from_json_safe(v) for k, v in value.items()}
   if isinstance(value, list):
-    return [_from_json_safe(v) for v in value]
+    return [from_json_safe(v) for v in value]
   return value
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """A JSON file (config.json, sweep.json, a report) as written (`from_json_safe` restores floats).
+
+  Raises:
+    ValueError: one line naming the file and why it is unreadable (missing, not JSON).
+  """
+  try:
+    text = pathlib.Path(path).read_text()
+  except OSError as error:
+    raise ValueError(f"{path}: cannot be read ({error.strerror or error})") from None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as error:
+    raise ValueError(
+        f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+    ) from None
 
 
 def metrics_line(record: dict) -> str:
   """One metrics.jsonl line: strict JSON, non-finite numbers as "NaN", "Infinity", "-Infinity"."""
-  return json.dumps(_json_safe(record), allow_nan=False) + "\n"
+  return json.dumps(json_safe(record), allow_nan=False) + "\n"
 
 
-def read_metrics(path: pathlib.Path) -> list[dict]:
-  """The records of a metrics.jsonl, non-finite values as floats again (a torn last line, from a crash
-  mid-write, is skipped)."""
+def read_metrics_lines(path: pathlib.Path) -> tuple[list[dict], list[tuple[int, str]]]:
+  """(records, malformed) of a metrics.jsonl: every line that is a JSON object, in order, non-finite
+  values as floats; and (line number from 1, text) of every other line (garbage, `null`, a line torn
+  by a crash mid-write)."""
   if not path.exists():
-    return []
-  records = []
-  for line in path.read_text().splitlines():
+    return [], []
+  records, malformed = [], []
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
     try:
       record = json.loads(line)
     except json.JSONDecodeError:
-      continue
-    records.append({k: _from_json_safe(v) for k, v in record.items()})
-  return records
+      record = None
+    if isinstance(record, dict):
+      records.append(from_json_safe(record))
+    else:
+      malformed.append((number, line))
+  return records, malformed
+
+
+def read_metrics(path: pathlib.Path) -> list[dict]:
+  """The records of a metrics.jsonl (`read_metrics_lines`), without its malformed lines."""
+  return read_metrics_lines(path)[0]
+
+
+def _set_aside_malformed(path: pathlib.Path, malformed: list[tuple[int, str]]) -> None:
+  """Appends malformed lines to metrics.malformed.jsonl, as {"line": n, "text": ...}, and says so."""
+  aside = path.with_name(MALFORMED)
+  with open(aside, "a") as f:
+    for number, text in malformed:
+      f.write(json.dumps({"line": number, "text": text}) + "\n")
+  logging.warning(
+      "%s: line(s) %s are not JSON records (a crash mid-write, or an edit); moved to %s",
+      path,
+      ", ".join(str(n) for n, _ in malformed),
+      aside,
+  )
 
 
 class MetricsWriter:
@@ -249,9 +412,12 @@ class MetricsWriter:
     self._tb_dir, self._start = workdir / "tensorboard", start_step
     if not self.active:
       return
-    # Records after the checkpoint we resume from (a crash wrote them) are dropped, and a torn last
-    # line with them; a relaunch of a finished run leaves the file untouched.
-    kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+    # Records after the checkpoint we resume from (a crash wrote them) are dropped; lines that are not
+    # records are moved aside with a warning; a relaunch of a finished run leaves the file untouched.
+    records, malformed = read_metrics_lines(self.path)
+    if malformed:
+      _set_aside_malformed(self.path, malformed)
+    kept = [r for r in records if r.get("step", 0) <= start_step]
     text = "".join(metrics_line(r) for r in kept)
     if text != (self.path.read_text() if self.path.exists() else ""):
       atomic_file.atomic_write(self.path, text)

@@ -138,3 +138,23 @@ def test_run_tokenizer(run_dir, tmp_path):
   with pytest.raises(ValueError, match=r"SentencePiece model .* is missing .*--cache_dir"):
     trained_run.run_tokenizer(elsewhere)  # Refused, not retrained.
   assert not list(tmp_path.rglob("*.model"))
+
+
+def test_a_checkpoint_rotated_away_while_read_sends_it_to_the_newest_once(
+    run_dir, tmp_path, monkeypatch
+):
+  """A running job commits checkpoint 4 and deletes 2 while 2 is being read: the newest is read."""
+  copy = tmp_path / "run"
+  shutil.copytree(run_dir, copy)
+  restore, calls = trained_run._restore_params, []
+
+  def rotating(workdir, step, abstract):
+    calls.append(step)
+    if len(calls) == 1:
+      (workdir / "checkpoints" / "2").rename(workdir / "checkpoints" / "4")
+      raise FileNotFoundError(f"{workdir}/checkpoints/2/state: not found")
+    return restore(workdir, step, abstract)
+
+  monkeypatch.setattr(trained_run, "_restore_params", rotating)
+  _, step = trained_run.load_model(copy, trained_run.load_config(copy))
+  assert (step, calls) == (4, [2, 4])

@@ -83,3 +83,31 @@ def test_a_bad_flag_is_one_line(tmp_path, args, message):
       len(lines) == 1 and lines[0].startswith("experiments.train: ") and message in lines[0]
   ), lines
   assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_that_raises_is_one_line_naming_it(tmp_path):
+  """Each way a config file fails has its message tested in tests/config/test_command_line.py."""
+  path = tmp_path / "config.py"
+  path.write_text("def get_config(arg):\n  raise KeyError(arg)\n")
+  result = run(f"--config={path}:x", f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      f"experiments.train: {path}: get_config('x') raised KeyError: 'x'"
+  ], result.stderr
+  verbose = run(f"--config={path}:x", f"--workdir={tmp_path / 'run'}", "--verbose")
+  assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+
+
+def test_an_empty_workdir_or_a_broken_config_json_is_one_line(tmp_path):
+  result = run("--workdir=")
+  assert result.stderr.strip().splitlines() == [
+      "experiments.train: flag --workdir=: --workdir is empty"
+  ], result.stderr
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.json").write_text("{")
+  result = run(f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"experiments.train: {tmp_path / 'run' / 'config.json'}: not valid JSON (Expecting property "
+      "name enclosed in double quotes at line 1 column 2)"
+  ), result.stderr

@@ -36,6 +36,7 @@ def _write_run(root: pathlib.Path, cd, seed: int, evals: list[float], loads=None
   for j, loss in enumerate(evals):
     lines.append(metrics_line({"step": steps * (j + 1) // n, "split": "eval", "loss": loss}))
   (workdir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  (workdir / "checkpoints" / str(steps)).mkdir(parents=True)  # Listed as committed, as orbax lists.
   return workdir
 
 
@@ -102,3 +103,24 @@ def test_summary_over_seeds_with_baseline_and_router_statistics(tmp_path):
   table = statistics.markdown_table(list(by_name.values()))
   assert f"| {sparse_cd.name} | 3 |" in table and "1.5500 ± 0.0500" in table
   assert "| unfinished | 0 (pending: [0]) |" in table
+
+
+def test_a_run_stopped_in_start_up_is_pending_and_broken_files_are_named(tmp_path):
+  """config.json and nothing else (a kill during start-up): pending, no plot of it, no error. A
+  config.json or sweep.json that is not JSON: one error naming the file."""
+  from research import report  # pylint: disable=g-import-not-at-top
+
+  cd = configs.switch.get_config("size=smoke")
+  workdir = tmp_path / cd.name / "seed0"
+  workdir.mkdir(parents=True)
+  (workdir / "config.json").write_text(json.dumps(to_json(experiment_from_config_dict(cd))))
+  table = report.write_report(tmp_path, tmp_path / "out")
+  assert f"| {cd.name} | 0 (pending: [0]) |" in table
+  assert not (tmp_path / "out" / "expert_load.png").exists()
+
+  (workdir / "config.json").write_text('{"train": ')
+  with pytest.raises(ValueError, match=rf"^{workdir / 'config.json'}: not valid JSON \("):
+    report.write_report(tmp_path, tmp_path / "out")
+  (tmp_path / sweep_plan.MANIFEST).write_text("[{")
+  with pytest.raises(ValueError, match=rf"^{tmp_path / sweep_plan.MANIFEST}: not valid JSON \("):
+    report.write_report(tmp_path, tmp_path / "out")

@@ -51,6 +51,15 @@ def test_overrides_reach_every_run_and_bad_ones_are_refused(tmp_path):
   )
   assert [r.steps for r in runs] == [7]
   assert "--config.train.steps=7" in runs[0].argv()
+  # None (dropless) for an optional field, parsed as the launched command parses it.
+  (dropless,) = sweep_plan.plan(
+      [f"{FAMILY},member=2"],
+      seeds=(0,),
+      root=tmp_path,
+      overrides=("model.moe.train_capacity_factor=None", "model.moe.group_size=None"),
+  )
+  assert sweep_plan.config_of(dropless).model.moe.train_capacity_factor is None
+  assert "--config.model.moe.train_capacity_factor=None" in dropless.argv()
   with pytest.raises(ValueError, match="--set train.stepz: no such config field"):
     sweep_plan.plan([FAMILY], seeds=(0,), root=tmp_path, overrides=("train.stepz=7",))
   with pytest.raises(ValueError, match="train.b1=1.5 must be a number >= 0 and < 1"):
@@ -61,6 +70,12 @@ def test_overrides_reach_every_run_and_bad_ones_are_refused(tmp_path):
         seeds=(0,),
         root=tmp_path,
         overrides=("name=same",),
+    )
+  with pytest.raises(ValueError, match="two runs of the plan share the workdir .*/seed0"):
+    sweep_plan.plan([f"{FAMILY},member=2"], seeds=(0, 0), root=tmp_path)
+  with pytest.raises(ValueError, match="--set model.moe.train_capacity_factor=abc: could not"):
+    sweep_plan.plan(
+        [FAMILY], seeds=(0,), root=tmp_path, overrides=("model.moe.train_capacity_factor=abc",)
     )
   with pytest.raises(ValueError, match="is a dense config; baselines are matched to sparse models"):
     sweep_plan.plan(

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from moe.trainer.preemption import EXIT_CODE
+from moe.trainer.preemption import EXIT_CODE, SIGNAL_AT_ENV
 from moe.trainer.workdir import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -26,7 +24,13 @@ OVERRIDES = [
 ]
 
 
-def _launch(workdir, log, *extra, env=None) -> subprocess.Popen:
+def _launch(workdir, log, *extra, env=None, signal_at=None) -> subprocess.Popen:
+  """experiments.train in a subprocess; `signal_at` is the test hook's value
+  (`moe.trainer.preemption.SIGNAL_AT_ENV`): the run signals itself at those points."""
+  env = env or dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env.pop(SIGNAL_AT_ENV, None)
+  if signal_at:
+    env[SIGNAL_AT_ENV] = signal_at
   return subprocess.Popen(
       [
           sys.executable,
@@ -41,16 +45,8 @@ def _launch(workdir, log, *extra, env=None) -> subprocess.Popen:
       stdout=log,
       stderr=subprocess.STDOUT,
       text=True,
-      env=env or dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"),
+      env=env,
   )
-
-
-def _wait_for(path: pathlib.Path, text: str, proc: subprocess.Popen, timeout: float = 200) -> None:
-  deadline = time.monotonic() + timeout
-  while text not in path.read_text():
-    assert proc.poll() is None, path.read_text()[-3000:]
-    assert time.monotonic() < deadline, f"no {text!r} in {path}"
-    time.sleep(0.1)
 
 
 def _timeless(records):
@@ -63,16 +59,13 @@ def _timeless(records):
 def test_sigterm_saves_the_current_step_and_the_rerun_ends_identically(tmp_path):
   workdir, log_path = tmp_path / "run", tmp_path / "log.txt"
   with open(log_path, "w") as log:
-    proc = _launch(workdir, log)
-    _wait_for(log_path, "train step 5/", proc)
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # A second notice during the save changes nothing.
+    # SIGTERM after step 5, and again while checkpoint 5 is being written: the second changes nothing.
+    proc = _launch(workdir, log, signal_at="step:5=SIGTERM,saving:5=SIGTERM")
     assert proc.wait(timeout=200) == EXIT_CODE, log_path.read_text()[-3000:]
   output = log_path.read_text()
   saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
-  assert len(saved) == 1 and 5 <= saved[0] < STEPS, (saved, output[-2000:])
-  assert f"preempted (SIGTERM) after step {saved[0]}: checkpoint {saved[0]} is saved" in output
+  assert saved == [5], (saved, output[-2000:])
+  assert "preempted (SIGTERM) after step 5: checkpoint 5 is saved" in output
   assert "SIGTERM received again" in output
   assert max(r["step"] for r in read_metrics(workdir / "metrics.jsonl")) >= saved[0]
 
@@ -97,7 +90,7 @@ def _free_port() -> int:
 
 @pytest.mark.timeout(600)
 def test_two_processes_save_the_same_step(tmp_path):
-  """SIGTERM to one of two processes: JAX's preemption service tells both, they agree on a step,
+  """SIGTERM to one of two processes (after its step 5): JAX's preemption service tells both, they agree on a step,
   both save it and exit 75."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   port, workdir = _free_port(), tmp_path / "run"
@@ -114,12 +107,11 @@ def test_two_processes_save_the_same_step(tmp_path):
               f"--process_id={i}",
               "--cpu_collectives",
               "--config.train.eval_batches=0",
-              env=env,
+              env=dict(env),
+              signal_at="step:5=SIGTERM" if i == 1 else None,  # Process 1 is told; 0 learns it.
           )
       )
   try:
-    _wait_for(logs[0], "train step 5/", procs[0])
-    procs[1].send_signal(signal.SIGTERM)
     codes = [p.wait(timeout=200) for p in procs]
   finally:
     for p in procs:
