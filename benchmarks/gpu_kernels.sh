@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 10 on one GPU, in one call of about 9 minutes: the correctness check of every MoE layer path on
-# the device, then the layer table at two shapes, written to benchmarks/results/ under the card's name.
+# The grouped-matmul kernels on one GPU, in one call of about 9 minutes: the correctness check of every
+# MoE layer path on the device, then the layer table at two shapes, written to benchmarks/results/
+# under the card's name.
 #
 #   bash benchmarks/gpu_kernels.sh            # on the GPU machine, from the repository root
 #
@@ -35,7 +36,7 @@ fi
 
 card="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)"
 slug="$(echo "$card" | tr '[:upper:]' '[:lower:]' | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\+/_/g' -e 's/_$//')"
-out="benchmarks/results/moe_layer_issue10_${slug:-unknown}.txt"
+out="benchmarks/results/moe_layer_kernels_${slug:-unknown}.txt"
 {
   echo "# bash benchmarks/gpu_kernels.sh on ${card} ($(date -u +%F), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
   "$PY" - <<'EOF'
@@ -59,15 +60,15 @@ bench() {  # bench SECONDS ARGS...: one benchmark process, its output and exit s
   [ "$status" -eq 0 ] || echo "# exit status ${status} (124: over its ${limit} s limit)" | tee -a "$out"
 }
 
-dropless="dropless-tokamax dropless-pallas"
-bench "$CHECK_S" --check_only --probe_tokamax --paths gather dropless-auto dropless-xla $dropless
+dropless="dropless-tokamax,dropless-pallas"  # Comma-separated: --paths is a list flag.
+bench "$CHECK_S" --check_only --probe_tokamax "--paths=gather,dropless-auto,dropless-xla,$dropless"
 for experts in 8 64; do
-  bench "$SMALL_S" --preset=gpu --top_k 2 --experts "$experts" --capacity_factor 1.0 --iters 10 \
-    --paths dense gather dropless-xla $dropless
+  bench "$SMALL_S" --preset=gpu --top_k=2 "--experts=$experts" --capacity_factor=1.0 --iters=10 \
+    "--paths=dense,gather,dropless-xla,$dropless"
 done
 for experts in 8 64; do
-  bench "$LARGE_S" --preset=gpu-large --top_k 2 --experts "$experts" --capacity_factor 1.0 \
-    --iters 10 --paths dense gather $dropless
+  bench "$LARGE_S" --preset=gpu-large --top_k=2 "--experts=$experts" --capacity_factor=1.0 \
+    --iters=10 "--paths=dense,gather,$dropless"
 done
 if [ -n "${OUT:-}" ]; then cp "$out" "$OUT/"; fi
 echo "# written to $out"

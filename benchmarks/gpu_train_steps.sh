@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 10, the whole-model table: configs/dense.py:size=base and its switch / top-2 counterparts (bf16,
+# The whole-model table: configs/dense.py:size=base and its switch / top-2 counterparts (bf16,
 # the base size's dtype) side by side on one GPU, by benchmarks.train_step. Writes
 # benchmarks/results/train_step_<card>.json (the rows) and .txt (the table and how it was made), and
 # copies both with the full log to $OUT when it is set (the device tool's return folder).

@@ -1,58 +1,68 @@
 """Where the time of one MoE layer goes: router and slots, dispatch/combine, expert matmuls.
 
-    python -m benchmarks.moe_breakdown --preset=gpu --experts 64 --top_k 1
+    python -m benchmarks.moe_breakdown --preset=gpu --experts=64 --top_k=1
 
 Each row is forward + backward of one piece on its own, with the same shapes as in the full layer
 (median ms; `benchmarks.moe_layer` for the method). The pieces do not add up exactly to the layer: XLA
-fuses across their boundaries.
+fuses across their boundaries. The shapes are the preset's; E defaults to its largest.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 from flax import nnx
 
-from benchmarks.moe_layer import PRESETS, _grad_fn, build, time_fn
+import benchmarks
+from benchmarks.layer_timing import DTYPES, PRESETS, LayerShape, build, grad_fn, time_fn
 from moe.config.model import capacity
 from moe.layers import dispatch, routing
 
+_PRESET = flags.DEFINE_enum("preset", "cpu", sorted(PRESETS), "Shapes (benchmarks.layer_timing).")
+_EXPERTS = flags.DEFINE_integer(
+    "experts", None, "E (default: the preset's largest).", lower_bound=1
+)
+_TOP_K = flags.DEFINE_integer("top_k", 1, "k, experts per token.", lower_bound=1)
+_CAPACITY_FACTOR = flags.DEFINE_float("capacity_factor", 1.0, "Capacity factor (> 0).")
+flags.register_validator("capacity_factor", lambda cf: cf > 0, message="must be > 0")
+_ITERS = flags.DEFINE_integer(
+    "iters", None, "Timed calls (default: the preset's); the median is reported.", lower_bound=1
+)
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-  parser.add_argument("--experts", type=int, default=None)
-  parser.add_argument("--top_k", type=int, default=1)
-  parser.add_argument("--capacity_factor", type=float, default=1.0)
-  parser.add_argument("--iters", type=int, default=None)
-  args = parser.parse_args(argv)
-  p = PRESETS[args.preset]
-  e = args.experts or p["experts"][-1]
-  k, iters = args.top_k, args.iters or p["iters"]
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[p["dtype"]]
-  ns = argparse.Namespace(
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  p = PRESETS[_PRESET.value]
+  e = _EXPERTS.value or p["experts"][-1]
+  k, iters = _TOP_K.value, _ITERS.value or p["iters"]
+  if k > e:
+    sys.exit(f"benchmarks.moe_breakdown: --top_k={k} must be at most --experts={e}")
+  dtype = DTYPES[p["dtype"]]
+  shape = LayerShape(
       d_model=p["d_model"],
       hidden=p["hidden"],
       activation="gelu",
       dtype=p["dtype"],
-      capacity_factor=args.capacity_factor,
+      capacity_factor=_CAPACITY_FACTOR.value,
   )
   b, s, d = p["tokens"] // p["seq_len"], p["seq_len"], p["d_model"]
-  c = capacity(s, e, k, args.capacity_factor, 0)
+  c = capacity(s, e, k, _CAPACITY_FACTOR.value, 0)
   x = jax.random.normal(jax.random.key(0), (b, s, d), dtype)
   rows = []
 
   for path in ("dense", "einsum", "gather"):
-    module, apply = build(path, e, k, ns)
-    fn, params = _grad_fn(module, apply)
+    module, apply = build(path, e, k, shape)
+    fn, params = grad_fn(module, apply)
     rows.append((f"layer: {path}", time_fn(fn, params, x, iters=iters)))
 
-  layer, _ = build("gather", e, k, ns)
+  layer, _ = build("gather", e, k, shape)
   experts = layer.experts
   buffers = jax.random.normal(jax.random.key(1), (b, e, c, d), dtype)
-  fn, params = _grad_fn(experts, lambda m, x: m(x))
+  fn, params = grad_fn(experts, lambda m, x: m(x))
   rows.append((f"experts on [G={b}, E={e}, C={c}, d]", time_fn(fn, params, buffers, iters=iters)))
 
   router = layer.router
@@ -90,7 +100,8 @@ def main(argv=None):
   )
   for name, ms in rows:
     print(f"{name:<44}{ms:>10.2f} ms")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=benchmarks.flags_parser("benchmarks.moe_breakdown"))

@@ -5,155 +5,178 @@
     python -m benchmarks.moe_layer --preset=gpu            # T=16384, d=2048, f=4096, E in {8, 64}, k in {1, 2}, bf16
     python -m benchmarks.moe_layer --check                 # first: every path's outputs and gradients
                                                            # against the einsum path, on this device
+    python -m benchmarks.moe_layer --experts=8,64 --top_k=2 --paths=gather,dropless-tokamax
 
 The dense baseline has d_ff = k * f, so at capacity factor 1.0 the experts and the dense FFN do the same
 matmul FLOPs; the ratio is the price of routing (router, dispatch, combine, load imbalance). Time is the
 median over `--iters` calls of a jitted function returning the gradients with respect to the parameters
 and the input. Paths: `dense`, `einsum`, `gather`, and the dropless dispatch with each grouped matmul
-(`dropless-<moe.grouped_matmul>`: `dropless-auto`, `-xla`, `-tokamax`, `-pallas`); one that is not
-available on this backend is skipped with a line saying why. Depends on jax and flax only (the GPU
-image has no tensorflow-datasets or grain); tokamax where installed.
+(`dropless-<moe.grouped_matmul>`: `dropless-auto`, `-xla`, `-tokamax`); one that is not available on
+this backend is skipped with a line saying why. The shape flags left unset come from `--preset`.
+Depends on jax, flax and absl only (the GPU image has no tensorflow-datasets or grain); tokamax where
+installed.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 from flax import nnx
 
-from moe.config.model import Activation, GroupedMatmul, MoEConfig
+import benchmarks
+from benchmarks.layer_timing import DROPLESS, DTYPES, PATHS, PRESETS, LayerShape, build, grad_fn
+from benchmarks.layer_timing import time_fn, unavailable
+from moe.config.model import Activation
 from moe.kernels import grouped_matmul
-from moe.layers.ffn import MLP
-from moe.layers.moe_layer import MoEFeedForward
 
-PRESETS = {
-    "cpu": dict(
-        tokens=2048,
-        seq_len=256,
-        d_model=256,
-        hidden=512,
-        experts=[8],
-        top_k=[1, 2],
-        dtype="float32",
-        iters=5,
-    ),
-    "gpu": dict(
-        tokens=16384,
-        seq_len=1024,
-        d_model=2048,
-        hidden=4096,
-        experts=[8, 64],
-        top_k=[1, 2],
-        dtype="bfloat16",
-        iters=20,
-    ),
-    "gpu-large": dict(
-        tokens=32768,
-        seq_len=1024,
-        d_model=4096,
-        hidden=8192,
-        experts=[8, 64],
-        top_k=[2],
-        dtype="bfloat16",
-        iters=10,
-    ),
-}
-DROPLESS = "dropless-"
-PATHS = ("dense", "einsum", "gather") + tuple(DROPLESS + g.value for g in GroupedMatmul)
 # Compared with the einsum path: one function when nothing drops (C = S).
 CHECKED = tuple(p for p in PATHS if p not in ("dense", "einsum"))
 
 
-def _grad_fn(module: nnx.Module, apply):
-  graphdef, params = nnx.split(module, nnx.Param)
+class _PositiveIntegers(flags.ListParser):
+  """A comma-separated list of positive integers ('8,64')."""
 
-  def loss(params, x):
-    y = apply(nnx.merge(graphdef, params), x)
-    return jnp.mean(jnp.square(y.astype(jnp.float32)))
+  def parse(self, argument):
+    values = super().parse(argument)
+    try:
+      numbers = [int(v) for v in values]
+    except ValueError:
+      numbers = []
+    if not numbers or min(numbers) < 1:
+      raise ValueError(f"{argument!r} is not a comma-separated list of positive integers")
+    return numbers
 
-  return jax.jit(jax.grad(loss, argnums=(0, 1))), params
-
-
-def time_fn(fn, *args, iters: int) -> float:
-  """Median milliseconds of fn(*args) after two warm-up calls (compile, then a steady-state call)."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
+  def flag_type(self):
+    return "comma-separated positive integers"
 
 
-def unavailable(path: str) -> str | None:
-  """Why `path` cannot run on this backend (a grouped matmul that is not available), or None."""
-  if not path.startswith(DROPLESS):
-    return None
-  try:
-    grouped_matmul.resolve(path[len(DROPLESS) :])
-  except ValueError as e:
-    return str(e)
-  return None
+def _define_positive_integers(name: str, help_text: str):
+  return flags.DEFINE(
+      _PositiveIntegers(), name, None, help_text, serializer=flags.CsvListSerializer(",")
+  )
 
 
-def build(path: str, experts: int, top_k: int, args) -> tuple[nnx.Module, callable]:
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-  rngs = nnx.Rngs(0)
-  with nnx.use_eager_sharding(False):
-    if path == "dense":
-      return MLP(
-          args.d_model, top_k * args.hidden, Activation(args.activation), dtype=dtype, rngs=rngs
-      ), lambda m, x: m(x)
-    dropless = path.startswith(DROPLESS)
-    cf = None if dropless else args.capacity_factor
-    cfg = MoEConfig(
-        num_experts=experts,
-        top_k=top_k,
-        expert_hidden=args.hidden,
-        dispatch="dropless" if dropless else path,
-        grouped_matmul=path[len(DROPLESS) :] if dropless else GroupedMatmul.AUTO,
-        train_capacity_factor=cf,
-        eval_capacity_factor=cf,
-        activation=args.activation,
-        dtype=args.dtype,
-        min_capacity=0,
-    )
-    module = MoEFeedForward(cfg, args.d_model, rngs=rngs)
-  return module, lambda m, x: m(x, train=True)[0]
+_PRESET = flags.DEFINE_enum("preset", "cpu", sorted(PRESETS), "Shapes of the unset flags below.")
+_TOKENS = flags.DEFINE_integer("tokens", None, "T, tokens per call.", lower_bound=1)
+_SEQ_LEN = flags.DEFINE_integer(
+    "seq_len", None, "Tokens per sequence (= routing group size).", lower_bound=1
+)
+_D_MODEL = flags.DEFINE_integer("d_model", None, "Model width d.", lower_bound=1)
+_HIDDEN = flags.DEFINE_integer("hidden", None, "f, the hidden width of one expert.", lower_bound=1)
+_EXPERTS = _define_positive_integers("experts", "Numbers of experts E, comma-separated.")
+_TOP_K = _define_positive_integers("top_k", "Experts per token k, comma-separated.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter and compute dtype.")
+_ITERS = flags.DEFINE_integer("iters", None, "Timed calls (the median is reported).", lower_bound=1)
+_CAPACITY_FACTOR = flags.DEFINE_float(
+    "capacity_factor", 1.0, "Capacity factor (> 0) of the einsum and gather paths."
+)
+flags.register_validator("capacity_factor", lambda cf: cf > 0, message="must be > 0")
+_ACTIVATION = flags.DEFINE_enum(
+    "activation", "gelu", [a.value for a in Activation], "FFN activation."
+)
+# A list, not absl's multi_enum: that one takes a repeated flag but refuses "a,b".
+_PATHS = flags.DEFINE_list(
+    "paths", list(PATHS), f"Paths to time, comma-separated: {', '.join(PATHS)}."
+)
+flags.register_validator(
+    "paths",
+    lambda paths: bool(paths) and all(p in PATHS for p in paths),
+    message=f"each value must be one of {', '.join(PATHS)}",
+)
+_JSON = flags.DEFINE_bool("json", False, "One JSON record per line on stdout (the rest on stderr).")
+_CHECK = flags.DEFINE_bool(
+    "check",
+    False,
+    "First check every path's outputs and gradients against the einsum path on this device "
+    "(float32 and bfloat16, no drops); exit 1 if one disagrees.",
+)
+_CHECK_ONLY = flags.DEFINE_bool("check_only", False, "--check, then exit without timing.")
+_PROBE_TOKAMAX = flags.DEFINE_bool(
+    "probe_tokamax", False, "First print which tokamax kernel runs each matmul direction here."
+)
 
 
-def _skip(path: str, reason: str, args) -> None:
-  print(f"# skipped {path}: {reason}", file=sys.stderr if args.json else sys.stdout, flush=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+  """What one table times: the layer shape, T tokens in sequences of seq_len (each a routing group),
+  every (E, k) of `experts` x `top_k` on each path, the median of `iters` calls."""
+
+  shape: LayerShape
+  tokens: int
+  seq_len: int
+  experts: list[int]
+  top_k: list[int]
+  paths: list[str]
+  iters: int
 
 
-def run(args) -> list[dict]:
+def settings_from_flags() -> Settings:
+  """The flags, the unset ones from `--preset`; dense always runs (the ratios' denominator).
+
+  Raises:
+    ValueError: --tokens is not a multiple of --seq_len, or a k exceeds an E (one line naming both
+      flags).
+  """
+  preset = PRESETS[_PRESET.value]
+  pick = lambda flag, key: preset[key] if flag.value is None else flag.value
+  tokens, seq_len = pick(_TOKENS, "tokens"), pick(_SEQ_LEN, "seq_len")
+  if tokens % seq_len:
+    raise ValueError(f"--tokens={tokens} must be a multiple of --seq_len={seq_len}")
+  shape = LayerShape(
+      d_model=pick(_D_MODEL, "d_model"),
+      hidden=pick(_HIDDEN, "hidden"),
+      activation=_ACTIVATION.value,
+      dtype=pick(_DTYPE, "dtype"),
+      capacity_factor=_CAPACITY_FACTOR.value,
+  )
+  experts, top_k = list(pick(_EXPERTS, "experts")), list(pick(_TOP_K, "top_k"))
+  if max(top_k) > min(experts):
+    raise ValueError(f"--top_k={max(top_k)} must be at most --experts={min(experts)}")
+  paths = list(_PATHS.value)
+  return Settings(
+      shape=shape,
+      tokens=tokens,
+      seq_len=seq_len,
+      experts=experts,
+      top_k=top_k,
+      paths=paths if "dense" in paths else ["dense"] + paths,
+      iters=pick(_ITERS, "iters"),
+  )
+
+
+def _skip(path: str, reason: str, log) -> None:
+  print(f"# skipped {path}: {reason}", file=log, flush=True)
+
+
+def run(settings: Settings, log=sys.stdout) -> list[dict]:
+  """Times every (k, E, path) of `settings` (dense once per k); returns one record each, with the
+  ratio to the dense FFN of the same k. Skipped paths and each measurement are logged as they come.
+  """
   records = []
-  batch = args.tokens // args.seq_len
+  batch = settings.tokens // settings.seq_len
   x = jax.random.normal(
       jax.random.key(0),
-      (batch, args.seq_len, args.d_model),
-      {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype],
+      (batch, settings.seq_len, settings.shape.d_model),
+      DTYPES[settings.shape.dtype],
   )
-  paths = [p for p in args.paths if not unavailable(p)]
-  for path in args.paths:
+  paths = [p for p in settings.paths if not unavailable(p)]
+  for path in settings.paths:
     if unavailable(path):
-      _skip(path, unavailable(path), args)
-  for top_k in args.top_k:
+      _skip(path, unavailable(path), log)
+  for top_k in settings.top_k:
     dense_ms = None
-    for experts in args.experts:
+    for experts in settings.experts:
       for path in paths:
         if path == "dense" and dense_ms is not None:
           continue  # One dense baseline per k.
-        module, apply = build(path, experts, top_k, args)
-        fn, params = _grad_fn(module, apply)
-        ms = time_fn(fn, params, x, iters=args.iters)
+        module, apply = build(path, experts, top_k, settings.shape)
+        fn, params = grad_fn(module, apply)
+        ms = time_fn(fn, params, x, iters=settings.iters)
         # As it is measured, so that a run cut short (time limit, out of memory) still says it.
         print(f"# measured {path} E={experts} k={top_k}: {ms:.3f} ms", file=sys.stderr, flush=True)
         if path == "dense":
@@ -181,8 +204,8 @@ def run(args) -> list[dict]:
 CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
 
 
-def _output_and_grads(path: str, experts: int, top_k: int, x, args):
-  module, apply = build(path, experts, top_k, args)
+def _output_and_grads(path: str, experts: int, top_k: int, x, shape: LayerShape):
+  module, apply = build(path, experts, top_k, shape)
   graphdef, params = nnx.split(module, nnx.Param)
 
   def loss(params, x):
@@ -201,16 +224,14 @@ def _relative_difference(got, want) -> float:
 def check_agreement(paths, dtype: str) -> dict[str, float]:
   """On the current device: each path's output and gradients (parameters and input) against the
   einsum path, when nothing drops (C = S). Returns the largest relative difference per path."""
-  args = argparse.Namespace(
-      d_model=64, hidden=128, activation="gelu", dtype=dtype, capacity_factor=None
-  )
+  shape = LayerShape(d_model=64, hidden=128, activation="gelu", dtype=dtype, capacity_factor=None)
   x = jax.random.normal(jax.random.key(1), (4, 128, 64)).astype(dtype)
   worst = {}
   with jax.default_matmul_precision("highest"):
     for top_k in (1, 2):
-      want = _output_and_grads("einsum", 8, top_k, x, args)
+      want = _output_and_grads("einsum", 8, top_k, x, shape)
       for path in paths:
-        got = _output_and_grads(path, 8, top_k, x, args)
+        got = _output_and_grads(path, 8, top_k, x, shape)
         worst[path] = max(worst.get(path, 0.0), _relative_difference(got, want))
   return worst
 
@@ -242,48 +263,21 @@ def probe_tokamax() -> list[str]:
   return lines
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-  parser.add_argument("--tokens", type=int)
-  parser.add_argument("--seq_len", type=int, help="tokens per sequence (= routing group size)")
-  parser.add_argument("--d_model", type=int)
-  parser.add_argument("--hidden", type=int, help="f, the hidden width of one expert")
-  parser.add_argument("--experts", type=int, nargs="+")
-  parser.add_argument("--top_k", type=int, nargs="+")
-  parser.add_argument("--dtype", choices=["float32", "bfloat16"])
-  parser.add_argument("--iters", type=int)
-  parser.add_argument("--capacity_factor", type=float, default=1.0)
-  parser.add_argument("--activation", default="gelu", choices=[a.value for a in Activation])
-  parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
-  parser.add_argument("--json", action="store_true", help="one JSON record per line")
-  parser.add_argument(
-      "--check",
-      action="store_true",
-      help="first check every path's outputs and gradients against the einsum path on this device "
-      "(float32 and bfloat16, no drops); exit 1 if one disagrees",
-  )
-  parser.add_argument("--check_only", action="store_true", help="--check, then exit without timing")
-  parser.add_argument(
-      "--probe_tokamax",
-      action="store_true",
-      help="first print which tokamax kernel runs each matmul direction on this device",
-  )
-  args = parser.parse_args(argv)
-  for key, value in PRESETS[args.preset].items():
-    if getattr(args, key) is None:
-      setattr(args, key, value)
-  if "dense" not in args.paths:
-    args.paths = ["dense"] + list(args.paths)
-  if args.tokens % args.seq_len:
-    parser.error(f"--tokens={args.tokens} must be a multiple of --seq_len={args.seq_len}")
-  out = sys.stderr if args.json else sys.stdout
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    settings = settings_from_flags()  # Refused before anything compiles.
+  except ValueError as error:
+    sys.exit(f"benchmarks.moe_layer: {error}")
+  # With --json, stdout holds the records alone.
+  out = sys.stderr if _JSON.value else sys.stdout
 
-  if args.probe_tokamax:
+  if _PROBE_TOKAMAX.value:
     for line in probe_tokamax():
       print(f"# {line}", file=out, flush=True)
-  if args.check or args.check_only:
-    checked = [p for p in args.paths if p in CHECKED and not unavailable(p)]
+  if _CHECK.value or _CHECK_ONLY.value:
+    checked = [p for p in settings.paths if p in CHECKED and not unavailable(p)]
     failed = []
     for dtype, tolerance in CHECK_TOLERANCE.items():
       for path, err in check_agreement(checked, dtype).items():
@@ -297,19 +291,19 @@ def main(argv=None):
         if err > tolerance:
           failed.append(f"{path} ({dtype})")
     if failed:
-      raise SystemExit(f"paths disagree with einsum on this device: {', '.join(failed)}")
-    if args.check_only:
-      return
-  records = run(args)
-  if args.json:
+      sys.exit(f"paths disagree with einsum on this device: {', '.join(failed)}")
+    if _CHECK_ONLY.value:
+      return 0
+  records = run(settings, log=out)
+  if _JSON.value:
     for r in records:
       print(json.dumps(r))
-    return
-  device = jax.devices()[0]
+    return 0
+  device, shape = jax.devices()[0], settings.shape
   print(
-      f"# {device.platform} {device.device_kind}; T={args.tokens} (groups of {args.seq_len}), "
-      f"d={args.d_model}, f={args.hidden}, {args.dtype}, cf={args.capacity_factor}, "
-      f"forward+backward, median of {args.iters}"
+      f"# {device.platform} {device.device_kind}; T={settings.tokens} (groups of "
+      f"{settings.seq_len}), d={shape.d_model}, f={shape.hidden}, {shape.dtype}, "
+      f"cf={shape.capacity_factor}, forward+backward, median of {settings.iters}"
   )
   print(f"{'path':<18}{'experts':>8}{'top_k':>6}{'ms':>11}{'vs dense':>10}")
   for r in records:
@@ -317,7 +311,8 @@ def main(argv=None):
         f"{r['path']:<18}{r['experts']:>8}{r['top_k']:>6}{r['ms']:>11.2f}"
         f"{r['ratio_vs_dense']:>9.2f}x"
     )
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=benchmarks.flags_parser("benchmarks.moe_layer"))

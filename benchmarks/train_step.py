@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step --config=configs/switch.py:size=smoke --json -
     python -m benchmarks.train_step --config=configs/dense.py:size=base --sparse_counterparts \
-        --steps 10 --warmup 3 --json benchmarks/results/train_step_h100.json
+        --steps=10 --warmup=3 --json=benchmarks/results/train_step_h100.json
 
 Each `--config` is a config file spec as `experiments.train` takes it (`path[:arg]`, read by
 ml_collections' config file parser and `moe.config.config_dict.experiment_from_config_dict`). The train state
@@ -32,7 +32,6 @@ per-process high-water mark, and each config should find the device empty. Rows 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -44,9 +43,10 @@ import time
 
 import jax
 import numpy as np
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
+import benchmarks
 from moe.config import config_dict
 from moe.models import accounting
 from moe.parallel import sharding
@@ -56,6 +56,21 @@ from moe.trainer import steps as steps_lib
 # only make sense for the dense file.
 _KEPT_ARGS = ("size", "data")
 _COUNTERPARTS = ("switch.py", "top2.py")
+
+# A repeated string, not ml_collections' config file flag: that one holds a single config.
+_CONFIG = flags.DEFINE_multi_string("config", None, "A config file spec, path[:arg]")
+_SPARSE_COUNTERPARTS = flags.DEFINE_bool(
+    "sparse_counterparts",
+    False,
+    "For each configs/dense.py:size=X also run configs/switch.py and configs/top2.py.",
+)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.", lower_bound=0)
+_BATCH = flags.DEFINE_integer(
+    "batch", None, "Global batch size (default: the config's).", lower_bound=1
+)
+_JSON = flags.DEFINE_string("json", None, "Write the rows as a JSON list here ('-': stdout).")
+flags.mark_flag_as_required("config")
 
 
 def counterpart_specs(spec: str) -> list[str]:
@@ -93,6 +108,19 @@ def load_experiment(spec: str, batch: int | None = None):
   if batch is not None:  # `replace` re-validates: the batch must still split into routing groups.
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=batch))
   return cfg
+
+
+def check_fits_mesh(spec: str, cfg, batch: int | None) -> None:
+  """Raises, naming the config and --batch, when the batch or the model does not split over the mesh
+  of this process's devices (`moe.parallel.sharding.check_divisibility`)."""
+  try:
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_divisibility(
+        mesh, cfg.mesh, cfg.model, cfg.train.global_batch_size, cfg.train.seq_len
+    )
+  except ValueError as error:
+    given = f"--config={spec}" + ("" if batch is None else f" --batch={batch}")
+    raise ValueError(f"{given}: {error}") from error
 
 
 def synthetic_batches(cfg, count: int, batch_sharding, seed: int = 0) -> list[dict]:
@@ -191,7 +219,7 @@ def measure(spec: str, cfg, *, steps: int, warmup: int) -> dict:
       params_active=params.active,
       compile_s=compile_s,
       warmup=warmup,
-      steps=steps,
+      steps=len(times),
       step_time_s=step_s,
       step_time_min_s=min(times),
       step_time_max_s=max(times),
@@ -207,14 +235,19 @@ def measure(spec: str, cfg, *, steps: int, warmup: int) -> dict:
   )
 
 
-def measure_in_child(spec: str, args: argparse.Namespace) -> dict:
+def measure_in_child(spec: str, *, steps: int, warmup: int, batch: int | None) -> dict:
   """`measure` in a fresh Python process (an empty device and its own peak-memory mark). A child that
-  fails (an out-of-memory, say) gives a row with `error` and the end of its output."""
+  fails (an out-of-memory, say) gives a row with `error` and the end of its output.
+
+  Args:
+    spec: the config file spec.
+    steps, warmup, batch: as the flags of the same names.
+  """
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "row.json")
     command = [sys.executable, "-m", "benchmarks.train_step", f"--config={spec}"]
-    command += [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--json={out}"]
-    command += [] if args.batch is None else [f"--batch={args.batch}"]
+    command += [f"--steps={steps}", f"--warmup={warmup}", f"--json={out}"]
+    command += [] if batch is None else [f"--batch={batch}"]
     child = subprocess.run(command, capture_output=True, text=True, check=False)
     sys.stderr.write(child.stderr)  # Its table goes to stderr too: stdout may hold our JSON.
     sys.stderr.write(child.stdout)
@@ -263,58 +296,35 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__)
-  parser.add_argument(
-      "--config", action="append", required=True, help="config file spec path[:arg]; repeatable"
-  )
-  parser.add_argument(
-      "--sparse_counterparts",
-      action="store_true",
-      help="for each configs/dense.py:size=X also run configs/switch.py and configs/top2.py",
-  )
-  parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-  parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
-  parser.add_argument(
-      "--batch", type=int, default=None, help="global batch size (default: the config's)"
-  )
-  parser.add_argument(
-      "--json", default=None, help="write the rows as a JSON list here ('-': stdout)"
-  )
-  args = parser.parse_args(argv)
-  if args.steps < 1 or args.warmup < 0:
-    parser.error(f"--steps={args.steps} must be >= 1 and --warmup={args.warmup} >= 0")
-  if args.batch is not None and args.batch < 1:
-    parser.error(f"--batch={args.batch} must be >= 1")
-  return args
-
-
-def main(argv: list[str] | None = None) -> int:
-  args = parse_args(argv)
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  specs, batch, steps, warmup = _CONFIG.value, _BATCH.value, _STEPS.value, _WARMUP.value
   try:
-    specs = args.config
-    if args.sparse_counterparts:
-      specs = [s for spec in args.config for s in counterpart_specs(spec)]
-    configs = [
-        load_experiment(spec, args.batch) for spec in specs
-    ]  # All refusals before compiling.
+    if _SPARSE_COUNTERPARTS.value:
+      specs = [s for spec in specs for s in counterpart_specs(spec)]
+    configs = [load_experiment(spec, batch) for spec in specs]  # All refusals before compiling.
+    if len(specs) == 1:
+      # Only here: a GPU backend started by the parent of several children would hold the memory
+      # they need; each child refuses its own config in its row.
+      check_fits_mesh(specs[0], configs[0], batch)
   except (ValueError, OSError, flags.Error) as error:
     # A config file's error arrives inside absl's message with its traceback: its last line says it.
     sys.exit(f"benchmarks.train_step: {str(error).strip().splitlines()[-1].strip()}")
   if len(specs) == 1:
-    rows = [measure(specs[0], configs[0], steps=args.steps, warmup=args.warmup)]
+    rows = [measure(specs[0], configs[0], steps=steps, warmup=warmup)]
   else:
-    rows = [measure_in_child(spec, args) for spec in specs]
-  table_file = sys.stderr if args.json == "-" else sys.stdout
+    rows = [measure_in_child(s, steps=steps, warmup=warmup, batch=batch) for s in specs]
+  table_file = sys.stderr if _JSON.value == "-" else sys.stdout
   print(format_table(rows), file=table_file, flush=True)
-  if args.json == "-":
+  if _JSON.value == "-":
     json.dump(rows, sys.stdout, indent=1)
     print()
-  elif args.json:
-    with open(args.json, "w") as f:
+  elif _JSON.value:
+    with open(_JSON.value, "w") as f:
       json.dump(rows, f, indent=1)
   return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main, flags_parser=benchmarks.flags_parser("benchmarks.train_step"))
