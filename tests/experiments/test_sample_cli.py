@@ -148,12 +148,12 @@ def test_a_checkpoint_rotated_away_while_read_sends_it_to_the_newest_once(
   shutil.copytree(run_dir, copy)
   restore, calls = trained_run._restore_params, []
 
-  def rotating(workdir, step, abstract):
+  def rotating(workdir, step, *abstract):  # The abstract parameters and selection biases.
     calls.append(step)
     if len(calls) == 1:
       (workdir / "checkpoints" / "2").rename(workdir / "checkpoints" / "4")
       raise FileNotFoundError(f"{workdir}/checkpoints/2/state: not found")
-    return restore(workdir, step, abstract)
+    return restore(workdir, step, *abstract)
 
   monkeypatch.setattr(trained_run, "_restore_params", rotating)
   _, step = trained_run.load_model(copy, trained_run.load_config(copy))

@@ -86,6 +86,7 @@ def _write(root: pathlib.Path, arg: str, seed: int, loss_at_flops, steps=(100, 2
       {"step": s, "split": "eval", "loss": loss_at_flops(s * per_step, seed)} for s in steps
   ]
   (workdir / "metrics.jsonl").write_text("".join(metrics_line(r) for r in records))
+  (workdir / "checkpoints" / str(steps[-1])).mkdir(parents=True)  # Committed, as orbax lists it.
   return per_step
 
 
