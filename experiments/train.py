@@ -33,6 +33,7 @@ for _sig in (signal.SIGTERM, signal.SIGINT):
   signal.signal(_sig, lambda signum, frame: _HELD.append(signum))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import logging as std_logging
 import sys
 
 from absl import app, flags
@@ -118,6 +119,10 @@ def main(argv):
   except (ValueError, OSError, Diverged, CheckpointsDamaged, SaveFailed) as error:
     if _VERBOSE.value:
       raise
+    if isinstance(error, SaveFailed):
+      # The failed save's other write tasks fail the same way; asyncio would log each one's
+      # traceback at exit ("Task exception was never retrieved") after the line that names it.
+      std_logging.getLogger("asyncio").disabled = True
     # A refused config or workdir, a diverged run, a full disk: one line, not a traceback.
     sys.exit(f"experiments.train: {error}")
 

@@ -29,7 +29,8 @@ from moe.config.config_dict import experiment_from_config_dict
 from moe.config.experiment import ExperimentConfig
 from moe.models import accounting
 from moe.trainer import routing_health
-from moe.trainer.workdir import CONFIG, METRICS, is_complete, json_safe, read_json, read_metrics
+from moe.trainer.workdir import CONFIG, is_complete
+from moe.trainer.run_records import METRICS, json_safe, read_json, read_metrics
 from research import sweep_plan
 
 
@@ -212,7 +213,7 @@ def _add_gaps(summaries: list[dict]) -> None:
 
 def json_ready(value):
   """`value` as strict JSON, non-finite floats as "NaN", "Infinity", "-Infinity" (a standard deviation
-  of one seed is NaN): the convention of metrics.jsonl (`moe.trainer.workdir.json_safe`)."""
+  of one seed is NaN): the convention of metrics.jsonl (`moe.trainer.run_records.json_safe`)."""
   return json_safe(value)
 
 

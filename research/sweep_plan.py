@@ -30,7 +30,7 @@ import ml_collections
 from moe import atomic_file
 from moe.config import command_line
 from moe.config.config_dict import experiment_from_config_dict
-from moe.trainer import workdir as workdir_lib
+from moe.trainer import run_records, workdir as workdir_lib
 from research.baselines import matched_dense
 
 MANIFEST = "sweep.json"
@@ -187,4 +187,4 @@ def write_manifest(root: str | pathlib.Path, runs: Iterable[Run]) -> None:
 def read_manifest(root: str | pathlib.Path) -> list[dict]:
   """The runs recorded in `<root>/sweep.json` (none: [])."""
   path = pathlib.Path(root) / MANIFEST
-  return workdir_lib.read_json(path) if path.exists() else []
+  return run_records.read_json(path) if path.exists() else []

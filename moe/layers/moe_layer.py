@@ -177,12 +177,13 @@ class MoEFeedForward(nnx.Module):
     return top.expert_index, slots_GSK < cfg.capacity(s, train)
 
   def _experts_choose(self, x_GSD, probs_GSE, affinity_GSE, mask_GS, train: bool):
-    """Experts choose: (y [G, S, d], covered [G, S, 1], load [G, E], filled slots [G], None). Its
+    """Experts choose: (y [G, S, d], covered [G, S, 1], load [G, E], C, filled slots [G], None). Its
     scores are always the softmax (`MoEConfig` refuses sigmoid): `affinity_GSE` is `probs_GSE`."""
     del affinity_GSE
     cfg = self.cfg
     g, s, _ = x_GSD.shape
-    choice = routing.experts_choose(probs_GSE, cfg.capacity(s, train), mask_GS)
+    capacity = cfg.capacity(s, train)
+    choice = routing.experts_choose(probs_GSE, capacity, mask_GS)
     run = (
         dispatch.einsum_expert_choice
         if cfg.dispatch is Dispatch.EINSUM
@@ -192,7 +193,7 @@ class MoEFeedForward(nnx.Module):
     if mask_GS is not None:  # A padded pick (gate 0) covers nothing.
       covered_GS1 = covered_GS1 & mask_GS[..., None]
     load_GE, filled_G = self._expert_choice_load(choice.token_index, mask_GS, s)
-    return y_GSD, covered_GS1, load_GE, filled_G, None
+    return y_GSD, covered_GS1, load_GE, capacity, filled_G, None
 
   def _expert_choice_load(self, token_index_GEC, mask_GS, s: int):
     """(load [G, E], filled slots [G]) of experts choose, counting real picks only.
@@ -213,7 +214,7 @@ class MoEFeedForward(nnx.Module):
     return picks_GE / jnp.maximum(filled_G, 1.0)[:, None] * real_share_G[:, None], filled_G
 
   def _tokens_choose(self, x_GSD, probs_GSE, affinity_GSE, mask_GS, train: bool):
-    """Tokens choose: (y [G, S, d], kept [G, S, k], load [G, E], C of the buffers or None,
+    """Tokens choose: (y [G, S, d], kept [G, S, k], load [G, E], C of the buffers or None, None,
     expert_index [G, S, k])."""
     cfg = self.cfg
     top = self._choose(affinity_GSE, mask_GS)
@@ -224,7 +225,7 @@ class MoEFeedForward(nnx.Module):
         y_GSD, kept_GSK = dispatch.dropless_moe(
             x_GSD, top.expert_index, top.gates, self.experts.grouped, cfg.num_experts, mask_GS
         )
-        return y_GSD, kept_GSK, load_GE, None, top.expert_index
+        return y_GSD, kept_GSK, load_GE, None, None, top.expert_index
       # Experts split over a mesh axis: each claim travels to its expert's device (all-to-all);
       # left to the partitioner, ragged_dot would gather the weights or replicate the claims.
       # Padded tokens' gates are already 0 (`balancing.choose`), so their output is zero.
@@ -233,7 +234,7 @@ class MoEFeedForward(nnx.Module):
       )
       if mask_GS is not None:
         kept_GSK = kept_GSK & mask_GS[..., None]
-      return y_GSD, kept_GSK, load_GE, None, top.expert_index
+      return y_GSD, kept_GSK, load_GE, None, None, top.expert_index
     capacity = cfg.capacity(x_GSD.shape[1], train)
     run = dispatch.einsum_moe if cfg.dispatch is Dispatch.EINSUM else dispatch.gather_moe
     y_GSD, kept_GSK = run(
@@ -247,7 +248,7 @@ class MoEFeedForward(nnx.Module):
         token_mask_GS=mask_GS,
         serving_order=cfg.serving_order,
     )
-    return y_GSD, kept_GSK, load_GE, capacity, top.expert_index
+    return y_GSD, kept_GSK, load_GE, capacity, None, top.expert_index
 
   def _losses(self, shape_BL, logits_GSE, probs_GSE, load_GE, expert_index_GSK, mask_GS):
     """The layer's unweighted `routing.Losses`: balance per group or pooled over the batch (an [E]
@@ -303,7 +304,7 @@ class MoEFeedForward(nnx.Module):
     x_GSD, logits_GSE, probs_GSE, affinity_GSE = self._groups_and_router(x_BLD, train, rng)
     mask_GS = self._token_mask(token_mask_BL, x_GSD)
     route = self._experts_choose if cfg.router is RouterKind.EXPERTS_CHOOSE else self._tokens_choose
-    y_GSD, kept_GSK, load_GE, slots, expert_index_GSK = route(
+    y_GSD, kept_GSK, load_GE, capacity, filled_G, expert_index_GSK = route(
         x_GSD, probs_GSE, affinity_GSE, mask_GS, train
     )
 
@@ -313,9 +314,5 @@ class MoEFeedForward(nnx.Module):
     losses = self._losses(
         x_BLD.shape[:2], logits_GSE, probs_GSE, load_GE, expert_index_GSK, mask_GS
     )
-    if cfg.router is RouterKind.EXPERTS_CHOOSE:
-      capacity = cfg.capacity(x_GSD.shape[1], train)
-      stats = routing.router_stats(probs_GSE, load_GE, kept_GSK, capacity, mask_GS, filled_G=slots)
-    else:
-      stats = routing.router_stats(probs_GSE, load_GE, kept_GSK, slots, mask_GS)
+    stats = routing.router_stats(probs_GSE, load_GE, kept_GSK, capacity, mask_GS, filled_G=filled_G)
     return y_GSD.reshape(x_BLD.shape), MoEAux(losses, stats)

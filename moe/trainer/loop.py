@@ -26,7 +26,7 @@ from moe.config.train import EvalWindows
 from moe.models import upcycle
 from moe.models.accounting import peak_flops_per_device, summary
 from moe.parallel import sharding
-from moe.trainer import checkpoints, preemption, steps, workdir as workdir_lib
+from moe.trainer import checkpoints, preemption, run_records, steps, workdir as workdir_lib
 from moe.trainer.preemption import Preempted, PreemptionWatch
 from moe.trainer.progress import print_line, Progress
 
@@ -80,14 +80,14 @@ def _data(cfg: ExperimentConfig):
 
 def _train_records(workdir: pathlib.Path, start: int) -> list[dict]:
   """The train records of the steps up to `start` (none for a new run)."""
-  records = workdir_lib.read_metrics(workdir / workdir_lib.METRICS)
+  records = run_records.read_metrics(workdir / run_records.METRICS)
   return [r for r in records if r.get("split") == "train" and 0 < r.get("step", 0) <= start]
 
 
 def _final(workdir: pathlib.Path, progress: Progress, evaluated: dict, done: int) -> dict:
   """The returned metrics: this call's last records, else (a run that was already complete) the
   workdir's."""
-  records = workdir_lib.read_metrics(workdir / workdir_lib.METRICS)
+  records = run_records.read_metrics(workdir / run_records.METRICS)
   last = {
       split: next((r for r in reversed(records) if r.get("split") == split), None)
       for split in ("train", "eval")
@@ -121,7 +121,7 @@ class _RunContext:
   rules: Any
   batch_sharding: jax.sharding.NamedSharding
   manager: Any  # orbax CheckpointManager
-  writer: workdir_lib.MetricsWriter
+  writer: run_records.MetricsWriter
   progress: Progress
   data_it: Any  # grain iterator, restored with the checkpoint
   eval_data: Any  # eval batches, or None
@@ -268,7 +268,7 @@ def _train_and_evaluate(cfg, path: pathlib.Path, mesh, rules, watch: PreemptionW
         state = upcycle.init_from_dense(cfg, state, state_sharding, mesh, rules)
     preemption.at("restored")
     start_up()
-    writer = workdir_lib.MetricsWriter(
+    writer = run_records.MetricsWriter(
         path, start, [i for i, s in enumerate(cfg.model.sparse_mask) if s]
     )
   except BaseException:

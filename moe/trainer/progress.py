@@ -16,7 +16,7 @@ import numpy as np
 from moe.config.experiment import ExperimentConfig
 from moe.config.train import NonFinite
 from moe.models import accounting
-from moe.trainer.workdir import MetricsWriter
+from moe.trainer.run_records import MetricsWriter
 from moe.trainer.routing_health import LOAD, RoutingHealth
 
 

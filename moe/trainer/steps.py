@@ -15,6 +15,7 @@ the router jitter of step t from `fold_in(key(train.seed), t)`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -90,6 +91,28 @@ def _updated_router_bias(graphdef, state: TrainState, rest, load_NE, rate: float
   return nnx.state(model, RouterBias)
 
 
+def _loss_and_metrics(graphdef, params, *, router_bias, rest, batch, rng, moe_cfg):
+  """(loss, metrics) of one forward pass: the weighted mean token cross-entropy plus the MoE layers'
+  weighted auxiliary losses (`moe_layer.auxiliary_loss`), and what the step logs of them."""
+  # Fresh variables at this trace level: nnx refuses, under its scan, variables made outside.
+  router_bias = jax.tree.map(lambda x: x, router_bias)
+  ce_BL, weights_BL, aux = _forward(
+      graphdef, (params, router_bias, rest), batch, train=True, rng=rng
+  )
+  w_sum = jnp.sum(weights_BL)
+  ce = jnp.sum(ce_BL) / jnp.maximum(w_sum, 1.0)
+  metrics = {"ce": ce, "tokens": w_sum}
+  if moe_cfg is None:
+    return ce, metrics
+  metrics.update(z_loss=jnp.mean(aux.losses.z), **_router_metrics(aux))
+  if moe_cfg.router is RouterKind.TOKENS_CHOOSE:  # Experts choose has no balance loss: every
+    # expert is full by construction (Zhou et al. 2022). Logged whatever moe.balance is.
+    metrics["balance_loss"] = jnp.mean(aux.losses.balance)
+  if moe_cfg.sequence_balance_weight:
+    metrics["sequence_balance_loss"] = jnp.mean(aux.losses.sequence_balance)
+  return ce + moe_layer.auxiliary_loss(moe_cfg, aux.losses), metrics
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     rest: nnx.State,
@@ -128,25 +151,15 @@ def make_train_step(
   def train_step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
-    def loss_fn(params):
-      # Fresh variables at this trace level: nnx refuses, under its scan, variables made outside.
-      router_bias = jax.tree.map(lambda x: x, state.router_bias)
-      states = (params, router_bias, rest)
-      ce_BL, weights_BL, aux = _forward(graphdef, states, batch, train=True, rng=rng)
-      w_sum = jnp.sum(weights_BL)
-      ce = jnp.sum(ce_BL) / jnp.maximum(w_sum, 1.0)
-      extra = {"ce": ce, "tokens": w_sum}
-      loss = ce
-      if moe_cfg is not None:
-        loss = ce + moe_layer.auxiliary_loss(moe_cfg, aux.losses)
-        extra.update(z_loss=jnp.mean(aux.losses.z), **_router_metrics(aux))
-        if moe_cfg.router is RouterKind.TOKENS_CHOOSE:  # Experts choose has no balance loss: every
-          # expert is full by construction (Zhou et al. 2022). Logged whatever moe.balance is.
-          extra["balance_loss"] = jnp.mean(aux.losses.balance)
-        if moe_cfg.sequence_balance_weight:
-          extra["sequence_balance_loss"] = jnp.mean(aux.losses.sequence_balance)
-      return loss, extra
-
+    loss_fn = functools.partial(
+        _loss_and_metrics,
+        graphdef,
+        router_bias=state.router_bias,
+        rest=rest,
+        batch=batch,
+        rng=rng,
+        moe_cfg=moe_cfg,
+    )
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     pure_params, pure_grads = nnx.as_pure(state.params), nnx.as_pure(grads)
     updates, opt_state = tx.update(pure_grads, state.opt_state, pure_params)
@@ -157,12 +170,14 @@ def make_train_step(
     metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step))
     router_bias = state.router_bias
     if jax.tree.leaves(router_bias):
+      # A skipped step (optax.apply_if_finite) leaves the biases as it leaves the parameters.
+      skipped = jnp.logical_not(jnp.isfinite(grad_norm)) if skips_nonfinite else jnp.bool_(False)
       updated = _updated_router_bias(
           graphdef, state, rest, metrics["expert_load"], moe_cfg.bias_update_rate
       )
-      # A skipped step (optax.apply_if_finite) leaves the biases as it leaves the parameters.
-      keep = jnp.logical_not(jnp.isfinite(grad_norm)) if skips_nonfinite else jnp.bool_(False)
-      router_bias = jax.tree.map(lambda new, old: jnp.where(keep, old, new), updated, router_bias)
+      router_bias = jax.tree.map(
+          lambda new, old: jnp.where(skipped, old, new), updated, router_bias
+      )
     return TrainState(params, opt_state, state.step + 1, router_bias), metrics
 
   kwargs = {}

@@ -25,7 +25,7 @@ from moe.config.experiment import ExperimentConfig
 from moe.data import corpora, pipeline, tokenizers
 from moe.layers.balancing import RouterBias
 from moe.models.transformer import Transformer
-from moe.trainer import checkpoints, workdir as workdir_lib
+from moe.trainer import checkpoints, run_records, workdir as workdir_lib
 
 
 def load_config(workdir: str | pathlib.Path) -> ExperimentConfig:
@@ -39,7 +39,7 @@ def load_config(workdir: str | pathlib.Path) -> ExperimentConfig:
     raise ValueError(f"workdir {workdir} does not exist")
   if not path.is_file():
     raise ValueError(f"workdir {workdir} holds no {workdir_lib.CONFIG}: not a run's workdir")
-  values = workdir_lib.read_json(path)
+  values = run_records.read_json(path)
   try:
     return config_dict.experiment_from_config_dict(ml_collections.ConfigDict(values))
   except (TypeError, AttributeError) as error:  # Valid JSON, but not a config's layout.

@@ -25,7 +25,7 @@ from moe.config.train import TrainConfig
 from moe.data import DataConfig
 from moe.parallel import sharding
 from moe.trainer import loop, steps
-from moe.trainer.workdir import read_metrics
+from moe.trainer.run_records import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MESHES = {

@@ -17,7 +17,7 @@ import pytest
 import configs.scaling
 from moe.config.config_dict import experiment_from_config_dict, to_json
 from moe.models import accounting
-from moe.trainer.workdir import metrics_line
+from moe.trainer.run_records import metrics_line
 from research import frontier, statistics
 
 LINEAR = lambda c: 9.0 - 0.25 * math.log(c)  # Loss linear in log-compute.

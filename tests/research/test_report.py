@@ -15,7 +15,7 @@ from scipy import stats
 
 import configs.switch
 from moe.config.config_dict import experiment_from_config_dict, to_json
-from moe.trainer.workdir import metrics_line
+from moe.trainer.run_records import metrics_line
 from research import baselines, statistics, sweep_plan
 
 

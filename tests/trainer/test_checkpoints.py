@@ -20,7 +20,7 @@ import pytest
 import configs.switch
 from moe.config.config_dict import experiment_from_config_dict
 from moe.trainer import checkpoints, loop, steps
-from moe.trainer.workdir import read_metrics
+from moe.trainer.run_records import read_metrics
 
 # Layout of one checkpoint after a smoke run (orbax 0.12, OCDBT; listed by hand):
 #   checkpoints/<step>/_CHECKPOINT_METADATA, commit_success.txt

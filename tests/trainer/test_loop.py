@@ -23,7 +23,7 @@ import configs.switch
 from moe.config.config_dict import experiment_from_config_dict
 from moe.layers.balancing import RouterBias
 from moe.trainer import loop, trained_run
-from moe.trainer.workdir import read_metrics
+from moe.trainer.run_records import read_metrics
 
 CONFIG_FILES = {"switch": configs.switch, "dense": configs.dense}
 

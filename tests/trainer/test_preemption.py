@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from moe.trainer.preemption import EXIT_CODE, SIGNAL_AT_ENV
-from moe.trainer.workdir import read_metrics
+from moe.trainer.run_records import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 60

@@ -15,7 +15,7 @@ import configs.switch
 from moe.config.config_dict import experiment_from_config_dict
 from moe.trainer import loop
 from moe.trainer.progress import Diverged, nonfinite_terms
-from moe.trainer.workdir import read_metrics
+from moe.trainer.run_records import read_metrics
 
 
 def test_nonfinite_terms_name_the_term_and_the_layer():

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from moe.trainer import checkpoints, workdir as workdir_lib
+from moe.trainer import checkpoints, run_records, workdir as workdir_lib
 from moe.trainer.preemption import EXIT_CODE, SIGNAL_AT_ENV
 from research import statistics, sweep_plan
 
@@ -91,11 +91,11 @@ def test_a_signal_in_the_final_save_lets_it_commit_then_exits_75(run):
 
 
 def test_a_signal_just_after_the_restore_exits_75_and_writes_nothing(copy):
-  before = (copy / workdir_lib.METRICS).read_text()
+  before = (copy / run_records.METRICS).read_text()
   result = train(copy, signal_at="restored=SIGTERM")
   assert result.returncode == EXIT_CODE, result.stderr[-2000:]
   assert f"during start-up: checkpoint {STEPS} is the newest on disk" in last_line(result, "stdout")
-  assert (copy / workdir_lib.METRICS).read_text() == before
+  assert (copy / run_records.METRICS).read_text() == before
 
 
 def test_a_lost_final_save_is_incomplete_for_the_sweep_and_the_report(copy):
@@ -103,7 +103,7 @@ def test_a_lost_final_save_is_incomplete_for_the_sweep_and_the_report(copy):
   (copy / "checkpoints" / str(STEPS)).rename(
       copy / "checkpoints" / f"{STEPS}.orbax-checkpoint-tmp-1"
   )
-  records = workdir_lib.read_metrics(copy / workdir_lib.METRICS)
+  records = run_records.read_metrics(copy / run_records.METRICS)
   assert {"train", "eval"} <= {r["split"] for r in records if r["step"] == STEPS}
   assert not workdir_lib.is_complete(copy, STEPS)
   planned = sweep_plan.Run("switch8_smoke", 0, SPEC, OVERRIDES, None, None, str(copy), STEPS)
@@ -115,9 +115,9 @@ def test_a_lost_final_save_is_incomplete_for_the_sweep_and_the_report(copy):
 
 def test_without_evaluation_a_run_completes_on_its_final_checkpoint(copy):
   """train.eval_batches=0: no eval record is expected (else the sweep would relaunch it forever)."""
-  records = workdir_lib.read_metrics(copy / workdir_lib.METRICS)
-  (copy / workdir_lib.METRICS).write_text(
-      "".join(workdir_lib.metrics_line(r) for r in records if r["split"] == "train")
+  records = run_records.read_metrics(copy / run_records.METRICS)
+  (copy / run_records.METRICS).write_text(
+      "".join(run_records.metrics_line(r) for r in records if r["split"] == "train")
   )
   assert not workdir_lib.is_complete(copy, STEPS)  # The config says it evaluates.
   config = json.loads((copy / workdir_lib.CONFIG).read_text())
@@ -127,7 +127,7 @@ def test_without_evaluation_a_run_completes_on_its_final_checkpoint(copy):
 
 
 def test_a_second_launch_on_a_held_workdir_is_refused_naming_the_holder(copy):
-  before = (copy / workdir_lib.METRICS).read_text()
+  before = (copy / run_records.METRICS).read_text()
   with workdir_lib.locked(copy):
     result = train(copy)
   assert result.returncode == 1
@@ -136,7 +136,7 @@ def test_a_second_launch_on_a_held_workdir_is_refused_naming_the_holder(copy):
       f"{socket.gethostname()} (it holds {copy / workdir_lib.LOCK}): wait for that run to end, "
       "or use another --workdir"
   )
-  assert (copy / workdir_lib.METRICS).read_text() == before
+  assert (copy / run_records.METRICS).read_text() == before
 
 
 def test_the_lock_of_a_killed_holder_does_not_block(tmp_path):
@@ -159,7 +159,7 @@ def test_the_lock_of_a_killed_holder_does_not_block(tmp_path):
 
 def test_checkpoints_gone_with_metrics_kept_is_refused_not_restarted(copy):
   shutil.rmtree(copy / "checkpoints")
-  before = (copy / workdir_lib.METRICS).read_text()
+  before = (copy / run_records.METRICS).read_text()
   result = train(copy)
   assert result.returncode == 1, result.stderr[-2000:]
   assert last_line(result).startswith(
@@ -167,7 +167,7 @@ def test_checkpoints_gone_with_metrics_kept_is_refused_not_restarted(copy):
       f"left in checkpoints/, while metrics.jsonl holds"
   )
   assert "train.overwrite=True to start over" in last_line(result)
-  assert (copy / workdir_lib.METRICS).read_text() == before
+  assert (copy / run_records.METRICS).read_text() == before
 
 
 def test_none_on_the_command_line_reaches_the_config(copy):
@@ -179,13 +179,13 @@ def test_none_on_the_command_line_reaches_the_config(copy):
 
 def test_malformed_metrics_lines_are_reported_and_kept_aside(tmp_path, caplog):
   good = [{"step": s, "split": "train", "loss": 1.0} for s in (1, 2, 3)]
-  lines = [workdir_lib.metrics_line(good[0]), "null\n", workdir_lib.metrics_line(good[1])]
-  lines += ["{garbage\n", workdir_lib.metrics_line(good[2]), '{"step": 4, "spl']
-  (tmp_path / workdir_lib.METRICS).write_text("".join(lines))
-  assert workdir_lib.read_metrics(tmp_path / workdir_lib.METRICS) == good
-  workdir_lib.MetricsWriter(tmp_path, start_step=3, sparse_layers=[])
-  assert workdir_lib.read_metrics(tmp_path / workdir_lib.METRICS) == good
-  aside = (tmp_path / workdir_lib.MALFORMED).read_text().splitlines()
+  lines = [run_records.metrics_line(good[0]), "null\n", run_records.metrics_line(good[1])]
+  lines += ["{garbage\n", run_records.metrics_line(good[2]), '{"step": 4, "spl']
+  (tmp_path / run_records.METRICS).write_text("".join(lines))
+  assert run_records.read_metrics(tmp_path / run_records.METRICS) == good
+  run_records.MetricsWriter(tmp_path, start_step=3, sparse_layers=[])
+  assert run_records.read_metrics(tmp_path / run_records.METRICS) == good
+  aside = (tmp_path / run_records.MALFORMED).read_text().splitlines()
   assert [json.loads(l)["line"] for l in aside] == [2, 4, 6]
   assert json.loads(aside[0])["text"] == "null"
   assert "line(s) 2, 4, 6 are not JSON records" in caplog.text
@@ -218,6 +218,6 @@ def test_a_failed_background_save_stops_the_run_in_one_line(tmp_path):
       f"experiments.train: a checkpoint could not be written to {tmp_path / 'run' / 'checkpoints'}: "
   ), result.stderr[-3000:]
   assert "File too large" in last_line(result) and "Traceback" not in result.stderr
-  steps = [r["step"] for r in workdir_lib.read_metrics(tmp_path / "run" / workdir_lib.METRICS)]
+  steps = [r["step"] for r in run_records.read_metrics(tmp_path / "run" / run_records.METRICS)]
   assert 40 <= max(steps) <= 80
   assert checkpoints.steps_of(tmp_path / "run") == []

@@ -9,7 +9,7 @@ import pytest
 
 import configs.switch
 from moe.config.config_dict import experiment_from_config_dict, to_json
-from moe.trainer import workdir
+from moe.trainer import run_records, workdir
 
 
 def smoke_cfg(**train):
@@ -80,7 +80,7 @@ def test_missing_config_with_outputs_is_refused(tmp_path):
 
 
 def test_metrics_are_strict_json_and_read_back_as_floats(tmp_path):
-  writer = workdir.MetricsWriter(tmp_path, 0, sparse_layers=[1])
+  writer = run_records.MetricsWriter(tmp_path, 0, sparse_layers=[1])
   writer.write(
       {
           "step": 1,
@@ -91,22 +91,22 @@ def test_metrics_are_strict_json_and_read_back_as_floats(tmp_path):
       }
   )
   writer.close()
-  line = (tmp_path / workdir.METRICS).read_text()
+  line = (tmp_path / run_records.METRICS).read_text()
   assert json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}"))["loss"] == "NaN"
-  (record,) = workdir.read_metrics(tmp_path / workdir.METRICS)
+  (record,) = run_records.read_metrics(tmp_path / run_records.METRICS)
   assert record["loss"] != record["loss"] and record["grad_norm"] == float("inf")
   assert record["router_entropy"] == [float("-inf")]
 
 
 def test_relaunching_a_finished_run_rewrites_no_metrics(tmp_path):
-  writer = workdir.MetricsWriter(tmp_path, 0, sparse_layers=[])
+  writer = run_records.MetricsWriter(tmp_path, 0, sparse_layers=[])
   writer.write({"step": 1, "split": "train", "loss": 1.0})
   writer.close()
-  path = tmp_path / workdir.METRICS
+  path = tmp_path / run_records.METRICS
   before = path.stat().st_mtime_ns
-  workdir.MetricsWriter(tmp_path, 1, sparse_layers=[]).close()
+  run_records.MetricsWriter(tmp_path, 1, sparse_layers=[]).close()
   assert path.stat().st_mtime_ns == before
-  workdir.MetricsWriter(tmp_path, 0, sparse_layers=[]).close()  # Resuming from 0 drops step 1.
+  run_records.MetricsWriter(tmp_path, 0, sparse_layers=[]).close()  # Resuming from 0 drops step 1.
   assert path.read_text() == ""
 
 

@@ -1,4 +1,4 @@
-"""experiments.compare's verdict: which figures come from this run and which from the committed
+"""research.verdict, the main job's verdict: which figures come from this run and which from the committed
 results, and when the gap counts as resolved (beyond 3 standard errors)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from experiments import compare
+from research import verdict
 
 
 def summary(name: str, seeds, gap=None, se=None, std=None) -> dict:
@@ -19,38 +19,39 @@ def summary(name: str, seeds, gap=None, se=None, std=None) -> dict:
 
 
 @pytest.fixture
-def committed(tmp_path, monkeypatch):
-  monkeypatch.setattr(compare, "COMMITTED", tmp_path / "docs" / "results" / "main" / "report.json")
-  compare.COMMITTED.parent.mkdir(parents=True)
+def committed(tmp_path):
+  path = tmp_path / "report.json"
   configs = [
       summary("sparse", (0, 1, 2), gap=-0.03, se=0.006, std=0.006),
       summary("dense", (0, 1, 2), std=0.008),
   ]
-  compare.COMMITTED.write_text(json.dumps({"configs": configs}))
-  return compare.COMMITTED
+  path.write_text(json.dumps({"configs": configs}))
+  return path
 
 
 def test_one_seed_uses_the_committed_spread_and_says_so(committed):
   # One seed each: se = hypot(0.006, 0.008) = 0.010; a gap of -0.035 is -3.5 se: resolved.
-  text = compare.verdict(summary("sparse", [0], -0.035, math.nan), summary("dense", [0]))
+  text = verdict.verdict(summary("sparse", [0], -0.035, math.nan), summary("dense", [0]), committed)
   assert "Measured in this run: gap (sparse - dense) = -0.0350" in text
-  assert "Committed in docs/results/main/report.json: gap -0.0300 ± 0.0060 (-5.0σ, 3 vs 3" in text
+  assert f"Committed in {committed}: gap -0.0300 ± 0.0060 (-5.0σ, 3 vs 3" in text
   assert "-3.5 standard errors (0.0100, from the committed seed spread)" in text
   assert "Resolved: the sparse model reaches a lower validation loss" in text
 
 
 def test_a_gap_within_three_standard_errors_is_not_resolved(committed):
-  text = compare.verdict(summary("sparse", [0], -0.025, math.nan), summary("dense", [0]))
+  text = verdict.verdict(summary("sparse", [0], -0.025, math.nan), summary("dense", [0]), committed)
   assert "-2.5 standard errors" in text and "Not resolved" in text
 
 
 def test_several_seeds_use_their_own_error(committed):
-  text = compare.verdict(summary("sparse", [0, 1, 2], +0.05, 0.01), summary("dense", [0, 1, 2]))
+  text = verdict.verdict(
+      summary("sparse", [0, 1, 2], +0.05, 0.01), summary("dense", [0, 1, 2]), committed
+  )
   assert "+5.0 standard errors (0.0100, from this run's seeds)" in text
   assert "Resolved: the sparse model is worse" in text
 
 
-def test_without_committed_results_it_asks_for_seeds(tmp_path, monkeypatch):
-  monkeypatch.setattr(compare, "COMMITTED", tmp_path / "absent.json")
-  text = compare.verdict(summary("sparse", [0], -0.035, math.nan), summary("dense", [0]))
+def test_without_committed_results_it_asks_for_seeds(tmp_path):
+  absent = tmp_path / "absent.json"
+  text = verdict.verdict(summary("sparse", [0], -0.035, math.nan), summary("dense", [0]), absent)
   assert "No committed seed spread" in text and "Resolved" not in text
