@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
+import traceback
 from typing import Any
 
 import grain
@@ -71,6 +73,35 @@ def _quiet_orbax() -> None:
   absl_logger = logging.get_absl_logger()
   if not any(isinstance(f, _QuietOrbax) for f in absl_logger.filters):
     absl_logger.addFilter(_QuietOrbax())
+  if not getattr(sys.unraisablehook, "drops_abandoned_writes", False):
+    sys.unraisablehook = _drop_abandoned_writes(sys.unraisablehook)
+
+
+def _is_abandoned_write(error: BaseException) -> bool:
+  """True for the error tensorstore meets when a write completes after its asyncio loop closed."""
+  frames = traceback.extract_tb(error.__traceback__)
+  return (
+      isinstance(error, RuntimeError)
+      and str(error) == "Event loop is closed"
+      and any(frame.name == "call_soon_threadsafe" for frame in frames)
+  )
+
+
+def _drop_abandoned_writes(unraisablehook):
+  """`unraisablehook` without the abandoned-write tracebacks. When one write of a save fails, orbax's
+  `asyncio.run` closes its loop with the save's other writes in flight; tensorstore then reports
+  each one's completion to the closed loop and hands the RuntimeError to sys.unraisablehook
+  (PyErr_WriteUnraisable), dozens of tracebacks around the one line `SaveFailed` gives. Nothing is lost: the
+  save already failed and the loop raises `SaveFailed` with its root cause."""
+
+  def hook(unraisable):
+    if _is_abandoned_write(unraisable.exc_value):
+      logging.debug("A write of a failed save completed after its loop closed: %s", unraisable)
+      return
+    unraisablehook(unraisable)
+
+  hook.drops_abandoned_writes = True
+  return hook
 
 
 def make_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
