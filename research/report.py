@@ -21,6 +21,16 @@ from absl import app, flags
 from moe import atomic_file
 from research import frontier, plots, scaling_fit, statistics
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _as_committed(root) -> str:
+  """The sweep root as a report names it: relative to the repository when inside it (the reports
+  are committed; an absolute path would name one machine)."""
+  path = pathlib.Path(root).absolute()
+  return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(root)
+
+
 _OUT = flags.DEFINE_string("out", None, "Output directory (default <root>/report).")
 _HEATMAP = flags.DEFINE_string("heatmap", None, "Config whose expert load is drawn.")
 
@@ -32,7 +42,7 @@ def write_report(root: pathlib.Path, out: pathlib.Path, heatmap: str | None = No
     raise ValueError(f"{root}: no runs (no */seed*/config.json and no sweep.json)")
   summaries = statistics.summarize(runs)
   table = statistics.markdown_table(summaries)
-  payload = {"root": str(root), "configs": summaries}
+  payload = {"root": _as_committed(root), "configs": summaries}
   complete = [r for r in runs if r.complete]  # A run in progress would bend its config's band.
   leverage = frontier.multipliers(runs)
   out.mkdir(parents=True, exist_ok=True)
