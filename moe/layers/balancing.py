@@ -64,7 +64,7 @@ def choose(
   `renormalize`). Ties go to the lower expert index. A padded token keeps its indices with gates 0.
   """
   ranked_GSE = affinity_GSE if bias_E is None else affinity_GSE + jax.lax.stop_gradient(bias_E)
-  _, index_GSK = jax.lax.top_k(ranked_GSE, top_k)
+  _, index_GSK = routing.top_k_per_group(ranked_GSE, top_k)
   gates_GSK = jnp.take_along_axis(affinity_GSE, index_GSK, axis=-1)
   if score is Score.SIGMOID or renormalize:
     gates_GSK = gates_GSK / jnp.sum(gates_GSK, axis=-1, keepdims=True)

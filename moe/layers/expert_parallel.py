@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as flax_spmd
 
+from moe.layers import dispatch
 from moe.parallel import axes
 
 
@@ -55,13 +56,18 @@ def _mesh_axes(logical: str) -> tuple[str, ...]:
   return (spec,) if isinstance(spec, str) else tuple(spec)
 
 
+def under_mesh() -> bool:
+  """Whether a mesh (`jax.set_mesh`) and logical rules are active: the layer is being partitioned."""
+  return not jax.sharding.get_abstract_mesh().empty and bool(flax_spmd.get_logical_axis_rules())
+
+
 def expert_axis() -> str | None:
   """The mesh axis the experts' weights are split over, when the current mesh (`jax.set_mesh`) and
   logical rules split them over an axis of size > 1; None otherwise (one device, or replicated
-  experts), where the one-device dropless path gathers nothing."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not flax_spmd.get_logical_axis_rules():
+  experts)."""
+  if not under_mesh():
     return None
+  mesh = jax.sharding.get_abstract_mesh()
   split = [a for a in _mesh_axes(axes.EXPERT) if mesh.shape[a] > 1]
   if len(split) > 1:
     raise ValueError(f"expert weights split over several mesh axes {split}: expected one")
@@ -81,7 +87,11 @@ def _local_param_specs(params: nnx.State) -> nnx.State:
 def dropless_moe(x_GSD, expert_index_GSK, gates_GSK, experts: nnx.Module, num_experts: int):
   """Every claim computed, on the devices that hold its expert; the expert weights never move.
 
-  Call under `jax.set_mesh` and `nnx.logical_axis_rules` when `expert_axis()` is not None.
+  Call under `jax.set_mesh` and `nnx.logical_axis_rules` (`under_mesh()`). Without an expert split
+  (`expert_axis()` None) there is nothing to exchange: each device sorts and multiplies its own
+  tokens' claims with every expert (`moe.layers.dispatch.dropless_moe` on its shard). Left to the
+  partitioner, that path's global argsort gathered every claim of the batch onto every device and
+  computed them all there (issue 19: 6 x the one-device FLOPs on data=8).
 
   Args:
     x_GSD: tokens in routing groups [G, S, d] (the groups are flattened: dropless routing is
@@ -100,7 +110,7 @@ def dropless_moe(x_GSD, expert_index_GSK, gates_GSK, experts: nnx.Module, num_ex
   k = expert_index_GSK.shape[-1]
   mesh = jax.sharding.get_abstract_mesh()
   axis = expert_axis()
-  n = mesh.shape[axis]
+  n = 1 if axis is None else mesh.shape[axis]
   if num_experts % n:
     raise ValueError(f"moe.num_experts={num_experts} must be divisible by the expert axis ({n})")
   token_axes = tuple(a for a in _mesh_axes(axes.GROUP) if mesh.shape[a] > 1)
@@ -115,6 +125,11 @@ def dropless_moe(x_GSD, expert_index_GSK, gates_GSK, experts: nnx.Module, num_ex
 
   def local(x_TD, expert_TK, gates_TK, local_params):
     grouped = lambda x, sizes: nnx.merge(graphdef, local_params).grouped(x, sizes)
+    if axis is None:
+      y_1TD, _ = dispatch.dropless_moe(
+          x_TD[None], expert_TK[None], gates_TK[None], grouped, num_experts
+      )
+      return jax.lax.psum(y_1TD[0], sum_axes) if sum_axes else y_1TD[0]
     return _local_dropless(x_TD, expert_TK, gates_TK, grouped, num_experts, axis, sum_axes)
 
   tokens = jax.P(token_axes or None)

@@ -106,9 +106,14 @@ class MoEFeedForward(nnx.Module):
     x_GSD = axes.constrain(
         x_BLD.astype(cfg.compute_dtype).reshape(g, s, d), (axes.GROUP, None, axes.ACT_EMBED)
     )
-    logits_GSE = self.router(x_GSD, train=train, rng=rng)
+    # Routing arrays stay split like their groups. Unconstrained, the partitioner gathered the
+    # probabilities [G, S, E] of the whole batch onto every device (its consumers, top-k, sorts and
+    # means over groups, accept any sharding): per sparse layer that is 4 B x E per token of the
+    # global batch on every device.
+    spec = (axes.GROUP, None, None)
+    logits_GSE = axes.constrain(self.router(x_GSD, train=train, rng=rng), spec)
     probs_GSE, affinity_GSE = balancing.probabilities_and_affinity(logits_GSE, cfg.score)
-    return x_GSD, logits_GSE, probs_GSE, affinity_GSE
+    return x_GSD, logits_GSE, axes.constrain(probs_GSE, spec), axes.constrain(affinity_GSE, spec)
 
   def _choose(self, affinity_GSE, mask_GS) -> routing.TopK:
     """Tokens choose: each token's k experts by affinity plus the selection bias (if any)."""
@@ -184,12 +189,18 @@ class MoEFeedForward(nnx.Module):
     g, s, _ = x_GSD.shape
     capacity = cfg.capacity(s, train)
     choice = routing.experts_choose(probs_GSE, capacity, mask_GS)
-    run = (
-        dispatch.einsum_expert_choice
-        if cfg.dispatch is Dispatch.EINSUM
-        else dispatch.gather_expert_choice
-    )
-    y_GSD, covered_GS1 = run(x_GSD, choice.token_index, choice.gates, self._experts_on_buffers)
+    if cfg.dispatch is Dispatch.EINSUM:
+      run = dispatch.einsum_expert_choice
+      # Dispatch and combine contract on the token side, where they are local; the buffers go to
+      # the experts and back by all-to-all. Left to choose, the partitioner gathered the combine's
+      # output and the dispatch's gradient [G, S, d] over the whole batch under an expert split.
+      token_side = (axes.GROUP, None, None, axes.ACT_EMBED)
+      experts_fn = lambda x: axes.constrain(
+          self._experts_on_buffers(axes.constrain(x, token_side)), token_side
+      )
+    else:
+      run, experts_fn = dispatch.gather_expert_choice, self._experts_on_buffers
+    y_GSD, covered_GS1 = run(x_GSD, choice.token_index, choice.gates, experts_fn)
     if mask_GS is not None:  # A padded pick (gate 0) covers nothing.
       covered_GS1 = covered_GS1 & mask_GS[..., None]
     load_GE, filled_G = self._expert_choice_load(choice.token_index, mask_GS, s)
@@ -221,13 +232,14 @@ class MoEFeedForward(nnx.Module):
     load_GE = routing.expert_load(top.expert_index, cfg.num_experts, mask_GS)
     if cfg.dispatch is Dispatch.DROPLESS:
       # No buffers: it computes exactly the assignments (capacity_used 1.0).
-      if expert_parallel.expert_axis() is None:
+      if not expert_parallel.under_mesh():
         y_GSD, kept_GSK = dispatch.dropless_moe(
             x_GSD, top.expert_index, top.gates, self.experts.grouped, cfg.num_experts, mask_GS
         )
         return y_GSD, kept_GSK, load_GE, None, None, top.expert_index
-      # Experts split over a mesh axis: each claim travels to its expert's device (all-to-all);
-      # left to the partitioner, ragged_dot would gather the weights or replicate the claims.
+      # Under a mesh each device sorts its own claims; with the experts split over a mesh axis each
+      # claim travels to its expert's device (all-to-all). Left to the partitioner, the global sort
+      # and ragged_dot would replicate every claim of the batch or gather the weights.
       # Padded tokens' gates are already 0 (`balancing.choose`), so their output is zero.
       y_GSD, kept_GSK = expert_parallel.dropless_moe(
           x_GSD, top.expert_index, top.gates, self.experts, cfg.num_experts

@@ -73,6 +73,11 @@ class ExpertChoice(NamedTuple):
   gates: jax.Array  # [G, E, C] float32
 
 
+def top_k_per_group(x_GXY: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`jax.lax.top_k` over the last axis, on each device's own groups (see `axes.per_group`)."""
+  return axes.per_group(lambda x: jax.lax.top_k(x, k), x_GXY)
+
+
 def tokens_choose(
     probs_GSE: jax.Array, top_k: int, renormalize: bool, token_mask_GS: jax.Array | None = None
 ) -> TopK:
@@ -83,7 +88,7 @@ def tokens_choose(
   False) keeps its expert indices but gets gates 0, as in flaxformer; the dispatch paths then give
   its claims no slot (`moe.dispatch`).
   """
-  gates, index = jax.lax.top_k(probs_GSE, top_k)
+  gates, index = top_k_per_group(probs_GSE, top_k)
   if renormalize:
     gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
   if token_mask_GS is not None:
@@ -102,12 +107,12 @@ def experts_choose(
   """
   probs_GES = jnp.swapaxes(probs_GSE, 1, 2)
   if token_mask_GS is None:
-    gates, index = jax.lax.top_k(probs_GES, capacity)
+    gates, index = top_k_per_group(probs_GES, capacity)
     return ExpertChoice(index.astype(jnp.int32), gates)
   # Probabilities are in [0, 1], so p - 2 puts padding below any real token, even one at
   # probability 0, and keeps the padded tokens' own order (a deterministic choice among them).
   ranked_GES = jnp.where(token_mask_GS[:, None, :], probs_GES, probs_GES - 2.0)
-  gates, index = jax.lax.top_k(ranked_GES, capacity)
+  gates, index = top_k_per_group(ranked_GES, capacity)
   return ExpertChoice(index.astype(jnp.int32), jnp.where(gates < 0.0, 0.0, gates))
 
 

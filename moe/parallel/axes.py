@@ -6,6 +6,8 @@ constrained with `moe.parallel.axes.constrain(x, (BATCH, LENGTH, ACT_EMBED))`, a
 
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import jax
@@ -70,3 +72,24 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   if not rules or jax.sharding.get_abstract_mesh().empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, rules))
+
+
+def per_group(fn, *arrays_G: jax.Array):
+  """`fn` applied to each device's routing groups: a `jax.shard_map` over the mesh axes of `GROUP`,
+  the arrays' leading axis (G); `fn` must treat groups independently. Without a mesh and rules, or
+  with fewer groups than devices to split them over (a routing group wider than a device's batch,
+  e.g. the whole batch as one group), the plain call: the partitioner then splits what it can.
+
+  For the ops that XLA's SPMD partitioner does not split along their batch axes: on CPU in jax
+  0.11.2 `jax.lax.top_k` is a `TopK` custom call, which the partitioner runs on the whole batch
+  after gathering it onto every device (issue 19: the router probabilities [G, S, E]).
+  """
+  rules = flax_spmd.get_logical_axis_rules()
+  if not rules or jax.sharding.get_abstract_mesh().empty:
+    return fn(*arrays_G)
+  spec = logical_to_spec((GROUP,), rules)
+  mesh = jax.sharding.get_abstract_mesh()
+  names = () if spec[0] is None else (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
+  if any(x.shape[0] % math.prod(mesh.shape[a] for a in names) for x in arrays_G):
+    return fn(*arrays_G)
+  return jax.shard_map(fn, in_specs=spec, out_specs=spec)(*arrays_G)

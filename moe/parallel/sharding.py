@@ -13,12 +13,15 @@ partitioner emit the all-to-all, rather than a hand-written `jax.shard_map`: the
 runs unchanged on 1 device or any mesh, every dispatch path (einsum, gather) gets expert parallelism for
 free, and routing never sees device boundaries, so which tokens drop cannot depend on the mesh.
 
-DROPLESS is the exception: its grouped matmul (`ragged_dot`) cannot be split over experts by the
-partitioner, which would gather the expert weights or replicate every claim of the batch on every
-device. When the rules split the experts over a mesh axis of size > 1, the layer runs it in a
-`jax.shard_map` instead (`moe.layers.expert_parallel`): claims sorted by expert go to their experts' devices
-by `all_to_all` and come back; the weights stay where they are. Its results equal the one-device
-path's (tests/layers/test_expert_parallel.py).
+Two exceptions, both because the partitioner runs an op on the whole batch when it cannot split it:
+`jax.lax.top_k` (a `TopK` custom call on CPU) runs per device in a `jax.shard_map` over the groups
+(`moe.parallel.axes.per_group`), and DROPLESS, whose global sort of claims and grouped matmul
+(`ragged_dot`) the partitioner would replicate on every device (or answer by gathering the expert
+weights), runs in a `jax.shard_map` under any mesh (`moe.layers.expert_parallel`): each device sorts
+its own claims; when the rules split the experts over a mesh axis of size > 1, the claims go to their
+experts' devices by `all_to_all` and come back, and the weights stay where they are. Results equal
+the one-device path's (tests/layers/test_expert_parallel.py); the compiled cost is checked in
+tests/parallel/test_scaling_invariants.py.
 """
 
 from __future__ import annotations

@@ -271,8 +271,11 @@ def init_train_state(
     params_sharding = sharding.named_shardings(abstract_params, mesh, rules)
     bias_sharding = sharding.named_shardings(abstract_bias, mesh, rules)
     tx = optimizer.make_optimizer(cfg.train, abstract_params)
+    # optax calls `init` on a placeholder to find the parameter-shaped parts of the state; traced
+    # (eval_shape) it runs nothing, so the state can be built for devices that cannot run code (a TPU
+    # topology compiled on the CPU: experiments/compile_check.py).
     opt_sharding = optax.tree_map_params(
-        tx,
+        lambda placeholder: jax.eval_shape(tx.init, placeholder),
         lambda _, s: s,
         jax.eval_shape(tx.init, nnx.as_pure(abstract_params)),
         nnx.as_pure(params_sharding),

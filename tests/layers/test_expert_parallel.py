@@ -30,6 +30,11 @@ MESHES = {
         data=1, fsdp=2, expert=2, tensor=2, rules="expert_tensor"
     ),
 }
+# Meshes without an expert split: each device sorts and computes its own claims (no all-to-all).
+UNSPLIT_MESHES = {
+    "data8": sharding.MeshConfig(data=8),
+    "fsdp8": sharding.MeshConfig(data=1, fsdp=8, rules="fsdp"),
+}
 
 
 def moe_cfg(**kw) -> MoEConfig:
@@ -71,7 +76,7 @@ def loss_and_grads(graphdef, params, x):
 def compiled_on_mesh(mesh_name: str, layer: MoEFeedForward, x):
   """`loss_and_grads` compiled for a mesh, and its arguments placed there: the layer's parameters
   split by the mesh's rules, the tokens over the batch axes."""
-  mesh_cfg = MESHES[mesh_name]
+  mesh_cfg = {**MESHES, **UNSPLIT_MESHES}[mesh_name]
   mesh = sharding.make_mesh(mesh_cfg)
   rules = sharding.logical_rules(mesh_cfg.rules)
   graphdef, params = nnx.split(layer)
@@ -127,6 +132,8 @@ def test_expert_axis_is_none_without_an_expert_split():
         ("data2_expert4", dict(top_k=2)),
         ("data2_expert4", dict(top_k=1, activation="swiglu", group_size=8)),
         ("fsdp2_expert2_tensor2", dict(top_k=2, activation="swiglu")),  # Hidden split: psum.
+        ("data8", dict(top_k=2)),  # No expert split: each device its own claims.
+        ("fsdp8", dict(top_k=1, activation="swiglu")),
     ],
 )
 def test_outputs_and_gradients_equal_the_one_device_path(mesh_name, kw):
@@ -185,9 +192,10 @@ def test_layer_step_moves_tokens_not_weights(mesh_name, monkeypatch):
   num_claims = x.shape[0] * x.shape[1] * layer.cfg.top_k
   compiled, _ = compiled_on_mesh(mesh_name, layer, x)
   assert_tokens_travel_and_weights_stay(compiled.as_text(), num_claims)
-  # The check can fail: on the same mesh, the one-device path replicates every claim (jax 0.11.2
-  # gathers the tokens and all-reduces the experts' partial outputs; it does not gather weights).
-  monkeypatch.setattr(expert_parallel, "expert_axis", lambda: None)
+  # The check can fail: on the same mesh, the one-device path left to the partitioner replicates
+  # every claim (jax 0.11.2 gathers the tokens and all-reduces the experts' partial outputs; it
+  # does not gather weights).
+  monkeypatch.setattr(expert_parallel, "under_mesh", lambda: False)
   one_device_hlo = compiled_on_mesh(mesh_name, layer, x)[0].as_text()
   assert any(shape[:1] == (num_claims,) for _, shape in collectives(one_device_hlo))
 
