@@ -5,6 +5,8 @@
 #   ./run.sh format  set up, then format the tree (pyink, configured in pyproject.toml)
 #   ./run.sh bench   set up, then run the MoE layer benchmark
 #   ./run.sh setup   set up only: a virtualenv in $MOE_VENV (default .venv) with the project installed
+#   ./run.sh compile-tpu  the train step compiled for a 4-chip TPU v5e slice on this CPU (libtpu, in
+#                    its own virtualenv $MOE_TPU_VENV, default .venv-tpu: about 700 MB)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${MOE_VENV:-.venv}"
@@ -67,6 +69,17 @@ case "$cmd" in
   main)
     setup
     exec "$VENV/bin/python" -m experiments.compare "$@" ;;
+  compile-tpu)
+    VENV="${MOE_TPU_VENV:-.venv-tpu}"
+    [ -x "$VENV/bin/python" ] || "$(find_python)" -m venv "$VENV"
+    if [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
+      echo "run.sh: installing the project with libtpu into $VENV" >&2
+      pip_install --upgrade pip
+      pip_install -e ".[tpu]"
+      touch "$VENV/.installed"
+    fi
+    exec "$VENV/bin/python" -m experiments.compile_check --config=configs/switch.py:size=smoke \
+      --topology=v5e:2x2 --mesh=data=2,expert=2,rules=expert "$@" ;;
   bench)
     setup
     exec "$VENV/bin/python" -m benchmarks.moe_layer "$@" ;;

@@ -16,7 +16,8 @@ rules) and overrides the config's mesh section; `--global_batch_size` overrides 
 
 Printed per device: memory (arguments, outputs, temporaries; fits or not), FLOPs, bytes per kind of
 collective, and on a topology a roofline step time (`moe.parallel.roofline`) with the MFU it implies.
-`--weak_scaling` prints the table of docs/parallelism.md instead (experiments/weak_scaling.py).
+With `scan_layers` (the default) the FLOPs and collectives come from the step compiled a second
+time with its layers unrolled: XLA's cost analysis counts a loop's body once.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ _BATCH = flags.DEFINE_integer("global_batch_size", None, "Override train.global_
 _DEVICE_MEMORY_GB = flags.DEFINE_float(
     "device_memory_gb", None, "Memory per device to check against (default: as reported)."
 )
-flags.mark_flags_as_required(["config"])
 
 
 def parse_mesh(text: str) -> dict:
@@ -187,8 +187,20 @@ def experiment(mesh_text: str | None = None, batch: int | None = None):
   return cfg
 
 
-def print_report(cfg, compiled, mesh, chip, limit_gb: float | None):
-  """Memory, FLOPs and collectives per device; on a chip, the roofline step time and MFU."""
+def cost_program(cfg, compiled, devices):
+  """The compiled step whose cost analysis counts every layer: with `scan_layers` XLA's cost
+  analysis (and the collectives in the HLO text) count the scanned loop's body once, not once per
+  period, so the cost comes from the same step compiled with its layers unrolled; the memory stays
+  the configured program's."""
+  if not cfg.model.scan_layers:
+    return compiled
+  unrolled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
+  return compile_step(unrolled, unrolled.mesh, devices)[0]
+
+
+def print_report(cfg, compiled, cost_compiled, mesh, chip, limit_gb: float | None):
+  """Memory (of `compiled`), FLOPs and collectives (of `cost_compiled`, `cost_program`) per device;
+  on a chip, the roofline step time and MFU."""
   from moe.parallel import roofline  # pylint: disable=g-import-not-at-top
 
   gib = lambda b: b / 2**30
@@ -204,7 +216,7 @@ def print_report(cfg, compiled, mesh, chip, limit_gb: float | None):
     print(f"needs {gib(mem['total']):.2f} GiB of {limit:.1f} GiB: {verdict}")
   shape = dict(mesh.shape)
   chip_or_cpu = chip or roofline.Chip("CPU", 1.0, 0, 1.0, 1.0, "-", "-", 1)
-  report = roofline.analyse(compiled, shape, chip_or_cpu)
+  report = roofline.analyse(cost_compiled, shape, chip_or_cpu)
   print(f"FLOPs per device {report.flops:.4g}, HBM bytes accessed {report.hbm_bytes:.4g}")
   print(
       "collective bytes per device: "
@@ -262,10 +274,12 @@ def main(argv):
   if limit is None and chip is None and not _FAKE_DEVICES.value:
     memory = (devices[0].memory_stats() or {}).get("bytes_limit")
     limit = memory / 2**30 if memory else None
-  mem, _ = print_report(cfg, compiled, mesh, chip, limit)
+  cost_compiled = cost_program(cfg, compiled, devices)
+  mem, _ = print_report(cfg, compiled, cost_compiled, mesh, chip, limit)
   if limit is not None and mem["total"] / 2**30 > limit:
     raise SystemExit(1)
 
 
 if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])  # Here: experiments.weak_scaling imports this module.
   app.run(main)

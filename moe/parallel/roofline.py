@@ -69,12 +69,14 @@ CHIPS = {
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
-  """One array a collective moves: its op, dtype, shape and the mesh axes it runs over."""
+  """One array a collective moves: its op, dtype, shape, the mesh axes it runs over and the number
+  of devices in each of its groups (None: every device)."""
 
   op: str
   dtype: str
   shape: tuple[int, ...]
   mesh_axes: frozenset[str]
+  group_size: int | None = None
 
   @property
   def nbytes(self) -> int:
@@ -84,8 +86,9 @@ class Collective:
 def collectives(hlo: str, all_axes=("data", "fsdp", "expert", "tensor")) -> list[Collective]:
   """Every collective's result arrays in compiled HLO text (a tuple result, as combined all-reduces
   and CPU all-to-alls have, gives one entry per element), with the mesh axes it runs over from
-  `replica_groups=mesh[...] {'data', ...}`; a collective with explicit device groups counts as
-  running over `all_axes`. Async pairs count once (at `-start`; `-done` is skipped)."""
+  `replica_groups=mesh[...] {'data', ...}` and its group size; a collective with explicit device
+  groups counts as running over `all_axes`. Async pairs count once (at `-start`; `-done` is
+  skipped)."""
   found = []
   pattern = re.compile(rf"\s*(?:ROOT )?%\S+ = (.*?) ({'|'.join(COLLECTIVES)})(-start)?\(")
   for line in hlo.splitlines():
@@ -103,15 +106,34 @@ def collectives(hlo: str, all_axes=("data", "fsdp", "expert", "tensor")) -> list
       # An async start returns (operands, results[, contexts]): keep the results.
       arrays = [a for a in arrays if a[1]]
       arrays = arrays[len(arrays) // 2 :]
-    found += [Collective(op, dtype, shape, mesh_axes) for dtype, shape in arrays]
+    size = group_size(line)
+    found += [Collective(op, dtype, shape, mesh_axes, size) for dtype, shape in arrays]
   return found
+
+
+def group_size(line: str) -> int | None:
+  """The devices in each replica group of a collective's HLO line, in any of XLA's spellings:
+  `mesh['data'=8,'fsdp'=2] {'data'}` (a combined collective may name a mesh of its own, e.g.
+  `mesh['axis_0'=8] {'axis_0'}`), the iota list `[2,4]<=[8]` (2 groups of 4) or explicit groups
+  `{{0,1},{2,3}}`; None when the line names none (every device)."""
+  named = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line)
+  if named:
+    sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", named.group(1))}
+    return math.prod(sizes[a] for a in re.findall(r"'(\w+)'", named.group(2)))
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
+  if iota:
+    return int(iota.group(2))
+  explicit = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+  if explicit:
+    return len(explicit.group(1).split(","))
+  return None
 
 
 def bytes_moved(c: Collective, mesh_shape: dict[str, int]) -> float:
   """Bytes one device sends for a collective, by the ring algorithms' counts over n devices: an
   all-gather sends (n - 1) / n of its result, a reduce-scatter (n - 1) of its result shard, an
   all-reduce 2 (n - 1) / n of its array, an all-to-all (n - 1) / n, a permute all of it."""
-  n = math.prod(mesh_shape.get(a, 1) for a in c.mesh_axes)
+  n = c.group_size or math.prod(mesh_shape.values())
   if n <= 1 and c.op != "collective-permute":
     return 0.0
   share = (n - 1) / n

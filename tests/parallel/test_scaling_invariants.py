@@ -23,7 +23,6 @@ and `test_no_collective_of_the_global_batch` (every sparse path) failed.
 from __future__ import annotations
 
 import functools
-import math
 import re
 import sys
 

@@ -71,7 +71,6 @@ def test_balance_loss_is_logged_only_when_tokens_choose(module, balance_logged):
   )
 
 
-<<<<<<< HEAD
 # ----------------------------------------------------------------------------------------------------
 # Auxiliary-loss-free balancing: the selection bias is state the step updates, not a parameter.
 
@@ -196,7 +195,8 @@ def test_the_loss_holds_the_balance_loss_only_when_it_balances(balance):
     want += moe.balance_loss_weight * float(m["balance_loss"])
   assert float(m["balance_loss"]) > 0  # Logged whatever balances.
   assert float(m["loss"]) == pytest.approx(want, rel=1e-6)
-=======
+
+
 def test_abstract_train_state_runs_nothing(caplog):
   """`abstract=True` builds the state's shapes and shardings without running or compiling any
   computation, as compiling for devices that cannot run code (a TPU topology on the CPU) needs. It
@@ -212,4 +212,3 @@ def test_abstract_train_state_runs_nothing(caplog):
   assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(state))
   compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
   assert not compiled, compiled
->>>>>>> dfa5eab (WIP issue 19 (helper's uncommitted work): per-group top_k via shard_map, routing arrays constrained to their groups, DROPLESS in shard_map under any mesh, abstract init runs nothing, scaling-invariants test, roofline, compile_check)
