@@ -7,9 +7,9 @@ For the base dense model (configs/dense.py:size=base) and its Switch counterpart
 and 256 chips of one generation (`--generation`, default v5p), with the meshes a user would pick:
 every chip data-parallel (`data`, parameters replicated), fully sharded (`fsdp`), and for the sparse
 models 8-way expert parallel inside fully sharded data parallelism (`expert_fsdp`). Each row is one
-compile of `experiments.compile_check`: memory per device (the program as configured), FLOPs and
-collective bytes per device (the layers unrolled: `compile_check.cost_program`), and the roofline
-step time and MFU (`moe.parallel.roofline`). Under weak scaling per-device FLOPs stay flat; the
+compile of `experiments.compile_check` with the layers unrolled (`scan_layers=False`: XLA's cost
+analysis counts a scanned loop's body once, and one compile then gives memory and cost): memory,
+FLOPs and collective bytes per device, and the roofline step time and MFU (`moe.parallel.roofline`). Under weak scaling per-device FLOPs stay flat; the
 docs explain each row whose bytes grow with the chip count.
 """
 
@@ -58,9 +58,12 @@ def experiment(spec: str, experts: int | None, top_k: int | None, mesh: dict, ba
   if experts is not None:
     cd.model.moe.num_experts, cd.model.moe.top_k = experts, top_k
   cfg = config_dict.experiment_from_config_dict(cd)
-  mesh_cfg = dataclasses.replace(cfg.mesh, **mesh)
   return dataclasses.replace(
-      cfg, mesh=mesh_cfg, train=dataclasses.replace(cfg.train, global_batch_size=batch)
+      cfg,
+      # Unrolled: one compile gives the memory and the cost (compile_check.cost_program).
+      model=dataclasses.replace(cfg.model, scan_layers=False),
+      mesh=dataclasses.replace(cfg.mesh, **mesh),
+      train=dataclasses.replace(cfg.train, global_batch_size=batch),
   )
 
 
