@@ -126,7 +126,10 @@ def main(argv):
     for run in runs:
       print(run.shell_command())
     return
-  sweep_plan.write_manifest(_ROOT.value, runs)
+  try:
+    sweep_plan.write_manifest(_ROOT.value, runs)  # Reads the sweep.json already there.
+  except ValueError as error:
+    sys.exit(f"research.sweep: {error}")
   sys.exit(run_all(runs, _PARALLEL.value))
 
 

@@ -125,6 +125,22 @@ def test_dry_run_prints_one_command_per_run_and_writes_nothing(tmp_path):
   assert typo.returncode != 0 and "--baselines" in typo.stderr and "active_params" in typo.stderr
 
 
+def test_a_broken_sweep_json_is_one_line_naming_it(tmp_path):
+  root = tmp_path / "sweep"
+  root.mkdir()
+  (root / "sweep.json").write_text("{broken")
+  result = _cli("research.sweep", f"--config={FAMILY}", "--seeds=0", f"--root={root}")
+  assert result.returncode == 1, result.stderr
+  assert (
+      result.stderr.strip()
+      .splitlines()[-1]
+      .startswith(f"research.sweep: {root / 'sweep.json'}: not valid JSON")
+  ), result.stderr
+  assert "Traceback" not in result.stderr
+  assert (root / "sweep.json").read_text() == "{broken"  # Left as it was, nothing launched.
+  assert [p.name for p in root.iterdir()] == ["sweep.json"]
+
+
 # A smoke sweep short enough for the suite: every run trains 4 steps and evaluates twice.
 _SHORT = (
     "--set=train.steps=4",
