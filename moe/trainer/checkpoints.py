@@ -156,9 +156,15 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_it) -> None
 def raise_if_save_failed(manager: ocp.CheckpointManager) -> None:
   """Raises `SaveFailed` (one line: the directory and the root cause) if a background save failed;
   asked after every step, so training stops one step, not one checkpoint period, after the failure.
+
+  Orbax's finalize thread waits for the writer and takes its error (clearing it for
+  `check_for_errors`), then dies with it; only a `wait_until_finished` re-raises it. So once no save
+  is in progress, the wait (immediate then) is the check.
   """
   try:
     manager.check_for_errors()
+    if not manager.is_saving_in_progress():
+      manager.wait_until_finished()
   except Exception as error:  # pylint: disable=broad-except  # Whatever the writer raised.
     raise _save_failed(manager, error) from error
 

@@ -197,9 +197,10 @@ def _file_size_limit():  # In the child, before exec: writes past 1 MB fail (EFB
 
 
 def test_a_failed_background_save_stops_the_run_in_one_line(tmp_path):
-  """The first checkpoint (2 MB of arrays) cannot be written: the run stops, at the latest at its next
-  save (the loop asks after every step; when orbax's writer fails is not the test's to decide), with
-  one line naming the directory and the cause, and no traceback."""
+  """The first checkpoint (2 MB of arrays) cannot be written: the run stops before its next save (the
+  loop asks after every step; how many steps orbax's writer takes to fail is not the test's to
+  decide), with one line naming the directory and the cause, and no traceback. It stopped only at
+  the next save while orbax's finalize thread took the writer's error for itself."""
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false")
   env.pop(SIGNAL_AT_ENV, None)
   result = subprocess.run(
@@ -219,5 +220,5 @@ def test_a_failed_background_save_stops_the_run_in_one_line(tmp_path):
   ), result.stderr[-3000:]
   assert "File too large" in last_line(result) and "Traceback" not in result.stderr
   steps = [r["step"] for r in run_records.read_metrics(tmp_path / "run" / run_records.METRICS)]
-  assert 40 <= max(steps) <= 80
+  assert 40 <= max(steps) < 80  # Stopped before its next save, not a period late.
   assert checkpoints.steps_of(tmp_path / "run") == []
