@@ -27,6 +27,8 @@ _GENERATION = flags.DEFINE_enum("generation", "v5p", ["v5e", "v5p", "v6e"], "TPU
 _PER_DEVICE_BATCH = flags.DEFINE_integer(
     "per_device_batch", 4, "Sequences per chip (the global batch is this times the chip count)."
 )
+_MODELS = flags.DEFINE_list("models", None, "Only these rows of MODELS (default: all).")
+_MESHES = flags.DEFINE_list("meshes", None, "Only these rows of MESHES (default: all).")
 _WRITE_DOCS = flags.DEFINE_bool(
     "write_docs", False, "Replace the table in docs/parallelism.md (between its markers)."
 )
@@ -100,7 +102,7 @@ def table() -> str:
   lines = [header]
   for model, (_, experts, _) in MODELS.items():
     for mesh_name, (_, sparse_only) in MESHES.items():
-      if sparse_only and experts is None:
+      if (sparse_only and experts is None) or not _chosen(model, mesh_name):
         continue
       for dims in SLICES[_GENERATION.value]:
         lines.append(row(model, mesh_name, dims))
@@ -108,9 +110,21 @@ def table() -> str:
   return "\n".join(lines)
 
 
+def _chosen(model: str, mesh_name: str) -> bool:
+  return (not _MODELS.value or model in _MODELS.value) and (
+      not _MESHES.value or mesh_name in _MESHES.value
+  )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  for name, known in ((_MODELS, MODELS), (_MESHES, MESHES)):
+    unknown = [v for v in name.value or () if v not in known]
+    if unknown:
+      raise app.UsageError(f"--{name.name}: {unknown} not among {list(known)}")
+  if _WRITE_DOCS.value and (_MODELS.value or _MESHES.value):
+    raise app.UsageError("--write_docs writes the whole table: drop --models and --meshes")
   import jax  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_platforms", "cpu")  # The slices are compiled for, never opened.

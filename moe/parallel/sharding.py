@@ -31,6 +31,7 @@ import math
 from typing import Any
 
 import jax
+from jax.experimental import mesh_utils
 from flax import nnx
 
 from moe.config.mesh import BATCH_AXES, MESH_AXES, MeshConfig, Rules
@@ -89,9 +90,14 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None) -> jax.sharding.Mesh:
   cfg = cfg or MeshConfig()
   devices = jax.devices() if devices is None else devices
   sizes = cfg.axis_sizes(len(devices))
-  return jax.make_mesh(
-      sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(sizes), devices=devices
-  )
+  types = (jax.sharding.AxisType.Auto,) * len(sizes)
+  try:
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=types, devices=devices)
+  except NotImplementedError:
+    # A mesh axis that is no product of whole torus axes (expert=8 x fsdp=8 on a 4x4x4 v5p slice):
+    # jax.make_mesh splits physical axes only on v5e; split them here too, as MaxText does.
+    grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def check_divisibility(
