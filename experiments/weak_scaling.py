@@ -59,6 +59,8 @@ def experiment(spec: str, experts: int | None, top_k: int | None, mesh: dict, ba
   cd = command_line.load_config(spec)
   if experts is not None:
     cd.model.moe.num_experts, cd.model.moe.top_k = experts, top_k
+    if top_k > 1:  # Rank-major top-2 with a capacity: the causal serving order (docs/routing.md).
+      cd.model.moe.serving_order = "token_major"
   cfg = config_dict.experiment_from_config_dict(cd)
   return dataclasses.replace(
       cfg,
