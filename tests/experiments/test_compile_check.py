@@ -74,3 +74,37 @@ def test_fake_devices_report_memory_flops_and_collectives():
   assert flops > 0
   reduce_mib = float(out.split("all-reduce ")[1].split(" MiB")[0])
   assert reduce_mib > 0, out
+
+
+def test_weak_scaling_rows_are_the_models_meshes_and_slices_it_names():
+  """The table's rows without compiling (a subprocess: the module's flags would collide with other
+  entry points' in one test process): 8, 64 and 256 chips per generation; each row's experiment has
+  the model, the per-chip batch times the chips, the layers unrolled, and top-2's causal order."""
+  code = """
+import math
+from experiments import weak_scaling as ws
+assert {g: [math.prod(d) for d in s] for g, s in ws.SLICES.items()} == {
+    g: [8, 64, 256] for g in ("v5p", "v5e", "v6e")}, ws.SLICES
+cfg = ws.experiment("configs/switch.py:size=base", 64, 2, ws.MESHES["expert=8 x fsdp"][0], 4 * 64)
+moe = cfg.model.moe
+assert (moe.num_experts, moe.top_k, moe.serving_order.value) == (64, 2, "token_major"), moe
+assert not cfg.model.scan_layers and cfg.train.global_batch_size == 256
+assert (cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.rules.value) == (-1, 8, "expert_fsdp")
+dense = ws.experiment("configs/dense.py:size=base", None, None, ws.MESHES["data"][0], 32)
+assert dense.model.moe is None and dense.model.d_model == 768
+print("ok")
+"""
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+  )
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+  typo = subprocess.run(
+      [sys.executable, "-m", "experiments.weak_scaling", "--models=dense"],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=env,
+  )
+  assert typo.returncode != 0 and "--models: ['dense'] not among" in typo.stderr, typo.stderr
