@@ -35,11 +35,14 @@ Families (base: configs/switch.py, 8 experts, top-1, gather, cf 1.25/2.0, balanc
 Recipe families (base: the MAIN regime of configs/regimes.py, stdlib_d64_e16_every1_group4096_1000:
 d=64, 16 experts of the FFN width 256 in every layer, top-1, the whole 4096-token batch one routing
 group, 1000 steps; each family's first member is that regime's config unchanged; `data`, `group`
-and `capacity` are refused here, the regime sets them; docs/routing.md):
+and `capacity` are refused here, the regime sets them; docs/routing.md; `score` stands on G = 2):
   recipe_balance  loss | bias | none: the Switch loss (1e-2), auxiliary-loss-free balancing by a
             selection bias (Wang et al. 2024, rate 1e-3), or nothing.
-  score     softmax | sigmoid | sigmoid_bias: sigmoid scores alone (one knob, balance loss kept), and
-            DeepSeek-V3's recipe (sigmoid, the bias, its sequence-wise loss at alpha = 1e-4).
+  score     softmax | sigmoid | sigmoid_bias, all on granularity G = 2 (32 experts of width 128,
+            top-2; its softmax member is granularity=2 renamed): sigmoid scores alone (one knob,
+            balance loss kept), and DeepSeek-V3's recipe (sigmoid, the bias, its sequence-wise loss
+            at alpha = 1e-4). Sigmoid gates are normalised over the k chosen: at k = 1 every gate
+            is 1.0 and the router learns nothing from the task loss, so MoEConfig refuses top-1.
   balance_scope  group4096 | group512 | global512: 8 routing groups per batch (512 tokens at tiny)
             with the balance loss per group or pooled over the batch (Qiu et al. 2025); the first is
             MAIN (one group: the two scopes are the same number there).
@@ -128,6 +131,11 @@ def _recipe_balance(cd, member):
 
 
 def _score(cd, member):
+  """On granularity G = 2 (32 experts of half width, top-2): sigmoid gates are normalised over the
+  chosen experts, so at MAIN's top-1 every gate is 1.0 and `MoEConfig` refuses it."""
+  _granularity(cd, "2")
+  if member == "softmax":
+    return
   cd.model.moe.score = "sigmoid"
   if member == "sigmoid_bias":  # DeepSeek-V3 Sec. 2.1.2: the bias, and alpha = 1e-4 per sequence.
     cd.model.moe.balance = "bias"
@@ -164,13 +172,11 @@ def _granularity_member(member: str) -> bool:
   return member.isdigit() and int(member) >= 1
 
 
-# family -> (members, how a member changes the MAIN regime's config); the first member changes nothing.
+# family -> (members, how a member changes the MAIN regime's config); the first member changes nothing
+# but in `score`, whose members all stand on granularity G = 2 (sigmoid scores need k >= 2).
 RECIPE_FAMILIES = {
     "recipe_balance": (("loss", "bias", "none"), _recipe_balance),
-    "score": (
-        ("softmax", "sigmoid", "sigmoid_bias"),
-        lambda cd, m: m != "softmax" and _score(cd, m),
-    ),
+    "score": (("softmax", "sigmoid", "sigmoid_bias"), _score),
     "balance_scope": (
         ("group4096", "group512", "global512"),
         lambda cd, m: m != "group4096" and _balance_scope(cd, m),

@@ -184,10 +184,18 @@ class MoEConfig:
           )
 
   def _check_recipes(self) -> None:
-    """The recipes experts choose cannot take. Its experts rank the tokens by a softmax over experts
+    """The recipes a router cannot take. Sigmoid scores need k >= 2 (DeepSeek-V3 Sec. 2.1.2 normalises
+    the gates over the chosen experts). With experts choose, the experts rank the tokens by a softmax over experts
     (Zhou et al. 2022, Eq. 1), and every expert is full by construction: there is no load to balance.
     """
     if self.router is not RouterKind.EXPERTS_CHOOSE:
+      if self.score is Score.SIGMOID and self.top_k == 1:
+        raise ValueError(
+            "moe.score='sigmoid' needs moe.top_k >= 2: its gates are the chosen affinities normalised "
+            "to sum to 1, so with one expert per token every gate is 1.0 and the router gets no "
+            "gradient from the task loss (DeepSeek-V3 routes to 8); use moe.top_k >= 2 or "
+            "moe.score='softmax'"
+        )
       return
     why = {
         "score": "experts rank tokens by a softmax over experts",

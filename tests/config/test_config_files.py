@@ -272,7 +272,9 @@ def test_every_regime_builds_what_it_says(regime):
   assert regimes.sweep("size=tiny") == [f"regime={name},size=tiny" for name in regimes.REGIMES]
 
 
-# Recipe family -> the model.moe fields its members may change, by member (the first: none).
+# Recipe family -> the model.moe fields its members may change from the family's base, by member
+# (the first: none). The base is the MAIN regime but for `score`, which stands on granularity G = 2.
+_RECIPE_BASE = {"score": "family=granularity,member=2"}
 _RECIPE_CHANGES = {
     "recipe_balance": {"bias": {"balance"}, "none": {"balance"}},
     "score": {
@@ -295,10 +297,12 @@ def _without_name(cd) -> dict:
 
 @pytest.mark.parametrize("family", tuple(_RECIPE_CHANGES))
 def test_recipe_families_start_from_the_main_regime(family):
-  """Each recipe family's first member is the MAIN regime's config (all but the name); the others
-  change only their documented fields and build valid experiments with distinct names."""
+  """Each recipe family's first member is its base (the MAIN regime's config, all but the name);
+  the others change only their documented fields and build valid experiments with distinct names."""
   ablations, regimes = load("ablations"), load("regimes")
   main = regimes.get_config(f"regime={regimes.MAIN}")
+  if family in _RECIPE_BASE:
+    main = ablations.get_config(_RECIPE_BASE[family])
   members = ablations.members(family)
   assert set(ablations.RECIPE_FAMILIES) == set(_RECIPE_CHANGES)
   first = ablations.get_config(f"family={family},member={members[0]}")
@@ -321,6 +325,7 @@ def test_recipe_members_hold_what_they_say():
   assert moe("recipe_balance", "bias").balance.value == "bias"
   deepseek = moe("score", "sigmoid_bias")
   assert (deepseek.score.value, deepseek.balance.value) == ("sigmoid", "bias")
+  assert (deepseek.num_experts, deepseek.top_k) == (32, 2)  # Granularity G = 2.
   assert deepseek.sequence_balance_weight == 1e-4  # DeepSeek-V3's alpha.
   scoped = moe("balance_scope", "global512")
   assert scoped.balance_scope.value == "global" and 4096 // scoped.group_size == 8

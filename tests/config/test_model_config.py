@@ -180,10 +180,14 @@ def test_capacity_formula():
         ({"num_experts": 4, "activation": "relu6"}, "moe.activation"),
         ({"num_experts": 4, "dtype": "float16"}, "moe.dtype"),
         ({"num_experts": 4, "group_size": 0}, "moe.group_size"),
+        ({"num_experts": 4, "top_k": 1, "score": "sigmoid"}, "moe.score"),
     ],
 )
 def test_bad_config_raises_named_error(kwargs, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")) as info:
     MoEConfig(expert_hidden=8, **kwargs)
+  if kwargs.get("score") == "sigmoid":  # Every gate would be 1.0: the router learns nothing.
+    assert "moe.top_k >= 2" in str(info.value)
+    MoEConfig(expert_hidden=8, **{**kwargs, "top_k": 2})
   if "dispatch" in kwargs and kwargs["dispatch"] == "scatter":
     assert "'einsum'" in str(info.value) and "'dropless'" in str(info.value)

@@ -129,7 +129,9 @@ def test_resume_with_router_biases_is_bit_identical(tmp_path):
   """Auxiliary-loss-free balancing with sigmoid scores: the biases are checkpointed with the run, and
   a run resumed from step 3 routes with step 3's biases (restored zeros would route differently)."""
   cd = smoke(steps=6, checkpoint_every=3, eval_every=3, keep_checkpoints=3)
-  cd.model.moe.update(score="sigmoid", balance="bias", bias_update_rate=0.05)
+  cd.model.moe.update(
+      score="sigmoid", top_k=2, serving_order="token_major", balance="bias", bias_update_rate=0.05
+  )
   cfg = experiment_from_config_dict(cd)
   loop.train_and_evaluate(cfg, str(tmp_path))
   uninterrupted = records(tmp_path) + records(tmp_path, "eval")
