@@ -32,7 +32,8 @@ Families (base: configs/switch.py, 8 experts, top-1, gather, cf 1.25/2.0, balanc
   router    tokens_choose (top-2) vs experts_choose (EC-CF2), both at capacity factor 1.0: the same
             compute per token (2 expert evaluations).
 
-Recipe families (base: the MAIN regime of configs/regimes.py, stdlib_d64_e16_every1_group4096_1000:
+Recipe families (base: the RECIPE_BASE regime of configs/regimes.py, stdlib_d64_e16_every1_group4096_1000
+(called MAIN below; the main job now runs the shared-expert member's design):
 d=64, 16 experts of the FFN width 256 in every layer, top-1, the whole 4096-token batch one routing
 group, 1000 steps; each family's first member is that regime's config unchanged; `data`, `group`
 and `capacity` are refused here, the regime sets them; docs/routing.md; `score` stands on G = 2):
@@ -230,13 +231,13 @@ def _parse(arg: str | None) -> dict:
       if args[key]:
         raise ValueError(
             f"config argument {key} is not for family {args['family']}: its members are the "
-            f"{configs.regimes.MAIN} regime's config, which sets it"
+            f"{configs.regimes.RECIPE_BASE} regime's config, which sets it"
         )
   return args
 
 
 def _recipe_config(family: str, member: str, size: str):
-  """The MAIN regime's config at `size` with a recipe family's member applied."""
+  """The RECIPE_BASE regime's config at `size` with a recipe family's member applied."""
   allowed, apply = RECIPE_FAMILIES[family]
   if member not in allowed and not (family == "granularity" and _granularity_member(member)):
     raise ValueError(
@@ -244,7 +245,7 @@ def _recipe_config(family: str, member: str, size: str):
         f"member must be one of {', '.join(allowed)}"
         + (" (or any integer G >= 1 that divides the expert width)" * (family == "granularity"))
     )
-  regime = configs.regimes.REGIMES[configs.regimes.MAIN]
+  regime = configs.regimes.REGIMES[configs.regimes.RECIPE_BASE]
   cd = configs.regimes.regime_config(regime, size, f"{family}-{member}_{size}")
   apply(cd, member)
   cd.model.moe.allow_noncausal_routing = not MoEConfig(**cd.model.moe).routing_is_causal

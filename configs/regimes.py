@@ -11,7 +11,8 @@ Arguments (comma-separated key=value):
 Every regime is the Switch model of configs/switch.py (top-1, capacity factor 1.25 train / 2.0 eval,
 balance loss 1e-2, z-loss 1e-3, the size's learning rate and warm-up) with the levers below changed.
 MAIN is the regime `./run.sh main` (experiments/compare.py) runs: the strongest that fits about 10
-minutes on 2 cores for the sparse model and its baseline together.
+minutes on 2 cores for the sparse model and its baseline together. RECIPE_BASE is the regime the
+recipe families of configs/ablations.py change one knob of.
 """
 
 from __future__ import annotations
@@ -116,10 +117,26 @@ REGIMES: dict[str, Regime] = {
         " of the steps, its schedule ending at 1000: the main job, a pair that fits about 10 minutes on"
         " 2 cores.",
     ),
+    "stdlib_d64_shared_e32_every1_group4096_1000": Regime(
+        "python_stdlib",
+        32,
+        1,
+        1000,
+        expert_hidden=128,
+        shared_hidden=128,
+        group_size=4096,
+        d_model=64,
+        why="stdlib_d64_e16_every1_group4096_1000 with DeepSeekMoE's layout (one always-on shared"
+        " expert of width 128 beside 32 routed experts of width 128, top-1: the same active width):"
+        " the best of the routing recipes measured on that regime (docs/RESULTS.md, i), so the"
+        " main job; its committed seeds (3, 4, 5) are not those the recipe sweep selected it on.",
+    ),
     # Dropless is left out on the CPU: jax.lax.ragged_dot ran the E=16 every-layer step at 4.3x the
     # gather step time here (benchmarks.train_step, 2026-11-26), so 2000 steps exceed 30 minutes.
 }
-MAIN = "stdlib_d64_e16_every1_group4096_1000"
+MAIN = "stdlib_d64_shared_e32_every1_group4096_1000"
+# The regime the routing-recipe families of configs/ablations.py start from (Switch-style top-1).
+RECIPE_BASE = "stdlib_d64_e16_every1_group4096_1000"
 # Evaluations per run: the loss curves are read at these points, and the compute a dense model needs
 # to reach a loss is interpolated between them (`research.report`), so they must be dense in log-FLOPs
 # too: with 20 points the last decade of steps holds 18 of them.

@@ -2,7 +2,8 @@
 # The sweeps behind docs/RESULTS.md, in order; resumable: rerun to continue where it stopped (complete
 # runs are skipped, unfinished ones resume from their checkpoints). Then regenerate the tables:
 #   bash research/results_sweeps.sh [FINDING ...]   # default: findings a-e (issue 8), in this order;
-#                                                    # serving, upcycle: issue 11; recipes: issue 22
+#                                                    # serving, upcycle: issue 11; recipes: issue 22;
+#                                                    # main: the main job's committed seeds
 #   python -m research.results
 # Each run is one CPU process using every core; 3 seeds per config (docs/RESULTS.md).
 set -euo pipefail
@@ -21,9 +22,16 @@ a() {  # Sparse vs dense at equal training FLOPs per token: every regime of conf
   done
   sweep --config=configs/regimes.py:regime=stdlib_d64_e16_every1_group4096 --baselines=active_params \
     --root=runs/sweeps/regimes
-  main=$("$PY" -c "import configs.regimes as r; print(r.MAIN)")
-  sweep --config=configs/regimes.py:regime=$main --baselines=active_params,total_params \
+  base=$("$PY" -c "import configs.regimes as r; print(r.RECIPE_BASE)")
+  sweep --config=configs/regimes.py:regime=$base --baselines=active_params,total_params \
     --root=runs/sweeps/regimes
+}
+main() {  # The main job's regime (configs/regimes.py MAIN, chosen in finding i) and its FLOPs-matched
+  # dense baseline on seeds 3, 4, 5: not the seeds the recipe sweep chose it on.
+  local main
+  main=$("$PY" -c "import configs.regimes as r; print(r.MAIN)")
+  "$PY" -m research.sweep --seeds=3,4,5 --config=configs/regimes.py:regime=$main \
+    --baselines=active_flops --root=runs/sweeps/regimes
 }
 b() {  # Experts 2..32 at fixed active FLOPs (top-1, cf 1.25), with the dense tiny model for reference;
   # the whole batch (4096 tokens) per routing group, or at E=32 an expert would expect 4 tokens of a
@@ -64,7 +72,8 @@ serving() {  # Issue 11: top-2 decoder routing with the rank-major (GShard) vs t
 recipes() {  # Issue 22 (docs/routing.md): the recipe families of configs/ablations.py on the MAIN regime
   # (stdlib_d64_e16_every1_group4096_1000), 3 seeds each, into one root. Every family's first member
   # is MAIN's config, so it runs once (recipe_balance's member loss) and the other families sweep
-  # their other members; MAIN's dense baseline is in runs/sweeps/regimes (finding a). 11 configs x 3
+  # their other members; score stands on granularity G = 2, whose softmax member is granularity:2's
+  # config (sigmoid gates need k >= 2), so it too sweeps only its sigmoid members; MAIN's dense baseline is in runs/sweeps/regimes (finding a). 11 configs x 3
   # seeds, each about MAIN's sparse run time. Exactly (PY=.venv/bin/python, SEEDS=0,1,2):
   #   .venv/bin/python -m research.sweep --seeds=0,1,2 --root=runs/sweeps/recipes \
   #     --config=configs/ablations.py:family=recipe_balance \

@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 
 COEFFICIENTS = ("a", "b", "c", "d")
+MIN_N_SPAN = 2.0  # Largest over smallest N; Clark et al. span N over two orders of magnitude.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +51,19 @@ def fit(n, e, loss) -> Fit:
   """Fits log L = a log N + b log E + c log N log E + d to the points (N, E, L).
 
   Raises:
-    ValueError: fewer than 5 points, or points that do not determine the four coefficients (all
-      E equal, or all N equal).
+    ValueError: fewer than 5 points, points that do not determine the four coefficients (all
+      E equal, or all N equal), or sizes N that span less than a factor of `MIN_N_SPAN` (configs
+      that change the router at one size, whose small differences in N a fit would read as a law).
   """
   x, y = _design(n, e), np.log(np.asarray(loss, np.float64))
   if len(y) < 5:
     raise ValueError(
         f"the fit needs at least 5 (N, E, loss) points for 4 coefficients, got {len(y)}"
+    )
+  span = float(np.max(n) / np.min(n))
+  if span < MIN_N_SPAN:
+    raise ValueError(
+        f"the widths N span a factor of {span:.2f} < {MIN_N_SPAN}: a law in N needs model sizes"
     )
   if np.linalg.matrix_rank(x) < 4:
     raise ValueError(

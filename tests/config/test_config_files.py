@@ -268,7 +268,7 @@ def test_every_regime_builds_what_it_says(regime):
         4 * r.d_model,
     )
   assert exp.name == f"{regime}_tiny"
-  assert regimes.MAIN in regimes.REGIMES
+  assert regimes.MAIN in regimes.REGIMES and regimes.RECIPE_BASE in regimes.REGIMES
   assert regimes.sweep("size=tiny") == [f"regime={name},size=tiny" for name in regimes.REGIMES]
 
 
@@ -300,7 +300,7 @@ def test_recipe_families_start_from_the_main_regime(family):
   """Each recipe family's first member is its base (the MAIN regime's config, all but the name);
   the others change only their documented fields and build valid experiments with distinct names."""
   ablations, regimes = load("ablations"), load("regimes")
-  main = regimes.get_config(f"regime={regimes.MAIN}")
+  main = regimes.get_config(f"regime={regimes.RECIPE_BASE}")
   if family in _RECIPE_BASE:
     main = ablations.get_config(_RECIPE_BASE[family])
   members = ablations.members(family)

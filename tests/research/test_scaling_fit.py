@@ -55,3 +55,6 @@ def test_points_that_cannot_determine_the_fit_are_refused():
     scaling_fit.fit(n[:4], e[:4], loss[:4])
   with pytest.raises(ValueError, match="several widths N and expert counts E"):
     scaling_fit.fit(n, np.ones_like(e), loss)
+  narrow = 2e5 * (1 + 0.2 * np.arange(len(n)) / len(n))  # A router family at one size.
+  with pytest.raises(ValueError, match="span a factor of 1.1"):
+    scaling_fit.fit(narrow, e, loss)
