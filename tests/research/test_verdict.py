@@ -38,9 +38,29 @@ def test_one_seed_uses_the_committed_spread_and_says_so(committed):
   assert "Resolved: the sparse model reaches a lower validation loss" in text
 
 
-def test_a_gap_within_three_standard_errors_is_not_resolved(committed):
+def test_a_gap_within_three_standard_errors_rests_on_the_committed_seeds(committed, tmp_path):
+  # se 0.010 from the committed spread; the committed gap -0.030 +- 0.006 is -5.0 sigma.
   text = verdict.verdict(summary("sparse", [0], -0.025, math.nan), summary("dense", [0]), committed)
-  assert "-2.5 standard errors" in text and "Not resolved" in text
+  assert "-2.5 standard errors" in text
+  assert "Resolved by the committed seeds: over 3 seeds the sparse model ends lower" in text
+  assert "by 0.030 nats per token (-5.0σ); this run alone is within noise of that (0.5 of" in text
+  far = verdict.verdict(summary("sparse", [0], +0.001, math.nan), summary("dense", [0]), committed)
+  assert (
+      "Not resolved" in far and "3.1 of its standard errors away" in far and "Resolved" not in far
+  )
+  weak = tmp_path / "weak.json"  # A committed gap of -2.0 sigma resolves nothing.
+  weak.write_text(
+      json.dumps(
+          {
+              "configs": [
+                  summary("sparse", (0, 1, 2), gap=-0.012, se=0.006, std=0.006),
+                  summary("dense", (0, 1, 2), std=0.008),
+              ]
+          }
+      )
+  )
+  text = verdict.verdict(summary("sparse", [0], -0.025, math.nan), summary("dense", [0]), weak)
+  assert "Not resolved: the gap is within 3 standard errors" in text
 
 
 def test_several_seeds_use_their_own_error(committed):
