@@ -32,8 +32,7 @@ Families (base: configs/switch.py, 8 experts, top-1, gather, cf 1.25/2.0, balanc
   router    tokens_choose (top-2) vs experts_choose (EC-CF2), both at capacity factor 1.0: the same
             compute per token (2 expert evaluations).
 
-Recipe families (base: the RECIPE_BASE regime of configs/regimes.py, stdlib_d64_e16_every1_group4096_1000
-(called MAIN below; the main job now runs the shared-expert member's design):
+Recipe families (the base: configs/regimes.py's RECIPE_BASE, stdlib_d64_e16_every1_group4096_1000:
 d=64, 16 experts of the FFN width 256 in every layer, top-1, the whole 4096-token batch one routing
 group, 1000 steps; each family's first member is that regime's config unchanged; `data`, `group`
 and `capacity` are refused here, the regime sets them; docs/routing.md; `score` stands on G = 2):
@@ -46,14 +45,14 @@ and `capacity` are refused here, the regime sets them; docs/routing.md; `score` 
             is 1.0 and the router learns nothing from the task loss, so MoEConfig refuses top-1.
   balance_scope  group4096 | group512 | global512: 8 routing groups per batch (512 tokens at tiny)
             with the balance loss per group or pooled over the batch (Qiu et al. 2025); the first is
-            MAIN (one group: the two scopes are the same number there).
+            the base (one group: the two scopes are the same number there).
   granularity  G = 1 | 2 | 4 | 8: every expert split G ways (E = 16 G experts of width 256 / G, top-G;
             DeepSeekMoE, Krajewski et al. 2024), so the expert FLOPs per token stay those of G = 1;
             served token-major (causal; with k = 1 it is the same order). Any integer G that
             divides the width is accepted, e.g. member=16.
   shared    none | shared128: one always-on shared expert of width 128 beside 32 routed experts of
             width 128, top-1 (DeepSeekMoE's layout): the same active width and routed parameters
-            as MAIN, plus the shared expert's.
+            as the base, plus the shared expert's (the main job's regime, configs/regimes.py MAIN).
 
   python -m research.sweep --config=configs/ablations.py:family=granularity --seeds=0,1,2 \
       --baselines=active_flops --root=runs/sweeps/recipes/granularity
@@ -133,7 +132,7 @@ def _recipe_balance(cd, member):
 
 def _score(cd, member):
   """On granularity G = 2 (32 experts of half width, top-2): sigmoid gates are normalised over the
-  chosen experts, so at MAIN's top-1 every gate is 1.0 and `MoEConfig` refuses it."""
+  chosen experts, so at the base's top-1 every gate is 1.0 and `MoEConfig` refuses it."""
   _granularity(cd, "2")
   if member == "softmax":
     return
@@ -173,7 +172,7 @@ def _granularity_member(member: str) -> bool:
   return member.isdigit() and int(member) >= 1
 
 
-# family -> (members, how a member changes the MAIN regime's config); the first member changes nothing
+# family -> (members, how a member changes the RECIPE_BASE regime's config); the first member changes nothing
 # but in `score`, whose members all stand on granularity G = 2 (sigmoid scores need k >= 2).
 RECIPE_FAMILIES = {
     "recipe_balance": (("loss", "bias", "none"), _recipe_balance),

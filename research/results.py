@@ -36,7 +36,7 @@ SWEEPS: dict[str, tuple[str, str | None]] = {
     "balance": ("runs/sweeps/balance", "balance-0_tiny"),
     "serving_order": ("runs/sweeps/serving_order", None),
     "upcycle": ("runs/sweeps/upcycle", "upcycle_sparse_tiny"),
-    "recipes": ("runs/sweeps/recipes", None),  # Issue 22: configs/ablations.py on the main regime.
+    "recipes": ("runs/sweeps/recipes", None),  # Issue 22: configs/ablations.py on RECIPE_BASE.
 }
 
 _ONLY = flags.DEFINE_list("only", None, "Regenerate only these sweeps (keys of SWEEPS).")
