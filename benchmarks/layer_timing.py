@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.config.model import Activation, GroupedMatmul, MoEConfig
+from moe.config.enums import Activation, GroupedMatmul
+from moe.config.layer import MoEConfig
 from moe.kernels import grouped_matmul
 from moe.layers.ffn import MLP
 from moe.layers.moe_layer import MoEFeedForward

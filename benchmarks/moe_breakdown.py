@@ -18,7 +18,7 @@ from flax import nnx
 
 import benchmarks
 from benchmarks.layer_timing import DTYPES, PRESETS, LayerShape, build, grad_fn, time_fn
-from moe.config.model import capacity
+from moe.config.layer import capacity
 from moe.layers import dispatch, routing
 
 _PRESET = flags.DEFINE_enum("preset", "cpu", sorted(PRESETS), "Shapes (benchmarks.layer_timing).")

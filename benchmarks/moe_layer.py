@@ -31,7 +31,7 @@ from flax import nnx
 import benchmarks
 from benchmarks.layer_timing import DROPLESS, DTYPES, PATHS, PRESETS, LayerShape, build, grad_fn
 from benchmarks.layer_timing import time_fn, unavailable
-from moe.config.model import Activation
+from moe.config.enums import Activation
 from moe.kernels import grouped_matmul
 
 # Compared with the einsum path: one function when nothing drops (C = S).

@@ -64,7 +64,7 @@ import configs.expert_choice
 import configs.regimes
 import configs.switch
 from configs import arguments
-from moe.config.model import MoEConfig
+from moe.config.layer import MoEConfig
 
 
 def _set_moe(field: str, cast=float):
@@ -172,8 +172,8 @@ def _granularity_member(member: str) -> bool:
   return member.isdigit() and int(member) >= 1
 
 
-# family -> (members, how a member changes the RECIPE_BASE regime's config); the first member changes nothing
-# but in `score`, whose members all stand on granularity G = 2 (sigmoid scores need k >= 2).
+# family -> (members, how a member changes the RECIPE_BASE regime's config); the first member changes
+# nothing but in `score`, whose members all stand on granularity G = 2 (sigmoid scores need k >= 2).
 RECIPE_FAMILIES = {
     "recipe_balance": (("loss", "bias", "none"), _recipe_balance),
     "score": (("softmax", "sigmoid", "sigmoid_bias"), _score),

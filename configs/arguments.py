@@ -10,7 +10,8 @@ import dataclasses
 from typing import Any
 
 from configs.sizes import DATA, SIZES
-from moe.config.model import Dispatch, MoEConfig
+from moe.config.enums import Dispatch
+from moe.config.layer import MoEConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,8 @@ from moe import data as data_lib
 from moe.config.config_dict import section
 from moe.config.data import DataConfig
 from moe.config.mesh import MeshConfig
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.config.train import TrainConfig
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 from configs import arguments, builders
-from moe.config.model import MoEConfig
+from moe.config.layer import MoEConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,19 +19,18 @@ per group, width]. One letter, one meaning, everywhere in the library:
   Y sparse layers            W records of a window       1 a kept axis of size one
 """
 
-from moe.config.model import (
+from moe.config.enums import (
     Activation,
     Balance,
     BalanceScope,
     Dispatch,
     GroupedMatmul,
-    MoEConfig,
     Priority,
     RouterKind,
     Score,
     ServingOrder,
-    capacity,
 )
+from moe.config.layer import MoEConfig, capacity
 from moe.layers.moe_layer import MoEAux, MoEFeedForward, auxiliary_loss
 
 __all__ = [

@@ -69,12 +69,13 @@ serving() {  # Issue 11: top-2 decoder routing with the rank-major (GShard) vs t
       --set=model.moe.allow_noncausal_routing=True --root=runs/sweeps/serving_order
   done
 }
-recipes() {  # Issue 22 (docs/routing.md): the recipe families of configs/ablations.py on the MAIN regime
+recipes() {  # Issue 22 (docs/routing.md): the recipe families of configs/ablations.py on RECIPE_BASE
   # (stdlib_d64_e16_every1_group4096_1000), 3 seeds each, into one root. Every family's first member
-  # is MAIN's config, so it runs once (recipe_balance's member loss) and the other families sweep
+  # is the base's config, so it runs once (recipe_balance's member loss) and the other families sweep
   # their other members; score stands on granularity G = 2, whose softmax member is granularity:2's
-  # config (sigmoid gates need k >= 2), so it too sweeps only its sigmoid members; MAIN's dense baseline is in runs/sweeps/regimes (finding a). 11 configs x 3
-  # seeds, each about MAIN's sparse run time. Exactly (PY=.venv/bin/python, SEEDS=0,1,2):
+  # config (sigmoid gates need k >= 2), so it too sweeps only its sigmoid members; the base's dense
+  # baseline is in runs/sweeps/regimes (finding a). 11 configs x 3 seeds, each about the base's
+  # sparse run time. Exactly (PY=.venv/bin/python, SEEDS=0,1,2):
   #   .venv/bin/python -m research.sweep --seeds=0,1,2 --root=runs/sweeps/recipes \
   #     --config=configs/ablations.py:family=recipe_balance \
   #     --config=configs/ablations.py:family=score,member=sigmoid \

@@ -84,19 +84,19 @@ def _read_against_committed(gap: float, se: float, pair: tuple[dict, dict] | Non
   """The verdict when this run alone does not resolve its gap: the committed seeds may, and this
   run either agrees with them (within 2 of its own standard errors) or does not."""
   c_gap = pair[0]["gaps"]["active_flops"] if pair is not None else None
-  if c_gap is None or not abs(c_gap["gap"]) >= 3 * c_gap["se"]:
+  c_sigma = c_gap["gap"] / c_gap["se"] if c_gap is not None else math.nan
+  if not abs(c_sigma) >= 3:  # Written so that a NaN (no committed spread) resolves nothing.
     return "Not resolved: the gap is within 3 standard errors of seed noise at this budget."
-  seeds = len(pair[0]["seeds"])
-  side = "lower" if c_gap["gap"] < 0 else "higher"
-  if abs(gap - c_gap["gap"]) > 2 * se:
+  seeds, away = len(pair[0]["seeds"]), abs(gap - c_gap["gap"]) / se
+  if away > 2:
     return (
-        f"Not resolved: the committed {seeds}-seed gap is {c_gap['gap'] / c_gap['se']:+.1f}σ, but this"
-        f" run's gap is {abs(gap - c_gap['gap']) / se:.1f} of its standard errors away from it: it"
-        " does not reproduce the committed result."
+        f"Not resolved: the committed {seeds}-seed gap is {c_sigma:+.1f}σ, but this run's gap is"
+        f" {away:.1f} of its standard errors away from it: it does not reproduce the committed"
+        " result."
     )
+  side = "lower" if c_gap["gap"] < 0 else "higher"
   return (
       f"Resolved by the committed seeds: over {seeds} seeds the sparse model ends {side} than the"
-      f" FLOPs-matched dense model by {abs(c_gap['gap']):.3f} nats per token"
-      f" ({c_gap['gap'] / c_gap['se']:+.1f}σ); this run alone is within noise of that"
-      f" ({abs(gap - c_gap['gap']) / se:.1f} of its standard errors from it)."
+      f" FLOPs-matched dense model by {abs(c_gap['gap']):.3f} nats per token ({c_sigma:+.1f}σ);"
+      f" this run alone is within noise of that ({away:.1f} of its standard errors from it)."
   )

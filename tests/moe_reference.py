@@ -17,16 +17,16 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from moe.config.model import (
+from moe.config.enums import (
     Activation,
     BalanceScope,
     Dispatch,
-    MoEConfig,
     Priority,
     RouterKind,
     Score,
     ServingOrder,
 )
+from moe.config.layer import MoEConfig
 
 # --------------------------------------------------------------------------------------------------
 # Capacity and routing groups.

@@ -27,7 +27,8 @@ from ml_collections import config_flags
 
 from moe.config.data import DataConfig
 from moe.config.mesh import MeshConfig
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.config.train import TrainConfig
 
 # The ConfigDict's sections and the dataclass each one becomes (`config_dict.experiment_from_config_dict`).

@@ -24,7 +24,8 @@ from ml_collections import config_dict
 from moe.config.data import DataConfig
 from moe.config.experiment import ExperimentConfig
 from moe.config.mesh import MeshConfig
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.config.train import TrainConfig
 
 _REQUIRED = object()

@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moe.config.model import GroupedMatmul
+from moe.config.enums import GroupedMatmul
 from moe.config.validation import as_enum
 from moe.kernels import pallas_grouped_matmul
 

@@ -36,7 +36,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from moe.config.model import ServingOrder
+from moe.config.enums import ServingOrder
 
 ExpertsFn = Callable[[jax.Array], jax.Array]
 GroupedFn = Callable[[jax.Array, jax.Array], jax.Array]

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.config.model import Activation, GroupedMatmul
+from moe.config.enums import Activation, GroupedMatmul
 from moe.kernels.grouped_matmul import grouped_matmul, resolve
 from moe.parallel import axes
 

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.config.model import Balance, BalanceScope, Dispatch, MoEConfig, RouterKind
+from moe.config.enums import Balance, BalanceScope, Dispatch, RouterKind
+from moe.config.layer import MoEConfig
 from moe.layers import balancing, dispatch, expert_parallel, routing
 from moe.layers.ffn import Experts, MLP
 from moe.parallel import axes

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.scipy import special
 
-from moe.config.model import Priority
+from moe.config.enums import Priority
 from moe.parallel import axes
 
 # Switch Transformer (Sec. 2.4) shrinks the initialisation scale by 10 for stability; for the router

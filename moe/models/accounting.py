@@ -19,7 +19,7 @@ Conventions (one place, so every number in a plot means the same thing):
   on how its layer is implemented. `flops_per_token` counts what is computed, the hardware work:
 * Experts count what is computed. Capacity-based dispatch (EINSUM or GATHER, tokens or experts choose)
   runs the expert FFNs on every one of the E * C buffer slots of a routing group of S tokens, full or not:
-  E * C / S expert evaluations per token (about cf * k, see `moe.config.model.capacity`; train or eval capacity
+  E * C / S expert evaluations per token (about cf * k, see `moe.config.layer.capacity`; train or eval capacity
   factor following `train`). DROPLESS computes exactly k evaluations per token (the grouped matmul's
   algorithmic cost). `FlopCounts.expert_slots` says which.
 * EINSUM dispatch adds its two one-hot einsums, [S, E, C] x [S, d] (dispatch) and [S, E, C] x [E, C, d]
@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from moe.config.model import Activation, Dispatch, ModelConfig, RouterKind
+from moe.config.enums import Activation, Dispatch, RouterKind
+from moe.config.model import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` substring (first match wins: "v5 lite" before
 # "v5", "H100 PCIe" before "H100"). H200 has the H100 SXM's compute. float32 models run their matmuls

@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.config.model import ModelConfig, RouterKind
+from moe.config.enums import RouterKind
+from moe.config.model import ModelConfig
 from moe.models.transformer import Attention, Block, Transformer
 from moe.parallel import axes
 

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.config.model import ModelConfig, Remat
+from moe.config.enums import Remat
+from moe.config.model import ModelConfig
 from moe.layers import balancing
 from moe.layers.ffn import MLP
 from moe.layers.moe_layer import MoEAux, MoEFeedForward

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from moe.config.experiment import ExperimentConfig
-from moe.config.model import RouterKind
+from moe.config.enums import RouterKind
 from moe.config.train import NonFinite
 from moe.layers import moe_layer
 from moe.layers.balancing import RouterBias

@@ -44,7 +44,8 @@ from moe.config.config_dict import to_json
 from moe.config.data import DataConfig
 from moe.config.experiment import ExperimentConfig
 from moe.config.mesh import MeshConfig
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.config.train import TrainConfig
 from moe.trainer import checkpoints
 from moe.trainer.run_records import MALFORMED, METRICS, read_json, read_metrics

@@ -9,7 +9,8 @@ import pytest
 from moe.config import config_dict
 from moe.config.data import DataConfig
 from moe.config.mesh import MeshConfig
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.config.train import TrainConfig
 
 

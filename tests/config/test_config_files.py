@@ -10,7 +10,7 @@ import pytest
 from configs import arguments
 from configs.sizes import SIZES
 from moe.config.config_dict import experiment_from_config_dict, model_from_config_dict
-from moe.config.model import MoEConfig
+from moe.config.layer import MoEConfig
 from moe.models import accounting
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -273,7 +273,7 @@ def test_every_regime_builds_what_it_says(regime):
 
 
 # Recipe family -> the model.moe fields its members may change from the family's base, by member
-# (the first: none). The base is the MAIN regime but for `score`, which stands on granularity G = 2.
+# (the first: none). The base is RECIPE_BASE's config but for `score`, which stands on granularity G = 2.
 _RECIPE_BASE = {"score": "family=granularity,member=2"}
 _RECIPE_CHANGES = {
     "recipe_balance": {"bias": {"balance"}, "none": {"balance"}},
@@ -296,23 +296,23 @@ def _without_name(cd) -> dict:
 
 
 @pytest.mark.parametrize("family", tuple(_RECIPE_CHANGES))
-def test_recipe_families_start_from_the_main_regime(family):
-  """Each recipe family's first member is its base (the MAIN regime's config, all but the name);
+def test_recipe_families_start_from_their_base(family):
+  """Each recipe family's first member is its base (RECIPE_BASE's config, all but the name);
   the others change only their documented fields and build valid experiments with distinct names."""
   ablations, regimes = load("ablations"), load("regimes")
-  main = regimes.get_config(f"regime={regimes.RECIPE_BASE}")
+  base = regimes.get_config(f"regime={regimes.RECIPE_BASE}")
   if family in _RECIPE_BASE:
-    main = ablations.get_config(_RECIPE_BASE[family])
+    base = ablations.get_config(_RECIPE_BASE[family])
   members = ablations.members(family)
   assert set(ablations.RECIPE_FAMILIES) == set(_RECIPE_CHANGES)
   first = ablations.get_config(f"family={family},member={members[0]}")
-  assert _without_name(first) == _without_name(main)
+  assert _without_name(first) == _without_name(base)
   names = {first.name}
   for member in members[1:]:
     cd = ablations.get_config(f"family={family},member={member}")
     experiment_from_config_dict(cd)
-    assert _changed_moe_fields(main, cd) == _RECIPE_CHANGES[family][member], member
-    assert cd.train.to_dict() == main.train.to_dict() and cd.data.to_dict() == main.data.to_dict()
+    assert _changed_moe_fields(base, cd) == _RECIPE_CHANGES[family][member], member
+    assert cd.train.to_dict() == base.train.to_dict() and cd.data.to_dict() == base.data.to_dict()
     names.add(cd.name)
   assert len(names) == len(members)
 

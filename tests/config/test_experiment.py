@@ -7,7 +7,8 @@ import pytest
 from moe.config.data import DataConfig
 from moe.config.experiment import ExperimentConfig
 from moe.config.mesh import MeshConfig
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.config.train import TrainConfig
 
 

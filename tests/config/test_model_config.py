@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import moe_reference as ref
-from moe.config.model import capacity, ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig, capacity
+from moe.config.model import ModelConfig
 
 # (router, top_k, priority, dispatch, train cf, eval cf) -> causal. Written out from the argument in
 # MoEConfig.routing_is_causal: only competition for a capacity can couple tokens, and only claims

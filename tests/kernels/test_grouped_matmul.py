@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe.config.model import Activation, GroupedMatmul, MoEConfig
+from moe.config.enums import Activation, GroupedMatmul
+from moe.config.layer import MoEConfig
 from moe.kernels import grouped_matmul as gm, pallas_grouped_matmul
 from moe.layers import dispatch
 from moe.layers.ffn import Experts

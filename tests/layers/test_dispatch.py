@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import moe_reference as ref
-from moe.config.model import Priority, ServingOrder
+from moe.config.enums import Priority, ServingOrder
 from moe.layers import dispatch, routing
 
 D = 8

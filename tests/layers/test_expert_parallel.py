@@ -14,7 +14,8 @@ from flax import nnx
 
 import moe_reference as ref
 from moe.config.experiment import ExperimentConfig
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.config.train import TrainConfig
 from moe.data import DataConfig
 from moe.layers import expert_parallel

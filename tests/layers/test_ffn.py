@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import moe_reference as ref
-from moe.config.model import Activation
+from moe.config.enums import Activation
 from moe.layers.ffn import Experts, MLP
 
 D, F, E = 8, 16, 3

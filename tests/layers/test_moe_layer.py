@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 import moe_reference as ref
-from moe.config.model import Activation, MoEConfig
+from moe.config.enums import Activation
+from moe.config.layer import MoEConfig
 from moe.layers.ffn import MLP
 from moe.layers import balancing, moe_layer
 from moe.layers.moe_layer import MoEFeedForward

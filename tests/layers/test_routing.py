@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import moe_reference as ref
-from moe.config.model import Priority
+from moe.config.enums import Priority
 from moe.layers import routing
 
 

@@ -9,7 +9,8 @@ import dataclasses
 
 import pytest
 
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.models import accounting
 
 V, D, LAYERS, H, DH, F = 11, 8, 2, 2, 4, 16

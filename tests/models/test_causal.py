@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe.config.model import Dispatch, ModelConfig, MoEConfig, Priority, RouterKind, ServingOrder
+from moe.config.enums import Dispatch, Priority, RouterKind, ServingOrder
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.layers.moe_layer import MoEFeedForward
 from moe.models.transformer import build
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.models import decode
 from moe.models.transformer import build
 

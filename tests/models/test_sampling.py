@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.models.sampling import filter_logits, generate, sample_token, SamplingConfig
 from moe.models.transformer import build
 

@@ -15,7 +15,8 @@ from flax import nnx
 import configs.dense
 import configs.switch
 from moe.config import config_dict
-from moe.config.model import ModelConfig, MoEConfig, sparse_layer_mask
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig, sparse_layer_mask
 from moe.models.transformer import Attention, build, rotary, scan_plan
 
 V, L = 40, 12

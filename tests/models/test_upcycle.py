@@ -22,7 +22,8 @@ import configs.dense
 import configs.switch
 import configs.upcycle
 from moe.config.config_dict import experiment_from_config_dict
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.config.train import TrainConfig
 from moe.models import upcycle
 from moe.models.transformer import build

@@ -31,7 +31,8 @@ import pytest
 
 from moe.config.experiment import ExperimentConfig
 from moe.config.mesh import BATCH_AXES, MESH_AXES
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.config.train import TrainConfig
 from moe.data import DataConfig
 from moe.parallel import sharding

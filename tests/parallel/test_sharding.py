@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.layers.moe_layer import MoEFeedForward
 from moe.models.transformer import Transformer
 from moe.parallel import sharding

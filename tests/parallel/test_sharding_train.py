@@ -20,7 +20,9 @@ from flax import nnx
 import configs.switch
 from moe.config.config_dict import experiment_from_config_dict
 from moe.config.experiment import ExperimentConfig
-from moe.config.model import Dispatch, ModelConfig, MoEConfig
+from moe.config.enums import Dispatch
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.config.train import TrainConfig
 from moe.data import DataConfig
 from moe.parallel import sharding

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.config.train import TrainConfig
 from moe.models.transformer import build
 from moe.trainer import optimizer

@@ -13,7 +13,8 @@ import configs.switch
 import moe_reference as ref
 from moe.config.config_dict import experiment_from_config_dict
 from moe.config.experiment import ExperimentConfig
-from moe.config.model import ModelConfig, MoEConfig
+from moe.config.layer import MoEConfig
+from moe.config.model import ModelConfig
 from moe.config.train import TrainConfig
 from moe.data import DataConfig
 from moe.parallel import sharding
