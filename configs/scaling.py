@@ -24,15 +24,21 @@ from configs import arguments, regimes
 WIDTHS = (32, 64, 96, 128, 192)
 EXPERTS = (0, 4, 16, 64)
 STEPS = 4000
-# (d, E) of the sweep: the dense frontier at every width, E=16 across widths, E=4 and E=64 at d=64.
+# (d, E) of the sweep, in the order it runs: the points that answer "does EL grow with E?" and
+# "does it shrink with size?" (each read against the dense widths on either side of it) before the
+# widest, slowest runs (d=192 dense, d=128 E=16).
 GRID = (
-    *((d, 0) for d in WIDTHS),
-    (32, 16),
+    (32, 0),
+    (64, 0),
+    (96, 0),
     (64, 16),
-    (96, 16),
-    (128, 16),
+    (32, 16),
     (64, 4),
     (64, 64),
+    (128, 0),
+    (96, 16),
+    (192, 0),
+    (128, 16),
 )
 
 
