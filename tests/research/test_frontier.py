@@ -161,3 +161,14 @@ def test_markdown_table_says_extrapolated_and_never():
   table = frontier.markdown_table(rows)
   assert "1.80 (extrapolated)" in table and "dense: not reached" in table
   assert "never reached" in table
+
+
+def test_a_one_seed_sparse_model_gets_no_interval_from_the_dense_seeds_alone(tmp_path):
+  """Two dense seeds that differ, one sparse seed: resampling would vary only the frontier."""
+  for d in (32, 64):
+    for seed in (0, 1):
+      _write(tmp_path, f"d={d},experts=0,size=tiny", seed, lambda c, s: LINEAR(c) + 0.05 * s)
+  _write(tmp_path, "d=32,experts=16,size=tiny", 0, lambda c, s: LINEAR(2.0 * c))
+  (row,) = frontier.multipliers(statistics.load_runs(tmp_path))["configs"]
+  assert len(row["el_per_seed"]) == 1 and row["el"] is not None
+  assert "el_interval" not in row
