@@ -12,6 +12,21 @@ PY="${PY:-.venv/bin/python}"
 SEEDS="${SEEDS:-0,1,2}"
 export XLA_FLAGS="${XLA_FLAGS:-}"  # One CPU device: the sweeps measure models, not sharding.
 sweep() { "$PY" -m research.sweep --seeds="$SEEDS" "$@"; }
+reuse() {  # reuse SPEC DIR FROM_DIR... [-- --set=field=value ...]: each seed of config SPEC absent
+  # from DIR (DIR/seed<N>) is copied from the first FROM_DIR holding it complete, when the configs
+  # are equal but for the name (research.reuse_run checks; it refuses otherwise, and the
+  # sweep then trains the run): the same model, data and schedule, retrained, ends bit-identical.
+  local spec=$1 target=$2; shift 2
+  local from=() sets=()
+  while (($#)); do [[ $1 == -- ]] && { shift; sets=("$@"); break; }; from+=("$1"); shift; done
+  for s in ${SEEDS//,/ }; do
+    for f in "${from[@]}"; do
+      [[ -e $target/seed$s ]] && break
+      [[ -e $f/seed$s ]] && "$PY" -m research.reuse_run --source="$f/seed$s" --workdir="$target/seed$s" \
+        --config="$spec" "${sets[@]}" || true
+    done
+  done
+}
 
 a() {  # Sparse vs dense at equal training FLOPs per token: every regime of configs/regimes.py. Then
   # the winning regime against its dense baseline matched on active parameters, and the main job's
@@ -36,6 +51,7 @@ main() {  # The main job's regime (configs/regimes.py MAIN, chosen in finding i)
 b() {  # Experts 2..32 at fixed active FLOPs (top-1, cf 1.25), with the dense tiny model for reference;
   # the whole batch (4096 tokens) per routing group, or at E=32 an expert would expect 4 tokens of a
   # 128-token group and chance alone would overflow it (finding a).
+  reuse configs/dense.py:size=tiny runs/sweeps/experts/dense_tiny runs/sweeps/upcycle/dense_tiny
   sweep --config=configs/ablations.py:family=experts,group=4096 --config=configs/dense.py:size=tiny \
     --root=runs/sweeps/experts
   # E=8 and E=32 dropless: does E=32 still trail E=8 once no token is dropped?
@@ -45,12 +61,18 @@ b() {  # Experts 2..32 at fixed active FLOPs (top-1, cf 1.25), with the dense ti
   done
 }
 c() {  # Capacity factor 1.0, 1.25, 2.0 and dropless (Switch Table 1).
+  reuse configs/ablations.py:family=capacity,member=1.25 runs/sweeps/capacity/capacity-1.25_tiny \
+    runs/sweeps/topk/topk-1_tiny runs/sweeps/balance/balance-1e-2_tiny
   for m in 1.0 1.25 2.0 dropless; do
     sweep --config=configs/ablations.py:family=capacity,member=$m --root=runs/sweeps/capacity
   done
 }
 d() {  # Top-1 vs top-2 at equal steps, and top-1 trained for the top-2 run's training FLOPs (529 steps:
   # 400 x 8.07 / 6.11 GFLOPs per token, moe.accounting).
+  reuse configs/ablations.py:family=topk,member=1 runs/sweeps/topk/topk-1_tiny \
+    runs/sweeps/capacity/capacity-1.25_tiny runs/sweeps/balance/balance-1e-2_tiny
+  reuse configs/ablations.py:family=topk,member=2 runs/sweeps/topk/topk-2_tiny \
+    runs/sweeps/serving_order/top2-rank_major_tiny
   for m in 1 2; do
     sweep --config=configs/ablations.py:family=topk,member=$m --root=runs/sweeps/topk
   done
@@ -58,12 +80,18 @@ d() {  # Top-1 vs top-2 at equal steps, and top-1 trained for the top-2 run's tr
     --set=name=topk-1-equal-flops_tiny --root=runs/sweeps/topk
 }
 e() {  # Balance loss weight 0 vs 1e-2: collapse or not.
+  reuse configs/ablations.py:family=balance,member=1e-2 runs/sweeps/balance/balance-1e-2_tiny \
+    runs/sweeps/topk/topk-1_tiny runs/sweeps/capacity/capacity-1.25_tiny
   for m in 0 1e-2; do
     sweep --config=configs/ablations.py:family=balance,member=$m --root=runs/sweeps/balance
   done
 }
 
 serving() {  # Issue 11: top-2 decoder routing with the rank-major (GShard) vs token-major (causal) fill order.
+  reuse configs/top2.py:size=tiny runs/sweeps/serving_order/top2-rank_major_tiny \
+    runs/sweeps/topk/topk-2_tiny -- \
+    --set=model.moe.serving_order=rank_major --set=name=top2-rank_major_tiny \
+    --set=model.moe.allow_noncausal_routing=True
   for o in rank_major token_major; do
     sweep --config=configs/top2.py:size=tiny --set=model.moe.serving_order=$o --set=name=top2-$o"_tiny" \
       --set=model.moe.allow_noncausal_routing=True --root=runs/sweeps/serving_order
@@ -101,6 +129,7 @@ sys.exit(not p.is_complete(p.Run('', 0, sys.argv[2], (), None, None, sys.argv[1]
 upcycle() {  # Issue 11: a dense tiny run of 400 steps, then 200 more as itself or upcycled to top-2 of 8
   # (configs/upcycle.py); same fresh schedule and batches, so the arms differ only in the model.
   local root=runs/sweeps/upcycle
+  reuse configs/dense.py:size=tiny $root/dense_tiny runs/sweeps/experts/dense_tiny
   for s in ${SEEDS//,/ }; do
     local base=$root/dense_tiny/seed$s
     complete "$base" configs/dense.py:size=tiny || "$PY" -m experiments.train --config=configs/dense.py:size=tiny \
