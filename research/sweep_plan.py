@@ -22,6 +22,7 @@ import dataclasses
 import json
 import pathlib
 import shlex
+import shutil
 import sys
 from typing import Iterable, Sequence
 
@@ -29,7 +30,7 @@ import ml_collections
 
 from moe import atomic_file
 from moe.config import command_line
-from moe.config.config_dict import experiment_from_config_dict
+from moe.config.config_dict import experiment_from_config_dict, to_json
 from moe.trainer import run_records, workdir as workdir_lib
 from research.baselines import matched_dense
 
@@ -188,3 +189,34 @@ def read_manifest(root: str | pathlib.Path) -> list[dict]:
   """The runs recorded in `<root>/sweep.json` (none: [])."""
   path = pathlib.Path(root) / MANIFEST
   return run_records.read_json(path) if path.exists() else []
+
+
+class ReuseError(ValueError):
+  """The source cannot stand for the new config's run."""
+
+
+def reuse(source: pathlib.Path, workdir: pathlib.Path, spec: str, overrides=()) -> dict:
+  """Copies the complete run in `source` to `workdir` as a run of `spec` (the same model, data and
+  schedule under another name; `research.reuse_run`); returns the new config.json."""
+  config_path = source / workdir_lib.CONFIG
+  if not config_path.exists():
+    raise ReuseError(f"reuse_run: {source} holds no run ({workdir_lib.CONFIG} is missing)")
+  old = json.loads(config_path.read_text())
+  seeded = [*overrides, f"train.seed={old['train']['seed']}"]
+  new = to_json(experiment_from_config_dict(with_overrides(spec, seeded)))
+  new = json.loads(json.dumps(new))  # Tuples as lists, as config.json holds them.
+  differences = workdir_lib.config_differences(old, new, resumable=("name",))
+  if differences:
+    raise ReuseError(f"reuse_run: {source} is not a run of {spec}: " + "; ".join(differences))
+  if not workdir_lib.is_complete(source, old["train"]["steps"]):
+    raise ReuseError(f"reuse_run: {source} is not complete")
+  if workdir.exists():
+    raise ReuseError(f"reuse_run: {workdir} exists: it is never overwritten")
+  partial = workdir.with_name(workdir.name + ".partial")
+  shutil.rmtree(partial, ignore_errors=True)
+  shutil.copytree(source, partial, ignore=shutil.ignore_patterns(workdir_lib.LOCK))
+  atomic_file.atomic_write(
+      partial / workdir_lib.CONFIG, json.dumps(new, indent=2, sort_keys=True) + "\n"
+  )
+  partial.rename(workdir)  # A copy cut short is never taken for a complete run.
+  return new

@@ -1,16 +1,18 @@
-"""`research.reuse_run`: a complete run stands for a config that differs from its own only in name."""
+"""`research.sweep_plan.reuse` (`python -m research.reuse_run`): a complete run stands for a config that differs from its own only in name."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from moe.config.config_dict import experiment_from_config_dict, to_json
 from moe.trainer import workdir as workdir_lib
 from moe.trainer.run_records import metrics_line
-from research import reuse_run, statistics, sweep_plan
+from research import statistics, sweep_plan
 
 TOPK1 = "configs/ablations.py:family=topk,member=1"
 CAPACITY_125 = "configs/ablations.py:family=capacity,member=1.25"  # The same model as top-1.
@@ -36,7 +38,7 @@ def _complete_run(workdir: pathlib.Path, spec: str, seed: int = 1) -> dict:
 def test_the_copy_is_the_new_configs_complete_run_and_the_source_is_unchanged(tmp_path):
   source, target = tmp_path / "topk-1_tiny" / "seed1", tmp_path / "capacity-1.25_tiny" / "seed1"
   before = _complete_run(source, TOPK1)
-  new = reuse_run.reuse(source, target, CAPACITY_125)
+  new = sweep_plan.reuse(source, target, CAPACITY_125)
   assert new["name"] == "capacity-1.25_tiny" != before["name"]
   assert {k: v for k, v in new.items() if k != "name"} == {
       k: v for k, v in before.items() if k != "name"
@@ -55,16 +57,16 @@ def test_the_copy_is_the_new_configs_complete_run_and_the_source_is_unchanged(tm
 def test_another_model_is_refused_naming_the_field(tmp_path):
   source = tmp_path / "topk-1_tiny" / "seed1"
   _complete_run(source, TOPK1)
-  with pytest.raises(reuse_run.ReuseError, match=r"train_capacity_factor: 1\.25 -> 2\.0"):
-    reuse_run.reuse(source, tmp_path / "capacity-2.0_tiny" / "seed1", CAPACITY_2)
+  with pytest.raises(sweep_plan.ReuseError, match=r"train_capacity_factor: 1\.25 -> 2\.0"):
+    sweep_plan.reuse(source, tmp_path / "capacity-2.0_tiny" / "seed1", CAPACITY_2)
   assert not (tmp_path / "capacity-2.0_tiny").exists()
 
 
 def test_an_override_makes_the_configs_differ(tmp_path):
   source = tmp_path / "topk-1_tiny" / "seed1"
   _complete_run(source, TOPK1)
-  with pytest.raises(reuse_run.ReuseError, match=r"train\.steps: 400 -> 529"):
-    reuse_run.reuse(source, tmp_path / "x" / "seed1", CAPACITY_125, ["train.steps=529"])
+  with pytest.raises(sweep_plan.ReuseError, match=r"train\.steps: 400 -> 529"):
+    sweep_plan.reuse(source, tmp_path / "x" / "seed1", CAPACITY_125, ["train.steps=529"])
 
 
 def test_an_incomplete_source_and_an_existing_workdir_are_refused(tmp_path):
@@ -72,8 +74,23 @@ def test_an_incomplete_source_and_an_existing_workdir_are_refused(tmp_path):
   _complete_run(source, TOPK1)
   taken = tmp_path / "capacity-1.25_tiny" / "seed1"
   taken.mkdir(parents=True)
-  with pytest.raises(reuse_run.ReuseError, match="never overwritten"):
-    reuse_run.reuse(source, taken, CAPACITY_125)
+  with pytest.raises(sweep_plan.ReuseError, match="never overwritten"):
+    sweep_plan.reuse(source, taken, CAPACITY_125)
   (source / "checkpoints" / "400").rmdir()
-  with pytest.raises(reuse_run.ReuseError, match="not complete"):
-    reuse_run.reuse(source, tmp_path / "other" / "seed1", CAPACITY_125)
+  with pytest.raises(sweep_plan.ReuseError, match="not complete"):
+    sweep_plan.reuse(source, tmp_path / "other" / "seed1", CAPACITY_125)
+
+
+def test_the_command_line_refuses_in_one_line(tmp_path):
+  source = tmp_path / "topk-1_tiny" / "seed1"
+  _complete_run(source, TOPK1)
+  target = tmp_path / "capacity-2.0_tiny" / "seed1"
+  args = [f"--source={source}", f"--workdir={target}", f"--config={CAPACITY_2}"]
+  result = subprocess.run(
+      [sys.executable, "-m", "research.reuse_run", *args], capture_output=True, text=True
+  )
+  assert result.returncode == 1 and not target.exists()
+  assert result.stderr.strip().splitlines() == [
+      f"reuse_run: {source} is not a run of {CAPACITY_2}: "
+      "model.moe.train_capacity_factor: 1.25 -> 2.0"
+  ]
