@@ -14,6 +14,7 @@ A config spec is `path[:arg]` as `experiments.train --config` takes it. A config
 `sweep(arg) -> list of arg strings` expands into several configs (`configs/ablations.py` without a
 `member=` expands to every member of its family). A baseline is the sparse config's command with
 `--match_dense=<measure>` (`research.baselines.matched_dense`): the dense model of that exact config.
+`reuse` copies a complete run to the workdir of a config that is the same model under another name.
 """
 
 from __future__ import annotations
@@ -212,11 +213,12 @@ def reuse(source: pathlib.Path, workdir: pathlib.Path, spec: str, overrides=()) 
     raise ReuseError(f"reuse_run: {source} is not complete")
   if workdir.exists():
     raise ReuseError(f"reuse_run: {workdir} exists: it is never overwritten")
-  partial = workdir.with_name(workdir.name + ".partial")
+  # Not `seed*`: a copy cut short is never listed as a run (`research.statistics.load_runs`).
+  partial = workdir.with_name(f".{workdir.name}.partial")
   shutil.rmtree(partial, ignore_errors=True)
   shutil.copytree(source, partial, ignore=shutil.ignore_patterns(workdir_lib.LOCK))
   atomic_file.atomic_write(
       partial / workdir_lib.CONFIG, json.dumps(new, indent=2, sort_keys=True) + "\n"
   )
-  partial.rename(workdir)  # A copy cut short is never taken for a complete run.
+  partial.rename(workdir)
   return new
