@@ -205,7 +205,6 @@ def reuse(source: pathlib.Path, workdir: pathlib.Path, spec: str, overrides=()) 
   old = json.loads(config_path.read_text())
   seeded = [*overrides, f"train.seed={old['train']['seed']}"]
   new = to_json(experiment_from_config_dict(with_overrides(spec, seeded)))
-  new = json.loads(json.dumps(new))  # Tuples as lists, as config.json holds them.
   differences = workdir_lib.config_differences(old, new, resumable=("name",))
   if differences:
     raise ReuseError(f"reuse_run: {source} is not a run of {spec}: " + "; ".join(differences))
