@@ -76,10 +76,20 @@ def expert_axis() -> str | None:
 
 def _local_param_specs(params: nnx.State) -> nnx.State:
   """PartitionSpecs of the experts' parameters inside the shard_map: E over its mesh axis, the hidden
-  axis over its (tensor) axis if any, everything else whole (gathered, as FSDP does)."""
+  axis over its (tensor) axis if any, everything else whole (gathered, as FSDP does).
+
+  Mesh axes of size 1 are left out: they split nothing, but shard_map would count the parameters as
+  varying over them, and the output (replicated over them) would fail its replication check."""
   rules = flax_spmd.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
   kept = {axes.EXPERT, axes.MLP}
-  local_rules = tuple((name, mesh_axis if name in kept else None) for name, mesh_axis in rules)
+
+  def split(mesh_axis):
+    names = (mesh_axis,) if isinstance(mesh_axis, str) else tuple(mesh_axis or ())
+    names = tuple(a for a in names if mesh.shape[a] > 1)
+    return names[0] if len(names) == 1 else (names or None)
+
+  local_rules = tuple((name, split(axis) if name in kept else None) for name, axis in rules)
   with nnx.logical_axis_rules(local_rules):
     return nnx.get_partition_spec(params)
 

@@ -35,6 +35,9 @@ MESHES = {
 UNSPLIT_MESHES = {
     "data8": sharding.MeshConfig(data=8),
     "fsdp8": sharding.MeshConfig(data=1, fsdp=8, rules="fsdp"),
+    # Rules that name 'expert' (the default of configs/builders.py), on a mesh where it has size 1.
+    "data8_expert_rules": sharding.MeshConfig(data=8, rules="expert"),
+    "data4_tensor2": sharding.MeshConfig(data=4, tensor=2, rules="expert_tensor"),
 }
 
 
@@ -135,6 +138,8 @@ def test_expert_axis_is_none_without_an_expert_split():
         ("fsdp2_expert2_tensor2", dict(top_k=2, activation="swiglu")),  # Hidden split: psum.
         ("data8", dict(top_k=2)),  # No expert split: each device its own claims.
         ("fsdp8", dict(top_k=1, activation="swiglu")),
+        ("data8_expert_rules", dict(top_k=2)),
+        ("data4_tensor2", dict(top_k=2, activation="swiglu")),  # No expert split, hidden split.
     ],
 )
 def test_outputs_and_gradients_equal_the_one_device_path(mesh_name, kw):
