@@ -4,6 +4,7 @@
     python -m experiments.evaluate --workdir=runs/r --eval=all       # the whole validation split
     python -m experiments.evaluate --workdir=runs/r --eval=spread:64 --compare=runs/dense \
         --output=/tmp/r.json
+    python -m experiments.evaluate --workdir=runs/r --split=train    # training documents
 
 --eval: `spread:N` (N global batches of windows spread evenly over the split), `prefix:N` (the
 first N batches, how the split was scored before `train.eval_windows` existed), `all` (every
@@ -11,7 +12,10 @@ window); default: the run's own `train.eval_batches` and `train.eval_windows`. P
 tokens scored, the loss of the even and odd windows and the standard error of a bootstrap over
 the split's documents (`moe.trainer.evaluation`); with --compare, the gap to another run scored on the
 same windows and its paired bootstrap error. --output writes the numbers, with every window's loss
-and document, as JSON (never into a workdir).
+and document, as JSON (never into a workdir). --split=train scores the same windows of the
+training split (built-in corpora) and prints the loss of those the run's steps drew and of those
+they did not: against the validation loss, what the model learnt of the documents it read
+rather than of the corpus.
 """
 
 from __future__ import annotations
@@ -20,16 +24,21 @@ import json
 import pathlib
 import sys
 
+import numpy as np
 from absl import app, flags
 
 from moe import atomic_file
 from moe.config.train import EvalWindows
+from moe.data import corpora
 from moe.trainer import evaluation, trained_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run to re-score.")
 _EVAL = flags.DEFINE_string("eval", None, "spread:N | prefix:N | all (default: the run's own).")
 _COMPARE = flags.DEFINE_string("compare", None, "Another run, scored on the same windows.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the numbers and per-window losses as JSON.")
+_SPLIT = flags.DEFINE_enum(
+    "split", corpora.VALIDATION, [corpora.VALIDATION, corpora.TRAIN], "The split to score."
+)
 flags.mark_flag_as_required("workdir")
 
 
@@ -47,8 +56,18 @@ def parse_eval(text: str | None, cfg) -> tuple[bool, int | None]:
   return kind == "spread", int(count)
 
 
-def _summary(name: str, scored: evaluation.Scored) -> dict:
+def _summary(name: str, scored: evaluation.Scored, trained_W: np.ndarray | None = None) -> dict:
   even, odd = scored.halves
+  drawn = {}
+  if trained_W is not None:
+    drawn = {
+        f"{key}_{what}": value
+        for key, part in (("trained_windows", trained_W), ("untrained_windows", ~trained_W))
+        for what, value in (
+            ("count", int(part.sum())),
+            ("loss", scored.where(part).loss if part.any() else None),
+        )
+    }
   return {
       "workdir": name,
       "step": scored.step,
@@ -61,6 +80,7 @@ def _summary(name: str, scored: evaluation.Scored) -> dict:
       "loss_odd_windows": odd,
       "halves_se": abs(even - odd) / 2,
       "document_bootstrap_se": evaluation.document_bootstrap(scored),
+      **drawn,
   }
 
 
@@ -71,31 +91,50 @@ def _print(s: dict) -> None:
       f"  halves {s['loss_even_windows']:.4f} / {s['loss_odd_windows']:.4f} (sampling SE ~"
       f" {s['halves_se']:.4f}); bootstrap over documents: SE {s['document_bootstrap_se']:.4f}"
   )
+  if "trained_windows_count" in s:
+    loss = lambda v: "-" if v is None else f"{v:.4f}"
+    print(
+        f"  windows its steps drew: {s['trained_windows_count']:,}, loss"
+        f" {loss(s['trained_windows_loss'])}; the others: {s['untrained_windows_count']:,}, loss"
+        f" {loss(s['untrained_windows_loss'])}"
+    )
 
 
 def _inside_a_workdir(path: pathlib.Path, workdirs: list[str]) -> bool:
   return any(pathlib.Path(w).resolve() in path.resolve().parents for w in workdirs)
 
 
-def run(workdir: str, eval_text: str | None, compare: str | None, output: str | None) -> dict:
+def _score(workdir: str, spread: bool, num_batches: int | None, split: str):
+  """(scored, its summary) of one run; on the training split with which windows it trained on."""
+  cfg = trained_run.load_config(workdir)
+  scored = evaluation.score(workdir, cfg, spread=spread, num_batches=num_batches, split=split)
+  trained_W = evaluation.trained_on(scored, cfg) if split == corpora.TRAIN else None
+  summary = _summary(workdir, scored, trained_W)
+  _print(summary)
+  return scored, summary, trained_W
+
+
+def run(
+    workdir: str,
+    eval_text: str | None,
+    compare: str | None,
+    output: str | None,
+    split: str = corpora.VALIDATION,
+) -> dict:
   workdirs = [workdir] + ([compare] if compare else [])
   if output and _inside_a_workdir(pathlib.Path(output), workdirs):
     raise ValueError(f"--output={output} is inside a run's workdir; write it elsewhere")
-  cfg = trained_run.load_config(workdir)
-  spread, num_batches = parse_eval(eval_text, cfg)
-  scored = evaluation.score(workdir, cfg, spread=spread, num_batches=num_batches)
-  result = {"eval": eval_text or "the run's own", "runs": [_summary(workdir, scored)]}
-  _print(result["runs"][0])
-  windows = {workdir: scored}
+  spread, num_batches = parse_eval(eval_text, trained_run.load_config(workdir))
+  scored, summary, trained_W = _score(workdir, spread, num_batches, split)
+  result = {"eval": eval_text or "the run's own", "split": split, "runs": [summary]}
+  windows = {workdir: (scored, trained_W)}
   if compare:
-    other_cfg = trained_run.load_config(compare)
-    other = evaluation.score(compare, other_cfg, spread=spread, num_batches=num_batches)
-    result["runs"].append(_summary(compare, other))
-    _print(result["runs"][1])
+    other, other_summary, other_trained_W = _score(compare, spread, num_batches, split)
+    result["runs"].append(other_summary)
     gap, se = evaluation.paired_bootstrap(scored, other)
     result["gap"] = {"gap": gap, "document_bootstrap_se": se}
     print(f"gap {gap:+.4f} ± {se:.4f} (paired bootstrap over documents)")
-    windows[compare] = other
+    windows[compare] = (other, other_trained_W)
   if output:
     result["windows"] = {
         name: {
@@ -103,8 +142,9 @@ def run(workdir: str, eval_text: str | None, compare: str | None, output: str | 
             "document": s.document_W.tolist(),
             "ce": s.ce_W.tolist(),
             "tokens": s.tokens_W.tolist(),
+            **({} if trained is None else {"trained": trained.tolist()}),
         }
-        for name, s in windows.items()
+        for name, (s, trained) in windows.items()
     }
     atomic_file.atomic_write(pathlib.Path(output), json.dumps(result) + "\n")
   return result
@@ -114,7 +154,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    run(_WORKDIR.value, _EVAL.value, _COMPARE.value, _OUTPUT.value)
+    run(_WORKDIR.value, _EVAL.value, _COMPARE.value, _OUTPUT.value, _SPLIT.value)
   except ValueError as error:
     sys.exit(f"experiments.evaluate: {error}")
 

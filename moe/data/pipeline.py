@@ -259,6 +259,21 @@ def _close_prefetching() -> None:
     it.close()
 
 
+def trained_window_ids(cfg: DataConfig, *, seq_len: int, global_batch_size: int, steps: int):
+  """The training stream's windows that `steps` steps of `train_iterator` drew (sorted, unique).
+
+  Step i draws rows [i G, (i + 1) G) of the window order "epoch 0 shuffled, epoch 1 shuffled,
+  ...", whatever the number of processes; so the first `steps` steps drew its first steps x G rows.
+  """
+  if cfg.source == Source.TFDS:
+    raise ValueError("trained_window_ids is for the built-in corpora (data.source), not TFDS")
+  n = _num_windows(token_stream(cfg, corpora.TRAIN), seq_len, "training")
+  epochs, rest = divmod(steps * global_batch_size, n)
+  if epochs:
+    return np.arange(n, dtype=np.int64)
+  return np.sort(_ShuffledWindowIds(n, cfg.seed, max(rest, 1))(0)[:rest])
+
+
 def spread_window_ids(n_windows: int, count: int) -> np.ndarray:
   """`count` window ids spread evenly over `n_windows`: floor((i + 1/2) * n / count), increasing.
 
@@ -356,8 +371,9 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     spread: bool = True,
+    split: str = corpora.VALIDATION,
 ) -> EvalBatches:
-  """Deterministic, finite batches of the validation split.
+  """Deterministic, finite batches of the validation split (or, to compare, of the training split).
 
   Args:
     cfg: what data and tokenizer (validation split: the held-out works/files,
@@ -376,9 +392,15 @@ def eval_batches(
     `EvalBatches`, a Sequence of the same dicts as `train_iterator`
     ('inputs'/'targets' int32, 'weights' float32, [local_batch, seq_len]);
     same row slicing rule; 'weights' is 0 on padding rows of the last batch.
+    split: 'validation', or 'train' for the built-in corpora: the same windows cut from the
+      training stream (which of them a run trained on: `trained_window_ids`).
     Note: for TFDS every process reads the (prefix of the) split, eval only.
   """
   local_batch = _check_batching(seq_len, global_batch_size, process_index, process_count)
+  if split not in (corpora.VALIDATION, corpora.TRAIN):
+    raise ValueError(f"split={split!r} must be {corpora.VALIDATION!r} or {corpora.TRAIN!r}")
+  if split == corpora.TRAIN and cfg.source == Source.TFDS:
+    raise ValueError("split='train' is for the built-in corpora (data.source), not TFDS")
   if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
     raise ValueError(f"num_batches must be None or an int >= 1, got " f"{num_batches!r}.")
   tok = tokenizer_for(cfg)
@@ -387,7 +409,7 @@ def eval_batches(
     need = num_batches * global_batch_size * seq_len + 1 if prefix else None
     stream = tfds_pipeline.eval_stream(cfg, tok, need, _cache_dir(cfg))
   else:
-    stream = token_stream(cfg, corpora.VALIDATION)
+    stream = token_stream(cfg, split)
   return EvalBatches(
       stream,
       seq_len=seq_len,

@@ -1,11 +1,19 @@
 """Re-scoring a trained run: per-window losses on a chosen evaluation, and that evaluation's noise.
 
-    scored = score(workdir, cfg, windows="spread", num_batches=64)
+    scored = score(workdir, cfg, spread=True, num_batches=64)
     scored.loss, scored.tokens, scored.halves, document_bootstrap(scored)
+    on_train = score(workdir, cfg, num_batches=64, split="train")
+    seen = trained_on(on_train, cfg)   # the windows its steps drew
+    on_train.where(seen).loss, on_train.where(~seen).loss
 
 Nothing in the workdir is written (`moe.trainer.trained_run` reads the latest checkpoint that restores). Each
 window's document is the one holding its first target token; documents are the EOS-separated
 pieces of the packed validation stream (`moe.data.corpora`).
+
+Scored on the training split instead (built-in corpora), the windows split into those the run
+trained on and those it did not: held-out documents, unseen windows of training documents and
+trained-on windows separate what a model generalises to new documents from what it learnt of the
+documents it read (and from what it memorised of the windows themselves).
 
 Two measures of how much an evaluation's number depends on which windows it scores:
 * halves: the loss of its even and of its odd windows, two disjoint samples of the same documents;
@@ -26,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from moe.config.experiment import ExperimentConfig
-from moe.data import pipeline
+from moe.data import corpora, pipeline
 from moe.trainer import steps, trained_run
 
 BOOTSTRAP_SAMPLES = 2000
@@ -39,8 +47,8 @@ class Scored:
   step: int  # The checkpoint's step.
   ce_W: np.ndarray  # float64 [W]: summed cross-entropy of each window.
   tokens_W: np.ndarray  # float64 [W]: its scored tokens.
-  document_W: np.ndarray  # int64 [W]: the validation document of its first target.
-  window_W: np.ndarray  # int64 [W]: its window id in the validation stream.
+  document_W: np.ndarray  # int64 [W]: the split's document of its first target.
+  window_W: np.ndarray  # int64 [W]: its window id in the split's stream.
   num_windows: int  # Windows in the whole split.
 
   @property
@@ -62,6 +70,17 @@ class Scored:
   def num_documents(self) -> int:
     return len(np.unique(self.document_W))
 
+  def where(self, mask_W: np.ndarray) -> "Scored":
+    """The same evaluation restricted to the windows where `mask_W` is True."""
+    pick = lambda a: a[mask_W]
+    return dataclasses.replace(
+        self,
+        ce_W=pick(self.ce_W),
+        tokens_W=pick(self.tokens_W),
+        document_W=pick(self.document_W),
+        window_W=pick(self.window_W),
+    )
+
 
 def documents_of(stream: np.ndarray, window_ids: np.ndarray, seq_len: int, eos_id: int):
   """The document (0-based, in stream order) of each window's first target token."""
@@ -76,8 +95,10 @@ def score(
     *,
     spread: bool = True,
     num_batches: int | None = None,
+    split: str = corpora.VALIDATION,
 ) -> Scored:
-  """The run's latest checkpoint scored on `num_batches` batches (None: the whole split)."""
+  """The run's latest checkpoint scored on `num_batches` batches (None: the whole split) of
+  `split` ('validation', or 'train' for the built-in corpora)."""
   model, step = trained_run.load_model(workdir, cfg)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tc = cfg.train
@@ -87,6 +108,7 @@ def score(
       global_batch_size=tc.global_batch_size,
       num_batches=num_batches,
       spread=spread,
+      split=split,
   )
   window_losses = steps.make_window_losses_step(graphdef, rest)
   ce, tokens = [], []
@@ -100,6 +122,18 @@ def score(
   eos = pipeline.tokenizer_for(cfg.data).eos_id
   documents = documents_of(batches.stream, ids, tc.seq_len, eos)
   return Scored(step, ce_W[real], tokens_W[real], documents, ids, batches.num_windows)
+
+
+def trained_on(scored: Scored, cfg: ExperimentConfig) -> np.ndarray:
+  """bool [W]: which of a training-split evaluation's windows the run's first `scored.step` steps
+  drew (`moe.data.pipeline.trained_window_ids`)."""
+  drawn = pipeline.trained_window_ids(
+      cfg.data,
+      seq_len=cfg.train.seq_len,
+      global_batch_size=cfg.train.global_batch_size,
+      steps=scored.step,
+  )
+  return np.isin(scored.window_W, drawn)
 
 
 def _document_sums(scored: Scored) -> tuple[np.ndarray, np.ndarray]:

@@ -512,3 +512,45 @@ def test_tfds_wrong_format_or_split_fails_fast(tmp_path, tiny_tfds):
   (version_dir / "dataset_info.json").write_text("{not json")
   with pytest.raises(data.DatasetNotPreparedError, match="dataset_info.json.*cannot be read"):
     tfds_source.locate_prepared("wiki40b/en", tmp_path, ["train"])
+
+
+def _rows(stream: np.ndarray, ids, seq_len: int) -> list[bytes]:
+  return sorted(stream[i * seq_len : (i + 1) * seq_len].astype(np.int32).tobytes() for i in ids)
+
+
+@pytest.mark.parametrize("epochs", ["part of one", "more than one"])
+def test_trained_window_ids_are_the_windows_the_iterator_drew(shakespeare, epochs):
+  """Checked against the rows `train_iterator` itself yields (as bytes, sorted: a window is
+  identified by its content, not by the function under test's ids)."""
+  seq_len, gbs = 4096, 8
+  stream = data.token_stream(shakespeare, "train")
+  n = (len(stream) - 1) // seq_len
+  steps = 5 if epochs == "part of one" else n // gbs + 2
+  it = data.train_iterator(shakespeare, seq_len=seq_len, global_batch_size=gbs)
+  drawn = sorted(row.astype(np.int32).tobytes() for _ in range(steps) for row in next(it)["inputs"])
+  ids = pipeline.trained_window_ids(
+      shakespeare, seq_len=seq_len, global_batch_size=gbs, steps=steps
+  )
+  assert np.all(np.diff(ids) > 0)  # Sorted, unique.
+  if epochs == "part of one":
+    assert len(ids) == steps * gbs
+    assert _rows(stream, ids, seq_len) == drawn
+  else:  # Every window, some twice.
+    np.testing.assert_array_equal(ids, np.arange(n))
+    assert sorted(set(drawn)) == sorted(set(_rows(stream, ids, seq_len)))
+
+
+def test_eval_batches_of_the_training_split(shakespeare, tiny_tfds):
+  seq_len, gbs = 128, 8
+  train = data.token_stream(shakespeare, "train")
+  ev = data.eval_batches(
+      shakespeare, seq_len=seq_len, global_batch_size=gbs, num_batches=3, split="train"
+  )
+  assert ev.num_windows == (len(train) - 1) // seq_len
+  inputs = np.concatenate([b["inputs"] for b in ev])
+  for row, window in zip(inputs, ev.window_ids, strict=True):
+    np.testing.assert_array_equal(row, train[window * seq_len : (window + 1) * seq_len])
+  with pytest.raises(ValueError, match="split='test' must be 'validation' or 'train'"):
+    data.eval_batches(shakespeare, seq_len=seq_len, global_batch_size=gbs, split="test")
+  with pytest.raises(ValueError, match="split='train' is for the built-in corpora"):
+    data.eval_batches(tiny_tfds[0], seq_len=seq_len, global_batch_size=gbs, split="train")
