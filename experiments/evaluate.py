@@ -32,15 +32,6 @@ from moe.config.train import EvalWindows
 from moe.data import corpora
 from moe.trainer import evaluation, trained_run
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run to re-score.")
-_EVAL = flags.DEFINE_string("eval", None, "spread:N | prefix:N | all (default: the run's own).")
-_COMPARE = flags.DEFINE_string("compare", None, "Another run, scored on the same windows.")
-_OUTPUT = flags.DEFINE_string("output", None, "Write the numbers and per-window losses as JSON.")
-_SPLIT = flags.DEFINE_enum(
-    "split", corpora.VALIDATION, [corpora.VALIDATION, corpora.TRAIN], "The split to score."
-)
-flags.mark_flag_as_required("workdir")
-
 
 def parse_eval(text: str | None, cfg) -> tuple[bool, int | None]:
   """(spread, num_batches) of an --eval value; None: the run's own evaluation."""
@@ -150,14 +141,29 @@ def run(
   return result
 
 
+def define_flags() -> None:
+  """The command line's flags, defined when it runs: a module that tests import must not add
+  flags (absl's registry is global: another module's --output would clash, a required flag would
+  break every other absl program of the process)."""
+  flags.DEFINE_string("workdir", None, "The run to re-score.", required=True)
+  flags.DEFINE_string("eval", None, "spread:N | prefix:N | all (default: the run's own).")
+  flags.DEFINE_string("compare", None, "Another run, scored on the same windows.")
+  flags.DEFINE_string("output", None, "Write the numbers and per-window losses as JSON.")
+  flags.DEFINE_enum(
+      "split", corpora.VALIDATION, [corpora.VALIDATION, corpora.TRAIN], "The split to score."
+  )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    run(_WORKDIR.value, _EVAL.value, _COMPARE.value, _OUTPUT.value, _SPLIT.value)
+    f = flags.FLAGS
+    run(f.workdir, f.eval, f.compare, f.output, f.split)
   except ValueError as error:
     sys.exit(f"experiments.evaluate: {error}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

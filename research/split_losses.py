@@ -26,11 +26,6 @@ from moe.data import corpora
 from moe.trainer import evaluation
 from research import statistics
 
-_ROOT = flags.DEFINE_string("root", None, "The sweep root.", required=True)
-_OUTPUT = flags.DEFINE_string(
-    "output", None, "Directory for split_losses.{json,md}.", required=True
-)
-
 
 def score_run(run: statistics.RunResult) -> dict:
   """The run's validation loss and its training-split losses (all, drawn, not drawn)."""
@@ -74,12 +69,12 @@ def table(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
-  runs = [r for r in statistics.load_runs(_ROOT.value) if r.complete]
+  runs = [r for r in statistics.load_runs(flags.FLAGS.root) if r.complete]
   rows = []
   for run in runs:
     rows.append(score_run(run))
     print(f"{run.name} seed {run.seed}: {json.dumps(rows[-1])}", flush=True)
-  out = pathlib.Path(_OUTPUT.value)
+  out = pathlib.Path(flags.FLAGS.output)
   out.mkdir(parents=True, exist_ok=True)
   atomic_file.atomic_write(out / "split_losses.json", json.dumps(rows, indent=1) + "\n")
   atomic_file.atomic_write(out / "split_losses.md", table(rows))
@@ -87,4 +82,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined only when run: a module that tests import must not add absl flags (a global registry).
+  flags.DEFINE_string("root", None, "The sweep root.", required=True)
+  flags.DEFINE_string("output", None, "Directory for split_losses.{json,md}.", required=True)
   app.run(main)

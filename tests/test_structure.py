@@ -160,3 +160,26 @@ def test_compare_runs_from_a_non_editable_install(tmp_path):
   assert f"| {configs.regimes.MAIN}_smoke | 1 |" in result.stdout, result.stdout[-3000:]
   assert "gap (sparse - dense) =" in result.stdout
   assert (tmp_path / "runs" / "comparison.json").exists()
+
+
+def test_modules_the_tests_import_define_no_absl_flags():
+  """absl's flag registry is global to a process: a flag defined at import by a command-line module
+  that a test imports clashes with another module's flag of the same name, and a required one makes
+  every other absl program of that pytest worker exit (experiments.evaluate's --output against
+  research.split_losses's did both). Their flags are defined only when they run as programs."""
+  script = (
+      "from absl import app, flags\n"
+      "import moe.trainer.evaluation, research.statistics\n"  # Their libraries' own flags.
+      "before = set(flags.FLAGS)\n"
+      "import experiments.evaluate, research.split_losses\n"
+      "print(sorted(set(flags.FLAGS) - before))\n"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", script],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  ).stdout
+  assert out.strip() == "[]", out
