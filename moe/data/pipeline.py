@@ -268,10 +268,11 @@ def trained_window_ids(cfg: DataConfig, *, seq_len: int, global_batch_size: int,
   if cfg.source == Source.TFDS:
     raise ValueError("trained_window_ids is for the built-in corpora (data.source), not TFDS")
   n = _num_windows(token_stream(cfg, corpora.TRAIN), seq_len, "training")
-  epochs, rest = divmod(steps * global_batch_size, n)
-  if epochs:
+  rows = steps * global_batch_size
+  if rows >= n:  # A whole epoch: every window.
     return np.arange(n, dtype=np.int64)
-  return np.sort(_ShuffledWindowIds(n, cfg.seed, max(rest, 1))(0)[:rest])
+  first_epoch = _ShuffledWindowIds(n, cfg.seed, local_batch=n)(0)
+  return np.sort(first_epoch[:rows])
 
 
 def spread_window_ids(n_windows: int, count: int) -> np.ndarray:
@@ -387,13 +388,13 @@ def eval_batches(
     spread: the batches' windows spread evenly over the whole split (True), or
       its first windows (False). With TFDS, spread windows need the whole split
       tokenised, once, cached next to the data; a prefix tokenises only itself.
+    split: 'validation', or 'train' for the built-in corpora: the same windows cut from the
+      training stream (which of them a run trained on: `trained_window_ids`).
 
   Returns:
     `EvalBatches`, a Sequence of the same dicts as `train_iterator`
     ('inputs'/'targets' int32, 'weights' float32, [local_batch, seq_len]);
     same row slicing rule; 'weights' is 0 on padding rows of the last batch.
-    split: 'validation', or 'train' for the built-in corpora: the same windows cut from the
-      training stream (which of them a run trained on: `trained_window_ids`).
     Note: for TFDS every process reads the (prefix of the) split, eval only.
   """
   local_batch = _check_batching(seq_len, global_batch_size, process_index, process_count)
