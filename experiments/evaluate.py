@@ -95,9 +95,8 @@ def _inside_a_workdir(path: pathlib.Path, workdirs: list[str]) -> bool:
   return any(pathlib.Path(w).resolve() in path.resolve().parents for w in workdirs)
 
 
-def _score(workdir: str, spread: bool, num_batches: int | None, split: str):
-  """(scored, its summary) of one run; on the training split with which windows it trained on."""
-  cfg = trained_run.load_config(workdir)
+def _score(workdir: str, cfg, spread: bool, num_batches: int | None, split: str):
+  """(scored, its summary, on the training split which windows it trained on) of one run."""
   scored = evaluation.score(workdir, cfg, spread=spread, num_batches=num_batches, split=split)
   trained_W = evaluation.trained_on(scored, cfg) if split == corpora.TRAIN else None
   summary = _summary(workdir, scored, trained_W)
@@ -115,12 +114,14 @@ def run(
   workdirs = [workdir] + ([compare] if compare else [])
   if output and _inside_a_workdir(pathlib.Path(output), workdirs):
     raise ValueError(f"--output={output} is inside a run's workdir; write it elsewhere")
-  spread, num_batches = parse_eval(eval_text, trained_run.load_config(workdir))
-  scored, summary, trained_W = _score(workdir, spread, num_batches, split)
+  cfg = trained_run.load_config(workdir)
+  spread, num_batches = parse_eval(eval_text, cfg)
+  scored, summary, trained_W = _score(workdir, cfg, spread, num_batches, split)
   result = {"eval": eval_text or "the run's own", "split": split, "runs": [summary]}
   windows = {workdir: (scored, trained_W)}
   if compare:
-    other, other_summary, other_trained_W = _score(compare, spread, num_batches, split)
+    other_cfg = trained_run.load_config(compare)
+    other, other_summary, other_trained_W = _score(compare, other_cfg, spread, num_batches, split)
     result["runs"].append(other_summary)
     gap, se = evaluation.paired_bootstrap(scored, other)
     result["gap"] = {"gap": gap, "document_bootstrap_se": se}

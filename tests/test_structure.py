@@ -70,6 +70,18 @@ def test_moe_imports_neither_configs_nor_research():
     assert not outside, (path, outside)
 
 
+def fresh_python(script: str) -> str:
+  """The standard output of `script` run in a new interpreter from the checkout."""
+  return subprocess.run(
+      [sys.executable, "-c", script],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  ).stdout
+
+
 def test_importing_the_library_reads_no_file_of_configs():
   """Every module of `moe` imported in a fresh interpreter, with an audit hook on `open`: none of
   them reads a file under the checkout's configs/ (a path string built at run time would pass an
@@ -88,14 +100,7 @@ def test_importing_the_library_reads_no_file_of_configs():
       "  importlib.import_module(info.name)\n"
       "print(len(opened), opened)\n"
   )
-  out = subprocess.run(
-      [sys.executable, "-c", script],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      check=True,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"),
-  ).stdout
+  out = fresh_python(script)
   assert out.startswith("0 []"), out
 
 
@@ -174,12 +179,5 @@ def test_modules_the_tests_import_define_no_absl_flags():
       "import experiments.evaluate, research.split_losses\n"
       "print(sorted(set(flags.FLAGS) - before))\n"
   )
-  out = subprocess.run(
-      [sys.executable, "-c", script],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      check=True,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"),
-  ).stdout
+  out = fresh_python(script)
   assert out.strip() == "[]", out

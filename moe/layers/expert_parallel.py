@@ -80,16 +80,15 @@ def _local_param_specs(params: nnx.State) -> nnx.State:
 
   Mesh axes of size 1 are left out: they split nothing, but shard_map would count the parameters as
   varying over them, and the output (replicated over them) would fail its replication check."""
-  rules = flax_spmd.get_logical_axis_rules()
   mesh = jax.sharding.get_abstract_mesh()
-  kept = {axes.EXPERT, axes.MLP}
 
-  def split(mesh_axis):
-    names = (mesh_axis,) if isinstance(mesh_axis, str) else tuple(mesh_axis or ())
-    names = tuple(a for a in names if mesh.shape[a] > 1)
+  def split(logical: str):
+    names = tuple(a for a in _mesh_axes(logical) if mesh.shape[a] > 1)
     return names[0] if len(names) == 1 else (names or None)
 
-  local_rules = tuple((name, split(axis) if name in kept else None) for name, axis in rules)
+  kept = {axes.EXPERT, axes.MLP}
+  rules = flax_spmd.get_logical_axis_rules()
+  local_rules = tuple((name, split(name) if name in kept else None) for name, _ in rules)
   with nnx.logical_axis_rules(local_rules):
     return nnx.get_partition_spec(params)
 
