@@ -127,20 +127,24 @@ complete() {  # Whether the run in workdir $1 of config spec $2 is complete (res
 sys.exit(not p.is_complete(p.Run('', 0, sys.argv[2], (), None, None, sys.argv[1], p.load_config(sys.argv[2]).train.steps)))" "$@"
 }
 upcycle() {  # Issue 11: a dense tiny run of 400 steps, then 200 more as itself or upcycled to top-2 of 8
-  # (configs/upcycle.py); same fresh schedule and batches, so the arms differ only in the model.
+  # (configs/upcycle.py); same fresh schedule and batches, so the arms differ only in the model. A
+  # third arm continues the dense model for the upcycled arm's training FLOPs: 256 steps, 200 x
+  # 7,288,320 / 5,703,168 FLOPs per token (sparse / dense arm, moe.accounting).
   local root=runs/sweeps/upcycle
+  local arms=("upcycle_dense_tiny arm=dense" "upcycle_sparse_tiny arm=sparse"
+    "upcycle_dense-equal-flops_tiny arm=dense,steps=256")
   reuse configs/dense.py:size=tiny $root/dense_tiny runs/sweeps/experts/dense_tiny
   for s in ${SEEDS//,/ }; do
     local base=$root/dense_tiny/seed$s
     complete "$base" configs/dense.py:size=tiny || "$PY" -m experiments.train --config=configs/dense.py:size=tiny \
       --config.train.seed=$s --workdir="$base"
-    for arm in dense sparse; do
-      local w=$root/upcycle_${arm}_tiny/seed$s
-      complete "$w" configs/upcycle.py:size=tiny,arm=$arm || "$PY" -m experiments.train --config=configs/upcycle.py:size=tiny,arm=$arm \
+    for a in "${arms[@]}"; do
+      local name=${a% *} spec=configs/upcycle.py:size=tiny,${a#* } w=$root/${a% *}/seed$s
+      complete "$w" "$spec" || "$PY" -m experiments.train --config="$spec" --config.name="$name" \
         --config.train.seed=$s --config.train.init_from="$base" --workdir="$w"
     done
   done
-  # The manifest pairs the arms, so that the report gives the upcycled arm's gap to the continued one.
+  # The manifest pairs the arms, so that the report gives the upcycled arm's gap to each dense one.
   "$PY" - "$root" "$SEEDS" <<'PY'
 import sys
 from research import sweep_plan as sweep
@@ -149,12 +153,15 @@ arms = [  # (name, spec, match, baseline_of)
     ("dense_tiny", "configs/dense.py:size=tiny", None, None),
     ("upcycle_sparse_tiny", "configs/upcycle.py:size=tiny,arm=sparse", None, None),
     ("upcycle_dense_tiny", "configs/upcycle.py:size=tiny,arm=dense", "continued", "upcycle_sparse_tiny"),
+    ("upcycle_dense-equal-flops_tiny", "configs/upcycle.py:size=tiny,arm=dense,steps=256",
+     "continued_equal_flops", "upcycle_sparse_tiny"),
 ]
 runs = []
 for name, spec, match, of in arms:
   steps = sweep.load_config(spec).train.steps
   for s in seeds:
     init = () if name == "dense_tiny" else (f"train.init_from={root}/dense_tiny/seed{s}",)
+    init += (f"name={name}",) if name.startswith("upcycle_dense-") else ()
     runs.append(sweep.Run(name, s, spec, init, match, of, f"{root}/{name}/seed{s}", steps))
 sweep.write_manifest(root, runs)
 PY
