@@ -26,7 +26,7 @@ EXPERTS = (0, 4, 16, 64)
 STEPS = 4000
 # (d, E) of the sweep, in the order it runs: the points that answer "does EL grow with E?" and
 # "does it shrink with size?" (each read against the dense widths on either side of it), then the
-# widest. The grid ends at the sweep's budget, about 5 CPU-hours on a 2-core CPU (its 16 runs: 5.1 h);
+# widest. The grid ends at the sweep's budget, about 5 CPU-hours on a 2-core CPU (its 16 runs: 5.4 h);
 # the next points, dense d=192 and sparse d=128 E=16 (about 2 CPU-hours more), run by name:
 # --config=configs/scaling.py:d=192,experts=0 --config=configs/scaling.py:d=128,experts=16.
 GRID = (
