@@ -158,11 +158,11 @@ arms = [  # (name, spec, match, baseline_of)
 ]
 runs = []
 for name, spec, match, of in arms:
-  steps = sweep.load_config(spec).train.steps
+  cd = sweep.load_config(spec)
   for s in seeds:
     init = () if name == "dense_tiny" else (f"train.init_from={root}/dense_tiny/seed{s}",)
-    init += (f"name={name}",) if name.startswith("upcycle_dense-") else ()
-    runs.append(sweep.Run(name, s, spec, init, match, of, f"{root}/{name}/seed{s}", steps))
+    init += (f"name={name}",) if cd.name != name else ()  # As launched: --config.name.
+    runs.append(sweep.Run(name, s, spec, init, match, of, f"{root}/{name}/seed{s}", cd.train.steps))
 sweep.write_manifest(root, runs)
 PY
 }
