@@ -5,6 +5,7 @@ install."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import pathlib
 import shutil
@@ -165,6 +166,10 @@ def test_compare_runs_from_a_non_editable_install(tmp_path):
   assert f"| {configs.regimes.MAIN}_smoke | 1 |" in result.stdout, result.stdout[-3000:]
   assert "gap (sparse - dense) =" in result.stdout
   assert (tmp_path / "runs" / "comparison.json").exists()
+  # Both runs, sparse and dense, unrolled (experiments.compare: the faster layout at 4 layers).
+  written = sorted((tmp_path / "runs").glob("*/seed0/config.json"))
+  assert len(written) == 2, written
+  assert [json.loads(p.read_text())["model"]["scan_layers"] for p in written] == [False, False]
 
 
 def test_modules_the_tests_import_define_no_absl_flags():
