@@ -18,8 +18,8 @@ layout): the same function (tests/models/test_transformer.py, test_scan_equals_u
 layer's weights drawn on their own rather than as one stacked draw, so a seed's initial weights differ
 from a scanned run's, a sample of the same distribution as the committed seeds'. On this 2-core CPU
 the 4-layer sparse step of MAIN ran 1.36x faster unrolled (20,819 against 15,288 tokens/s, 200 steps,
-one process alone), which keeps the main job inside 10 minutes; the scan exists to keep compile time
-flat in depth, which at 4 layers it need not.
+one process alone), for the main job's 10-minute budget; the scan exists to keep compile time flat
+in depth, which at 4 layers it need not.
 """
 
 from __future__ import annotations
