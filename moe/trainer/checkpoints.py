@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 import sys
 import traceback
 from typing import Any
@@ -363,12 +364,17 @@ def _non_finite(tree) -> list[str]:
   return [p for p, ok in zip(paths, finite) if not ok]
 
 
+# Tensorstore appends `[source locations='...']` and `[tensorstore_spec='{...}']` to its reason: the
+# spec alone can run to a kilobyte and bury the OS's reason. The OS error code is kept.
+_TENSORSTORE_ANNOTATION = re.compile(r" \[(?!os_error_code=)[a-z_ ]+='.*?'\](?= \[|$)")
+
+
 def _describe(error: BaseException) -> str:
   """The root cause of `error`, one line: orbax wraps tensorstore's reason (e.g. OUT_OF_RANGE reading
   a truncated file) in a message that is mostly the store's spec."""
   while error.__cause__ is not None:
     error = error.__cause__
-  text = (str(error).strip().splitlines() or [""])[0]
+  text = _TENSORSTORE_ANNOTATION.sub("", (str(error).strip().splitlines() or [""])[0])
   # Long ones (tensorstore's) name the store first and the OS's reason last: keep both ends.
   text = text if len(text) <= 300 else f"{text[:150]} ... {text[-145:]}"
   return f"{type(error).__name__}: {text}"

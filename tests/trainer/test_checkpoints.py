@@ -321,3 +321,25 @@ def test_router_biases_are_saved_and_restored(tmp_path):
   )
   np.testing.assert_array_equal(restored["router_bias"]["b"], np.full((4,), 0.002, np.float32))
   np.testing.assert_array_equal(restored["params"]["w"], np.ones((4, 3), np.float32))
+
+
+def test_a_tensorstore_failure_is_described_by_its_os_reason_not_its_spec():
+  """Tensorstore's reason ends in annotations; the spec one (a kilobyte here) must not push the OS's
+  reason out of the one line a failed save prints."""
+  spec = '{"driver":"zarr3","kvstore":{"driver":"ocdbt"},' + '"metadata":{"x":1},' * 60 + '"z":true}'
+  reason = (
+      'OUT_OF_RANGE: Error writing "opt_state.mu.embed/0.0" in OCDBT database at local file '
+      f'"/tmp/{"d" * 120}/ocdbt.process_0/d/889e": Failed to write 2790738 bytes to file 11: '
+      "File too large [source locations='tensorstore/kvstore/file/file_key_value_store.cc:350'] "
+      f"[tensorstore_spec='{spec}'] [os_error_code='27']"
+  )
+  try:
+    try:
+      raise ValueError(reason)
+    except ValueError as cause:
+      raise RuntimeError("orbax: save failed") from cause
+  except RuntimeError as error:
+    line = checkpoints._describe(error)  # pylint: disable=protected-access
+  assert line.startswith('ValueError: OUT_OF_RANGE: Error writing "opt_state.mu.embed/0.0"')
+  assert line.endswith("File too large [os_error_code='27']")
+  assert "tensorstore_spec" not in line and "source locations" not in line and len(line) < 320
