@@ -326,7 +326,9 @@ def test_router_biases_are_saved_and_restored(tmp_path):
 def test_a_tensorstore_failure_is_described_by_its_os_reason_not_its_spec():
   """Tensorstore's reason ends in annotations; the spec one (a kilobyte here) must not push the OS's
   reason out of the one line a failed save prints."""
-  spec = '{"driver":"zarr3","kvstore":{"driver":"ocdbt"},' + '"metadata":{"x":1},' * 60 + '"z":true}'
+  spec = (
+      '{"driver":"zarr3","kvstore":{"driver":"ocdbt"},' + '"metadata":{"x":1},' * 60 + '"z":true}'
+  )
   reason = (
       'OUT_OF_RANGE: Error writing "opt_state.mu.embed/0.0" in OCDBT database at local file '
       f'"/tmp/{"d" * 120}/ocdbt.process_0/d/889e": Failed to write 2790738 bytes to file 11: '
