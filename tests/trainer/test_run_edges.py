@@ -20,6 +20,9 @@ import sys
 
 import pytest
 
+import configs.switch
+from moe.config.config_dict import experiment_from_config_dict
+from moe.data import pipeline
 from moe.trainer import checkpoints, run_records, workdir as workdir_lib
 from moe.trainer.preemption import EXIT_CODE, SIGNAL_AT_ENV
 from research import statistics, sweep_plan
@@ -201,6 +204,12 @@ def test_a_failed_background_save_stops_the_run_in_one_line(tmp_path):
   loop asks after every step; how many steps orbax's writer takes to fail is not the test's to
   decide), with one line naming the directory and the cause, and no traceback. It stopped only at
   the next save while orbax's finalize thread took the writer's error for itself."""
+  data = experiment_from_config_dict(configs.switch.get_config("size=smoke")).data
+  for split in (
+      "train",
+      "validation",
+  ):  # Cached here, so the 1 MB limit meets the checkpoint first.
+    pipeline.token_stream(data, split)
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false")
   env.pop(SIGNAL_AT_ENV, None)
   result = subprocess.run(
