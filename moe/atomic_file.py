@@ -18,7 +18,10 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as error:
     if os.path.exists(tmp):
       os.unlink(tmp)
+    if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+      # A failed write or fsync names no file; the one line a run stops with should.
+      raise OSError(error.errno, error.strerror, str(path)) from error
     raise
