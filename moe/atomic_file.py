@@ -21,7 +21,16 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
   except BaseException as error:
     if os.path.exists(tmp):
       os.unlink(tmp)
-    if isinstance(error, OSError) and error.errno is not None and error.filename is None:
-      # A failed write or fsync names no file; the one line a run stops with should.
-      raise OSError(error.errno, error.strerror, str(path)) from error
+    if isinstance(error, OSError):
+      raise naming(error, path)
     raise
+
+
+def naming(error: OSError, path: str | os.PathLike) -> OSError:
+  """`error`, naming `path` if it names no file: a failed write or fsync (EFBIG, ENOSPC) names none,
+  and the one line a run stops with should say which file could not be written."""
+  if error.errno is None or error.filename is not None:
+    return error
+  named = OSError(error.errno, error.strerror, os.fspath(path))
+  named.__cause__ = error
+  return named

@@ -146,8 +146,17 @@ class MetricsWriter:
     if not self.active:
       return
     tb = self._tensorboard()
-    with open(self.path, "a") as f:
-      f.write(metrics_line(record))  # One write per line: a crash can only tear the last line.
+    try:
+      with open(self.path, "a") as f:
+        f.write(metrics_line(record))  # One write per line: a crash can only tear the last line.
+    except OSError as error:
+      raise atomic_file.naming(error, self.path)
+    try:
+      self._add_scalars(tb, record)
+    except OSError as error:
+      raise atomic_file.naming(error, self._tb_dir)
+
+  def _add_scalars(self, tb, record: dict) -> None:
     step, split = record["step"], record["split"]
     for key, value in record.items():
       if key in ("step", "split"):

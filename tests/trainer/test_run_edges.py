@@ -8,6 +8,7 @@ the others work on copies.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
@@ -231,3 +232,31 @@ def test_a_failed_background_save_stops_the_run_in_one_line(tmp_path):
   steps = [r["step"] for r in run_records.read_metrics(tmp_path / "run" / run_records.METRICS)]
   assert 40 <= max(steps) < 80  # Stopped before its next save, not a period late.
   assert checkpoints.steps_of(tmp_path / "run") == []
+
+
+def test_a_metrics_write_past_the_file_size_limit_names_what_it_was_writing(tmp_path):
+  """A real EFBIG (16 KB limit in a child) while logging: the error names metrics.jsonl or the
+  TensorBoard directory, whichever filled first, not just '[Errno 27] File too large'."""
+  child = (
+      "import pathlib, resource, signal, sys\n"
+      "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 14, 1 << 14))\n"
+      "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+      "from moe.trainer import run_records\n"
+      "writer = run_records.MetricsWriter(pathlib.Path(sys.argv[1]), start_step=0, sparse_layers=[1])\n"
+      "try:\n"
+      "  for step in range(1, 10_000):\n"
+      "    writer.write({'step': step, 'split': 'train', 'loss': 1.0, 'load': [[0.25] * 4]})\n"
+      "except OSError as error:\n"
+      "  print(error.errno, error.filename, sep='\\n')\n"
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", child, str(tmp_path)],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
+  errno_line, filename = result.stdout.strip().splitlines()[-2:]
+  assert int(errno_line) == errno.EFBIG, result.stderr[-2000:]
+  assert filename in (str(tmp_path / run_records.METRICS), str(tmp_path / "tensorboard"))
