@@ -206,10 +206,8 @@ def test_a_failed_background_save_stops_the_run_in_one_line(tmp_path):
   decide), with one line naming the directory and the cause, and no traceback. It stopped only at
   the next save while orbax's finalize thread took the writer's error for itself."""
   data = experiment_from_config_dict(configs.switch.get_config("size=smoke")).data
-  for split in (
-      "train",
-      "validation",
-  ):  # Cached here, so the 1 MB limit meets the checkpoint first.
+  # The corpus streams cached here, so the child's 1 MB limit meets the checkpoint first.
+  for split in ("train", "validation"):
     pipeline.token_stream(data, split)
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false")
   env.pop(SIGNAL_AT_ENV, None)
@@ -260,4 +258,8 @@ def test_a_metrics_write_past_the_file_size_limit_names_what_it_was_writing(tmp_
   assert result.returncode == 0 and result.stdout.strip(), result.stderr[-2000:]
   errno_line, filename = result.stdout.strip().splitlines()[-2:]
   assert int(errno_line) == errno.EFBIG
-  assert filename in (str(tmp_path / run_records.METRICS), str(tmp_path / "tensorboard"))
+  metrics, (events,) = tmp_path / run_records.METRICS, (tmp_path / "tensorboard").iterdir()
+  full = {str(metrics): metrics, str(events.parent): events}  # What each name stands for.
+  assert filename in full
+  assert full[filename].stat().st_size == 1 << 14  # The name is of the file that reached the limit,
+  assert min(metrics.stat().st_size, events.stat().st_size) < 1 << 14  # not of the other one.
